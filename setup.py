@@ -1,0 +1,20 @@
+"""Builds the private extension ``kvpool._C`` from ``csrc/``.
+
+The C++ core in ``csrc/*.cpp`` is framework-free C++17; only ``csrc/bindings.cpp`` includes pybind11.
+Optional CUDA sources (``csrc/cuda/*.cu``) are a later addition and must stay optional: the package
+builds, installs and imports on a machine with no GPU and no libcuda, and never links ``-lcuda``.
+"""
+from glob import glob
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+ext = Pybind11Extension(
+    "kvpool._C",
+    sorted(glob("csrc/*.cpp")),  # sorted: reproducible builds
+    include_dirs=["csrc"],
+    cxx_std=17,
+    extra_compile_args=["-O3", "-fvisibility=hidden"],
+)
+
+setup(ext_modules=[ext], cmdclass={"build_ext": build_ext})
