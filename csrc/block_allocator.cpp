@@ -1,0 +1,312 @@
+#include "block_allocator.h"
+
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "errors.h"
+
+namespace kvpool {
+namespace {
+
+using std::to_string;
+
+int32_t checked_num_blocks(int64_t num_blocks) {
+  // Ids are int32 and -1 marks the end of the free list, so INT32_MAX - 1 is the largest id.
+  if (num_blocks < 1 || num_blocks > std::numeric_limits<int32_t>::max() - 1) {
+    throw InvalidArgument("BlockAllocator: num_blocks=" + to_string(num_blocks) +
+                          " must be in [1, 2147483646]; size the pool with kvpool.plan_memory() "
+                          "or kvpool.size_kv_pool()");
+  }
+  return static_cast<int32_t>(num_blocks);
+}
+
+int32_t checked_block_size(int64_t block_size) {
+  if (block_size < 1 || block_size > std::numeric_limits<int32_t>::max()) {
+    throw InvalidArgument("BlockAllocator: block_size=" + to_string(block_size) +
+                          " must be >= 1 tokens per block (typical: 16)");
+  }
+  return static_cast<int32_t>(block_size);
+}
+
+void check_count(const char* fn, int64_t k) {
+  if (k < 0) throw InvalidArgument(std::string(fn) + ": count " + to_string(k) + " must be >= 0");
+}
+
+}  // namespace
+
+BlockAllocator::BlockAllocator(int64_t num_blocks, int64_t block_size, bool enable_prefix_caching)
+    : num_blocks_(checked_num_blocks(num_blocks)),
+      block_size_(checked_block_size(block_size)),
+      prefix_caching_(enable_prefix_caching),
+      refcount_(make_zeroed_array<int32_t>(num_blocks_)),
+      prev_(make_zeroed_array<int32_t>(num_blocks_)),
+      next_(make_zeroed_array<int32_t>(num_blocks_)),
+      hash_(make_zeroed_array<uint64_t>(num_blocks_)),
+      has_hash_(make_zeroed_array<uint8_t>(num_blocks_)),
+      seen_(make_zeroed_array<uint32_t>(num_blocks_)),
+      count_(make_zeroed_array<int64_t>(num_blocks_)),
+      index_(enable_prefix_caching ? num_blocks_ : 0) {
+  // Every block starts free, in id order: allocate(3) on a fresh allocator returns 0, 1, 2.
+  int32_t* prev = prev_.get();
+  int32_t* next = next_.get();
+  for (int32_t b = 0; b < num_blocks_; ++b) {
+    prev[b] = b - 1;
+    next[b] = b + 1;
+  }
+  next[num_blocks_ - 1] = -1;
+  head_ = 0;
+  tail_ = num_blocks_ - 1;
+  num_free_ = num_blocks_;
+}
+
+int64_t BlockAllocator::num_free_blocks() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return num_free_;
+}
+
+int64_t BlockAllocator::num_cached_blocks() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return num_cached_;
+}
+
+AllocatorStats BlockAllocator::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  AllocatorStats s = stats_;
+  s.free_blocks = num_free_;
+  s.cached_blocks = num_cached_;
+  return s;
+}
+
+// ---- free list -----------------------------------------------------------------------------
+
+void BlockAllocator::unlink(int32_t b) {
+  const int32_t p = prev_[b], n = next_[b];
+  (p == -1 ? head_ : next_[p]) = n;
+  (n == -1 ? tail_ : prev_[n]) = p;
+  --num_free_;
+}
+
+void BlockAllocator::push_tail(int32_t b) {
+  prev_[b] = tail_;
+  next_[b] = -1;
+  (tail_ == -1 ? head_ : next_[tail_]) = b;
+  tail_ = b;
+  ++num_free_;
+}
+
+void BlockAllocator::forget_hash(int32_t b) {
+  index_.erase(hash_[b]);
+  has_hash_[b] = 0;
+  --num_cached_;
+}
+
+void BlockAllocator::note_used() {
+  const int64_t used = num_blocks_ - num_free_;
+  if (used > stats_.high_water_mark) stats_.high_water_mark = used;
+}
+
+// ---- validation ----------------------------------------------------------------------------
+
+void BlockAllocator::check_ids(const char* fn, const int32_t* ids, int64_t k) const {
+  for (int64_t j = 0; j < k; ++j) {
+    if (ids[j] < 0 || ids[j] >= num_blocks_) {
+      throw BlockIndexOutOfRange(std::string(fn) + ": block id " + to_string(ids[j]) + " (position " +
+                                 to_string(j) + ") is out of range [0, " + to_string(num_blocks_) +
+                                 "); pass ids returned by allocate() or match_prefix()");
+    }
+  }
+}
+
+uint32_t BlockAllocator::next_epoch() {
+  if (++epoch_ == 0) {  // wrapped after 2^32 calls: old marks could collide, clear them once
+    std::memset(seen_.get(), 0, sizeof(uint32_t) * static_cast<size_t>(num_blocks_));
+    epoch_ = 1;
+  }
+  return epoch_;
+}
+
+// ---- public operations ---------------------------------------------------------------------
+
+void BlockAllocator::allocate(int64_t n, int32_t* out) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (n < 0) {
+    throw InvalidArgument("allocate(): n=" + to_string(n) + " must be >= 0 (the number of blocks wanted)");
+  }
+  if (n > num_free_) {
+    throw OutOfBlocks("allocate(): requested " + to_string(n) + " blocks but only " + to_string(num_free_) +
+                          " of " + to_string(num_blocks_) +
+                          " are free; free finished sequences (or preempt one) and retry, or build a "
+                          "larger pool",
+                      n, num_free_);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const int32_t b = head_;
+    unlink(b);
+    if (has_hash_[b]) {  // a cached free block: handing it out evicts its cached content
+      forget_hash(b);
+      ++stats_.evictions;
+    }
+    refcount_[b] = 1;
+    out[j] = b;
+  }
+  stats_.allocations += n;
+  note_used();
+}
+
+void BlockAllocator::free(const int32_t* ids, int64_t k) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_count("free()", k);
+  check_ids("free()", ids, k);
+  // An id may appear several times (one per reference the caller drops), but never more often
+  // than its refcount.
+  const uint32_t epoch = next_epoch();
+  for (int64_t j = 0; j < k; ++j) {
+    const int32_t b = ids[j];
+    if (seen_[b] != epoch) {
+      seen_[b] = epoch;
+      count_[b] = 0;
+    }
+    if (++count_[b] > refcount_[b]) {
+      if (refcount_[b] == 0) {
+        throw InvalidArgument("free(): block " + to_string(b) + " (position " + to_string(j) +
+                              ") has refcount 0: it is already free (double free?); free each block once "
+                              "per reference taken by allocate(), incref() or match_prefix()");
+      }
+      throw InvalidArgument("free(): block " + to_string(b) + " appears " + to_string(count_[b]) +
+                            " times but has only " + to_string(refcount_[b]) +
+                            " reference(s); free it at most as often as it is referenced");
+    }
+  }
+  // Reverse order: a sequence freeing its blocks front to back leaves its tail first in line for
+  // eviction, so its prefix stays cached longest.
+  for (int64_t j = k - 1; j >= 0; --j) {
+    const int32_t b = ids[j];
+    if (--refcount_[b] == 0) {
+      push_tail(b);
+      ++stats_.frees;
+    }
+  }
+}
+
+void BlockAllocator::incref(const int32_t* ids, int64_t k) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_count("incref()", k);
+  check_ids("incref()", ids, k);
+  for (int64_t j = 0; j < k; ++j) {
+    if (refcount_[ids[j]] == 0) {
+      throw InvalidArgument("incref(): block " + to_string(ids[j]) + " (position " + to_string(j) +
+                            ") is free (refcount 0); only held blocks can be shared; take cached free "
+                            "blocks with match_prefix() or new ones with allocate()");
+    }
+  }
+  for (int64_t j = 0; j < k; ++j) ++refcount_[ids[j]];
+  stats_.increfs += k;
+}
+
+void BlockAllocator::refcounts(const int32_t* ids, int64_t k, int32_t* out) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_count("refcounts()", k);
+  check_ids("refcounts()", ids, k);
+  for (int64_t j = 0; j < k; ++j) out[j] = refcount_[ids[j]];
+}
+
+void BlockAllocator::cache_blocks(const int32_t* ids, int64_t k, const uint64_t* hashes, int64_t num_hashes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_count("cache_blocks()", k);
+  if (num_hashes != k) {
+    throw InvalidArgument("cache_blocks(): got " + to_string(k) + " block ids but " + to_string(num_hashes) +
+                          " hashes; pass one hash per block (hash_block_tokens() gives one per full block)");
+  }
+  check_ids("cache_blocks()", ids, k);
+  const uint32_t epoch = next_epoch();
+  for (int64_t j = 0; j < k; ++j) {
+    const int32_t b = ids[j];
+    if (refcount_[b] == 0) {
+      throw InvalidArgument("cache_blocks(): block " + to_string(b) + " (position " + to_string(j) +
+                            ") is free (refcount 0); cache blocks while the sequence still holds them");
+    }
+    // A block's content identity cannot change while it is cached, within this call or across calls.
+    uint64_t earlier = 0;
+    bool has_earlier = false;
+    if (has_hash_[b]) {
+      earlier = hash_[b];
+      has_earlier = true;
+    } else if (seen_[b] == epoch) {
+      earlier = hashes[count_[b]];
+      has_earlier = true;
+    }
+    if (has_earlier && earlier != hashes[j]) {
+      throw InvalidArgument("cache_blocks(): block " + to_string(b) + " (position " + to_string(j) +
+                            ") is already cached under hash " + to_string(earlier) + ", not " +
+                            to_string(hashes[j]) + "; a block keeps one hash until it is evicted");
+    }
+    if (seen_[b] != epoch) {
+      seen_[b] = epoch;
+      count_[b] = j;  // where this block's hash sits in `hashes`
+    }
+  }
+  if (!prefix_caching_) return;  // validated, but nothing is cached with caching disabled
+  for (int64_t j = 0; j < k; ++j) {
+    const int32_t b = ids[j];
+    if (has_hash_[b]) continue;  // same hash again: nothing to do
+    // First writer wins: a hash already mapped to another block keeps that block, and this
+    // block stays uncached (it is freed like any other block).
+    if (index_.insert(hashes[j], b)) {
+      hash_[b] = hashes[j];
+      has_hash_[b] = 1;
+      ++num_cached_;
+      ++stats_.cached_blocks_added;
+    }
+  }
+}
+
+int64_t BlockAllocator::match_prefix(const uint64_t* hashes, int64_t k, int32_t* out) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_count("match_prefix()", k);
+  ++stats_.prefix_queries;
+  stats_.prefix_query_blocks += k;
+  if (!prefix_caching_) return 0;
+  int64_t hits = 0;
+  for (; hits < k; ++hits) {
+    const int32_t b = index_.find(hashes[hits]);
+    if (b < 0) break;
+    if (refcount_[b] == 0) unlink(b);  // revive a cached free block in O(1)
+    ++refcount_[b];
+    out[hits] = b;
+  }
+  stats_.prefix_hit_blocks += hits;
+  note_used();
+  return hits;
+}
+
+void BlockAllocator::check_invariants() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto fail = [](const std::string& what) { throw InvariantBroken("BlockAllocator invariant broken: " + what); };
+  int64_t on_list = 0;
+  int32_t prev = -1;
+  for (int32_t b = head_; b != -1; b = next_[b]) {
+    if (b < 0 || b >= num_blocks_) fail("free list holds id " + to_string(b));
+    if (prev_[b] != prev) fail("prev_ of block " + to_string(b) + " is " + to_string(prev_[b]));
+    if (refcount_[b] != 0) fail("block " + to_string(b) + " is on the free list with refcount " + to_string(refcount_[b]));
+    if (++on_list > num_blocks_) fail("free list has a cycle");
+    prev = b;
+  }
+  if (prev != tail_) fail("tail_ is " + to_string(tail_) + ", last listed block is " + to_string(prev));
+  if (on_list != num_free_) fail("num_free_ is " + to_string(num_free_) + " but " + to_string(on_list) + " blocks are listed");
+  int64_t zero = 0, cached = 0;
+  for (int32_t b = 0; b < num_blocks_; ++b) {
+    if (refcount_[b] < 0) fail("block " + to_string(b) + " has refcount " + to_string(refcount_[b]));
+    zero += refcount_[b] == 0;
+    if (has_hash_[b]) {
+      ++cached;
+      if (index_.find(hash_[b]) != b) fail("block " + to_string(b) + "'s hash maps elsewhere");
+    }
+  }
+  if (zero != num_free_) fail(to_string(zero) + " blocks have refcount 0 but num_free_ is " + to_string(num_free_));
+  if (index_.size() != num_cached_) fail("the hash index holds " + to_string(index_.size()) + " entries, num_cached_ is " + to_string(num_cached_));
+  if (cached != num_cached_) fail("num_cached_ is " + to_string(num_cached_) + " but " + to_string(cached) + " blocks have a hash");
+}
+
+}  // namespace kvpool

@@ -1,0 +1,54 @@
+"""Type stub of the compiled private module ``kvpool._C`` (built from ``csrc/`` by setup.py).
+
+Use it through :mod:`kvpool.allocator`. Id arguments accept any 1-D integer array_like (a
+C-contiguous ``int32`` array is read in place; anything else is converted once by
+``kvpool.allocator._as_array``); hash arguments likewise with ``uint64``.
+"""
+from typing import Sequence, Union
+
+import numpy as np
+import numpy.typing as npt
+
+_Ids = Union[npt.NDArray[np.integer], Sequence[int]]
+_Hashes = Union[npt.NDArray[np.unsignedinteger], npt.NDArray[np.integer], Sequence[int]]
+
+ROOT_HASH: int
+"""Parent hash of a sequence's first block when the caller gives none."""
+
+def hash_extra(tag: int, data: bytes) -> int:
+    """64-bit digest of ``extra`` bytes under a type tag (1 bytes, 2 str as UTF-8, 3 int)."""
+
+def hash_block_tokens(token_ids: _Ids, block_size: int, parent_hash: int, extra_key: int) -> npt.NDArray[np.uint64]:
+    """``[n // block_size] uint64`` chained hashes of the full blocks of ``[n] int32`` tokens."""
+
+class BlockAllocator:
+    def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True) -> None: ...
+    @property
+    def num_blocks(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def enable_prefix_caching(self) -> bool: ...
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks allocate() can hand out now: refcount 0, evictable cached blocks included."""
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks that have a prefix-cache hash, held or free."""
+    def allocate(self, n: int) -> npt.NDArray[np.int32]:
+        """``[n] int32`` new block ids (refcount 1); OutOfBlocksError and no change if fewer are free."""
+    def free(self, ids: _Ids) -> None:
+        """Drop one reference per id; blocks reaching 0 join the free list in reverse order of ids."""
+    def incref(self, ids: _Ids) -> None:
+        """Add one reference per held id."""
+    def refcounts(self, ids: _Ids) -> npt.NDArray[np.int32]:
+        """``[k] int32`` reference counts of ``[k]`` ids."""
+    def cache_blocks(self, ids: _Ids, hashes: _Hashes) -> None:
+        """Map ``[k] uint64`` hashes to ``[k]`` held blocks (first writer wins per hash)."""
+    def match_prefix(self, hashes: _Hashes) -> npt.NDArray[np.int32]:
+        """``[h] int32`` blocks of the longest cached prefix of ``[k] uint64`` hashes, one reference taken on each."""
+    def stats(self) -> dict[str, int]:
+        """Counters: allocations, frees, increfs, prefix_queries, prefix_query_blocks, prefix_hit_blocks,
+        cached_blocks_added, evictions, high_water_mark, num_blocks, free_blocks, used_blocks, cached_blocks."""
+    def check_invariants(self) -> None:
+        """O(num_blocks) self-check; raises AssertionError naming a broken invariant."""
