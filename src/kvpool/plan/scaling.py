@@ -1,0 +1,223 @@
+"""What adding GPUs buys: a roofline decode / prefill model plus the all-reduce model, per TP degree.
+
+Decode step on one rank (batch ``b``, context ``L``):
+    bytes = weights read (dense weights + the experts the batch touches) + KV read (b x L x bytes/token/GPU)
+    flops = 2 x active params / tp x b + 4 x b x L x heads/tp x head_dim x layers (QK^T and PV)
+    step  = max(bytes / HBM bandwidth, flops / dense bf16 rate) + all-reduces of b tokens
+Prefill of one prompt of ``L`` tokens, in chunks of ``max_batched_tokens``: the same terms with
+``L`` tokens and causal attention (half of L^2).
+
+These are peak-rate (roofline) figures: real kernels reach a fraction of them, equally at every TP
+degree, so the ratios (speedup, efficiency, communication share) are what to read.
+"""
+from __future__ import annotations
+
+import math
+
+from ..errors import KVPoolError, PlanError
+from .comm import allreduce_seconds, allreduces_per_forward
+from .hardware import get_gpu, get_interconnect
+from .kv import check_tp
+from .memory import plan_memory
+from .model import load_model_spec
+from .weights import DTYPE_BYTES
+
+
+def _moe_touched_fraction(spec, tokens: int) -> float:
+    """Expected fraction of experts a batch of ``tokens`` tokens routes to (uniform routing)."""
+    if not spec.is_moe:
+        return 1.0
+    return 1.0 - (1.0 - spec.num_experts_per_tok / spec.num_experts) ** tokens
+
+
+def _expert_bytes(plan) -> int:
+    parts = plan.details["weights_by_part_gib"]
+    return int(parts.get("experts", 0.0) * (1 << 30))
+
+
+def _attention_flops(spec, tp: int, tokens: int, context: float) -> float:
+    heads = spec.num_attention_heads / tp
+    qk = spec.head_dim if not spec.is_mla else spec.kv_lora_rank + spec.qk_rope_head_dim
+    v = spec.v_head_dim if not spec.is_mla else spec.kv_lora_rank
+    return 2.0 * tokens * context * heads * (qk + v) * spec.num_layers
+
+
+def step_model(spec, plan, gpu, link, batch: int, context: int) -> dict:
+    """Seconds of one decode step (``batch`` sequences at ``context`` tokens) on one rank."""
+    tp, pp = plan.parallel["tp"], plan.parallel["pp"]
+    elem = DTYPE_BYTES[plan.details["dtype"]]
+    weights = plan.per_gpu["weights_gib"] * (1 << 30)
+    experts = _expert_bytes(plan)
+    read = (weights - experts) + experts * _moe_touched_fraction(spec, batch)
+    kv_read = batch * context * plan.kv_cache["bytes_per_token_per_gpu"]
+    params = spec.parameter_counts()["active"]
+    flops = 2.0 * params / (tp * pp) * batch + _attention_flops(spec, tp * pp, batch, context)
+    t_mem = (read + kv_read) / (gpu.hbm_gbps * 1e9)
+    t_compute = flops / (gpu.bf16_tflops * 1e12)
+    comm = allreduces_per_forward(spec, tp) * allreduce_seconds(batch * spec.hidden_size * elem, tp, link)
+    # pipeline: every stage runs in turn for one token; the step is pp stage-times
+    step = (max(t_mem, t_compute) + comm / pp) * pp
+    return {"memory_s": t_mem, "compute_s": t_compute, "comm_s": comm, "step_s": step,
+            "bound": "memory" if t_mem >= t_compute else "compute"}
+
+
+def prefill_seconds(spec, plan, gpu, link, prompt: int, chunk: int) -> dict:
+    tp = plan.parallel["tp"] * plan.parallel["pp"]
+    elem = DTYPE_BYTES[plan.details["dtype"]]
+    params = spec.parameter_counts()["active"]
+    chunks = math.ceil(prompt / chunk)
+    flops = 2.0 * params / tp * prompt + _attention_flops(spec, tp, prompt, prompt / 2)
+    weights = plan.per_gpu["weights_gib"] * (1 << 30)
+    t = max(flops / (gpu.bf16_tflops * 1e12), chunks * weights / (gpu.hbm_gbps * 1e9))
+    per_chunk = min(prompt, chunk)
+    comm = chunks * allreduces_per_forward(spec, plan.parallel["tp"]) * allreduce_seconds(
+        per_chunk * spec.hidden_size * elem, plan.parallel["tp"], link)
+    return {"compute_s": t, "comm_s": comm, "total_s": t + comm}
+
+
+def scale(model, gpu="h100-sxm", tps=(1, 2, 4, 8), *, seq_len: int = 4096, batch: int | None = None,
+          interconnect: str | None = None, pp: int = 1, **plan_kwargs) -> dict:
+    """Per TP degree: memory, KV capacity, effective batch at ``seq_len``, decode rate, latencies,
+    speedup and efficiency (speedup / GPUs relative to the smallest degree that fits).
+
+    ``batch``: the batch to run (default: the largest that fits at ``seq_len``, capped by max_seqs).
+    """
+    spec = load_model_spec(model)
+    gpu_preset = get_gpu(gpu)
+    link = get_interconnect(interconnect or gpu_preset.interconnect)
+    max_seqs = plan_kwargs.get("max_seqs") or 256
+    chunk = plan_kwargs.get("max_batched_tokens") or 8192
+    rows = []
+    for tp in tps:
+        row = {"tp": tp, "pp": pp, "gpus": tp * pp}
+        try:
+            check_tp(spec, tp)
+            plan = plan_memory(spec, tp, pp, gpu_preset, interconnect=_link_key(link),
+                               **plan_kwargs)
+        except KVPoolError as exc:
+            row.update({"fits": False, "reason": str(exc)})
+            rows.append(row)
+            continue
+        blocks_per_seq = math.ceil(seq_len / plan.block_size)
+        capacity_batch = plan.num_blocks // blocks_per_seq
+        b = min(capacity_batch, max_seqs) if batch is None else min(batch, capacity_batch)
+        row.update({"fits": b > 0, "weights_gib": plan.per_gpu["weights_gib"], "kv_cache_gib": plan.per_gpu["kv_cache_gib"],
+                    "kv_tokens": plan.kv_cache["tokens"], "max_batch_at_seq_len": capacity_batch, "batch": b})
+        if b <= 0:
+            row["reason"] = f"no sequence of {seq_len:,} tokens fits in the KV pool"
+            rows.append(row)
+            continue
+        step = step_model(spec, plan, gpu_preset, link, b, seq_len)
+        one = step_model(spec, plan, gpu_preset, link, 1, seq_len)
+        pre = prefill_seconds(spec, plan, gpu_preset, link, seq_len, chunk)
+        row.update({
+            "decode_step_ms": step["step_s"] * 1e3, "decode_tokens_per_s": b / step["step_s"],
+            "token_latency_ms": one["step_s"] * 1e3, "comm_share": step["comm_s"] / step["step_s"],
+            "bound": step["bound"], "prefill_ms": pre["total_s"] * 1e3,
+        })
+        rows.append(row)
+    ok = [r for r in rows if r.get("fits")]
+    if ok:
+        base = ok[0]
+        for r in ok:
+            r["speedup"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+            r["efficiency"] = r["speedup"] / (r["gpus"] / base["gpus"])
+            r["latency_speedup"] = base["token_latency_ms"] / r["token_latency_ms"]
+            r["prefill_speedup"] = base["prefill_ms"] / r["prefill_ms"]
+    return {"model": spec.name, "gpu": gpu_preset.name, "interconnect": link.name, "seq_len": seq_len,
+            "rows": rows, "summary": _summary(rows), "by_seq_len": _by_seq_len(spec, gpu_preset, link, ok, pp, plan_kwargs)}
+
+
+def _stop_point(ok, key: str, higher_is_better: bool):
+    """First step where the metric gains less than half of the GPUs added, as (prev, cur, gain, added)."""
+    for prev, cur in zip(ok, ok[1:]):
+        gain = cur[key] / prev[key] if higher_is_better else prev[key] / cur[key]
+        added = cur["gpus"] / prev["gpus"]
+        if (gain - 1) < 0.5 * (added - 1):
+            return prev, cur, gain, added
+    return None
+
+
+def _summary(rows) -> list[str]:
+    ok = [r for r in rows if r.get("fits")]
+    out = []
+    for r in rows:
+        if not r.get("fits"):
+            out.append(f"tp={r['tp']}: {r.get('reason', 'does not fit')}")
+    if len(ok) < 2:
+        return out
+    stop = _stop_point(ok, "decode_tokens_per_s", True)
+    if stop:
+        prev, cur, gain, added = stop
+        out.append(f"throughput stops paying at tp={cur['tp']}: {added:g}x the GPUs of tp={prev['tp']} give "
+                   f"{gain:.2f}x the decode tokens/s")
+    else:
+        out.append(f"throughput keeps paying up to tp={ok[-1]['tp']}: more GPUs also hold more KV, so the batch grows "
+                   f"({ok[0]['batch']} -> {ok[-1]['batch']} sequences), efficiency {ok[-1]['efficiency']:.2f}")
+    stop = _stop_point(ok, "token_latency_ms", False)
+    steps = ", ".join(f"tp={b['tp']} {a['token_latency_ms'] / b['token_latency_ms']:.2f}x faster than tp={a['tp']}"
+                      for a, b in zip(ok, ok[1:]))
+    if stop:
+        prev, cur, gain, added = stop
+        out.append(f"single-token latency stops paying at tp={cur['tp']} ({steps}): communication and replicated "
+                   "work eat the split")
+    else:
+        out.append(f"single-token latency keeps improving ({steps})")
+    best = max(ok, key=lambda r: r["decode_tokens_per_s"] / r["gpus"])
+    out.append(f"best tokens/s per GPU: tp={best['tp']} ({best['decode_tokens_per_s'] / best['gpus']:,.0f} tokens/s/GPU)")
+    return out
+
+
+def _by_seq_len(spec, gpu, link, ok, pp, plan_kwargs) -> list[dict]:
+    """Throughput speedup of the largest fitting TP over the smallest, per sequence length."""
+    if len(ok) < 2:
+        return []
+    lo, hi = ok[0]["tp"], ok[-1]["tp"]
+    out = []
+    try:
+        p_lo = plan_memory(spec, lo, pp, gpu, interconnect=_link_key(link), **plan_kwargs)
+        p_hi = plan_memory(spec, hi, pp, gpu, interconnect=_link_key(link), **plan_kwargs)
+    except PlanError:
+        return []
+    max_seqs = plan_kwargs.get("max_seqs") or 256
+    for L in (512, 2048, 8192, 32768, 131072):
+        if L > p_lo.kv_cache["max_model_len"]:
+            break
+        res = {}
+        for name, p in (("lo", p_lo), ("hi", p_hi)):
+            b = min(p.num_blocks // math.ceil(L / p.block_size), max_seqs)
+            res[name] = b / step_model(spec, p, gpu, link, b, L)["step_s"] if b > 0 else 0.0
+        if res["lo"] == 0 and res["hi"] == 0:
+            continue
+        out.append({"seq_len": L, f"tp{lo}_tokens_per_s": res["lo"], f"tp{hi}_tokens_per_s": res["hi"],
+                    "speedup": res["hi"] / res["lo"] if res["lo"] else None})
+    return out
+
+
+def _link_key(link) -> str:
+    from .hardware import INTERCONNECTS
+
+    return next(k for k, v in INTERCONNECTS.items() if v is link)
+
+
+def compare_interconnects(model, gpu="h100-sxm", tp: int = 4, links=("nvlink4", "pcie5"), *, seq_len: int = 4096,
+                          batch: int = 32, **plan_kwargs) -> dict:
+    """The same deployment over different links: communication share of a decode step, decode rate, ratio."""
+    spec = load_model_spec(model)
+    gpu_preset = get_gpu(gpu)
+    rows = []
+    for key in links:
+        link = get_interconnect(key)
+        plan = plan_memory(spec, tp, 1, gpu_preset, interconnect=key, **plan_kwargs)
+        b = min(batch, plan.num_blocks // math.ceil(seq_len / plan.block_size))
+        if b <= 0:
+            raise PlanError(f"no sequence of {seq_len:,} tokens fits the KV pool at tp={tp}; lower --seq-len")
+        step = step_model(spec, plan, gpu_preset, link, b, seq_len)
+        one = step_model(spec, plan, gpu_preset, link, 1, seq_len)
+        rows.append({"interconnect": link.name, "gbps": link.gbps, "batch": b,
+                     "comm_ms": step["comm_s"] * 1e3, "step_ms": step["step_s"] * 1e3,
+                     "comm_share": step["comm_s"] / step["step_s"], "decode_tokens_per_s": b / step["step_s"],
+                     "token_latency_ms": one["step_s"] * 1e3})
+    for r in rows:
+        r["ratio_vs_first"] = r["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"]
+    return {"model": spec.name, "gpu": gpu_preset.name, "tp": tp, "seq_len": seq_len, "rows": rows}
