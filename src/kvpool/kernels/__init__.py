@@ -1,0 +1,13 @@
+"""Triton kernels over paged KV caches, each with a torch reference (:mod:`kvpool.kernels.reference`).
+
+- :func:`write_kv`: new tokens into their slots (fp8: quantized, scales stored or used).
+- :func:`gather_kv`: pages to packed varlen K and V plus ``cu_seqlens``.
+- :func:`copy_blocks`: copy-on-write of whole blocks, every layer in one launch.
+- :func:`paged_decode`: split-K flash-decoding over pages, GQA-grouped.
+
+Backend: Triton on CUDA tensors, the torch references otherwise; ``KVPOOL_KERNELS=triton|torch``
+forces one, ``KVPOOL_DEBUG=1`` range-checks block ids and slots (see :mod:`kvpool.kernels.backend`).
+"""
+from .api import copy_blocks, gather_kv, paged_decode, write_kv
+
+__all__ = ["write_kv", "gather_kv", "copy_blocks", "paged_decode"]

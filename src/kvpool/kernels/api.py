@@ -1,0 +1,278 @@
+"""The four public kernel entry points: check arguments, pick the backend, run.
+
+Every check here is host-side metadata only (no device sync) unless ``KVPOOL_DEBUG=1``. The Triton
+modules are imported on first use, so the torch backend works where Triton is not installed.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import KernelError
+from . import backend as _b
+from . import reference as _ref
+
+
+def _check_new_tokens(key, value, k_cache, slot_mapping) -> None:
+    _, block_size, kv_heads, head_dim = k_cache.shape
+    for name, t in (("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise KernelError(f"{name} must be a 3-D tensor [num_tokens, kv_heads, head_dim], got "
+                              f"{tuple(getattr(t, 'shape', ())) or type(t).__name__}")
+        if tuple(t.shape[1:]) != (kv_heads, head_dim):
+            raise KernelError(f"{name} shape {tuple(t.shape)} does not fit the cache's (kv_heads, head_dim) = "
+                              f"({kv_heads}, {head_dim})")
+        if t.dtype not in _b.COMPUTE_DTYPES:
+            raise KernelError(f"{name} dtype {t.dtype} is not supported: pass float32, float16 or bfloat16 "
+                              "(fp8 quantization happens in the kernel)")
+        if t.numel() and t.stride(-1) != 1:
+            raise KernelError(f"{name} must be contiguous along head_dim, got strides {t.stride()}")
+    if key.shape != value.shape:
+        raise KernelError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must have the same shape")
+    _b.check_index("slot_mapping", slot_mapping, 1)
+    if slot_mapping.shape[0] != key.shape[0]:
+        raise KernelError(f"slot_mapping has {slot_mapping.shape[0]} slots for {key.shape[0]} tokens: one each")
+
+
+def write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+    """Write new tokens' K and V into their cache slots (in place).
+
+    Parameters
+    ----------
+    key, value : torch.Tensor
+        ``[num_tokens, kv_heads, head_dim]`` float32/float16/bfloat16, any strides with ``head_dim``
+        contiguous (a slice of a fused QKV output works).
+    k_cache, v_cache : torch.Tensor
+        ``[num_blocks, block_size, kv_heads, head_dim]`` float32/float16/bfloat16/float8_e4m3fn.
+    slot_mapping : torch.Tensor
+        ``[num_tokens]`` int32 (or int64): ``slot = block_id * block_size + offset``; -1 skips the token.
+    k_scale, v_scale : torch.Tensor, optional
+        fp8 caches only, float32. ``[kv_heads]``: given per-head scales, ``x / scale`` is stored.
+        ``[num_blocks, block_size, kv_heads]``: per token and head, ``amax(|x|) / 448`` is computed
+        and stored here for every written token.
+    """
+    _b.check_cache_pair(k_cache, v_cache)
+    _check_new_tokens(key, value, k_cache, slot_mapping)
+    _b.check_scales(k_cache, k_scale, v_scale)
+    _b.same_device({"key": key, "value": value, "k_cache": k_cache, "slot_mapping": slot_mapping})
+    _b.check_slots(slot_mapping, k_cache.shape[0] * k_cache.shape[1])
+    if _b.use_triton(key, k_cache):
+        from .write import write_kv_triton
+        write_kv_triton(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    else:
+        _ref.write_kv_reference(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+
+def gather_kv(k_cache, v_cache, block_table, seq_lens, k_scale=None, v_scale=None, *, out_dtype=None,
+              total_tokens=None, out=None):
+    """Copy sequences' pages into packed varlen K and V (dequantizing fp8).
+
+    Parameters
+    ----------
+    k_cache, v_cache : torch.Tensor
+        ``[num_blocks, block_size, kv_heads, head_dim]``.
+    block_table : torch.Tensor
+        ``[batch, max_blocks]`` int32: sequence ``b``'s ``j``-th block id.
+    seq_lens : torch.Tensor
+        ``[batch]`` int32 tokens per sequence.
+    k_scale, v_scale : torch.Tensor, optional
+        fp8 caches: float32 ``[kv_heads]`` or ``[num_blocks, block_size, kv_heads]``.
+    out_dtype : torch.dtype, optional
+        Output dtype; default the cache dtype, bfloat16 for fp8 caches.
+    total_tokens : int, optional
+        ``sum(seq_lens)`` if the caller knows it: saves one device-to-host sync.
+    out : tuple of torch.Tensor, optional
+        Preallocated contiguous ``(k, v)`` outputs ``[sum(seq_lens), kv_heads, head_dim]`` (no sync either).
+
+    Returns
+    -------
+    k, v : torch.Tensor
+        ``[sum(seq_lens), kv_heads, head_dim]`` ``out_dtype``; rows ``cu_seqlens[b]:cu_seqlens[b+1]`` are
+        sequence ``b``'s tokens in order.
+    cu_seqlens : torch.Tensor
+        ``[batch + 1]`` int32, starting at 0.
+    """
+    _b.check_cache_pair(k_cache, v_cache)
+    _b.check_scales(k_cache, k_scale, v_scale)
+    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
+    _b.check_block_table(block_table, seq_lens, num_blocks, block_size)
+    _b.same_device({"k_cache": k_cache, "block_table": block_table, "seq_lens": seq_lens})
+    if out is not None:
+        _check_gather_out(out, out_dtype, kv_heads, head_dim, k_cache.device)
+        out_dtype = out[0].dtype
+    if out_dtype is None:
+        out_dtype = torch.bfloat16 if k_cache.dtype == _b.FP8_DTYPE else k_cache.dtype
+    if out_dtype not in _b.COMPUTE_DTYPES:
+        raise KernelError(f"out_dtype {out_dtype} is not supported: use float32, float16 or bfloat16")
+    if not _b.use_triton(k_cache, block_table):
+        k, v, cu = _ref.gather_kv_reference(k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, out_dtype)
+        if out is None:
+            return k, v, cu
+        if out[0].shape[0] != k.shape[0]:
+            raise KernelError(f"out holds {out[0].shape[0]} rows but sum(seq_lens) is {k.shape[0]}")
+        out[0].copy_(k)
+        out[1].copy_(v)
+        return out[0], out[1], cu
+    from .gather import gather_kv_triton
+    cu_seqlens = torch.zeros(seq_lens.shape[0] + 1, dtype=torch.int32, device=seq_lens.device)
+    torch.cumsum(seq_lens, 0, dtype=torch.int32, out=cu_seqlens[1:])
+    if out is not None:
+        k, v = out
+    else:
+        total = int(cu_seqlens[-1]) if total_tokens is None else int(total_tokens)
+        k = torch.empty((total, kv_heads, head_dim), dtype=out_dtype, device=k_cache.device)
+        v = torch.empty_like(k)
+    gather_kv_triton(k_cache, v_cache, block_table, seq_lens, cu_seqlens, k, v, k_scale, v_scale)
+    return k, v, cu_seqlens
+
+
+def _finite_float(name, value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise KernelError(f"{name} must be a finite float, got {value!r}") from None
+    if not math.isfinite(value):
+        raise KernelError(f"{name} must be a finite float, got {value!r}")
+    return value
+
+
+def _check_gather_out(out, out_dtype, kv_heads, head_dim, device) -> None:
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
+        raise KernelError("out must be a (k, v) pair of tensors [sum(seq_lens), kv_heads, head_dim]")
+    k, v = out
+    if k.dim() != 3 or tuple(k.shape[1:]) != (kv_heads, head_dim) or k.shape != v.shape:
+        raise KernelError(f"out shapes {tuple(k.shape)}, {tuple(v.shape)} must both be "
+                          f"[sum(seq_lens), {kv_heads}, {head_dim}]")
+    if k.dtype != v.dtype or (out_dtype is not None and k.dtype != out_dtype):
+        raise KernelError(f"out dtypes {k.dtype}/{v.dtype} differ from each other or from out_dtype={out_dtype}")
+    if not (k.is_contiguous() and v.is_contiguous()) or k.device != device or v.device != device:
+        raise KernelError(f"out tensors must be contiguous and on {device}")
+
+
+def _as_ids(name, ids, device) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor):
+        ids = torch.as_tensor(list(ids), dtype=torch.int64)
+    if ids.dim() != 1 or ids.dtype not in _b.INDEX_DTYPES:
+        raise KernelError(f"{name} must be a 1-D int32/int64 tensor (or a list of ints), got "
+                          f"{tuple(ids.shape)} {ids.dtype}")
+    return ids.to(device).contiguous()
+
+
+def copy_blocks(caches: Sequence[torch.Tensor], src, dst) -> None:
+    """Copy whole blocks ``src[i] -> dst[i]`` in every tensor of ``caches`` (copy-on-write), in place.
+
+    Parameters
+    ----------
+    caches : sequence of torch.Tensor
+        Tensors indexed by block id on dim 0: the K and V pages of every layer ``[num_blocks,
+        block_size, kv_heads, head_dim]`` and, for fp8, their per-token scales ``[num_blocks,
+        block_size, kv_heads]``. Tensors of one shape/strides/element size are copied in one launch.
+    src, dst : torch.Tensor or sequence of int
+        ``[num_pairs]`` block ids; each ``dst`` distinct and not a ``src`` (fresh copy-on-write blocks).
+    """
+    if isinstance(caches, torch.Tensor) or not caches:
+        raise KernelError("caches must be a non-empty list of tensors (e.g. every layer's K and V pages)")
+    first = caches[0]
+    for i, t in enumerate(caches):
+        if not isinstance(t, torch.Tensor) or t.dim() < 1:
+            raise KernelError(f"caches[{i}] must be a tensor indexed by block id on dim 0")
+        if t.shape[0] != first.shape[0]:
+            raise KernelError(f"caches[{i}] has {t.shape[0]} blocks but caches[0] has {first.shape[0]}: "
+                              "all tensors must cover the same block ids")
+        if t.dim() > 1 and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise KernelError(f"caches[{i}] must be contiguous along its last dimension, strides {t.stride()}")
+        if t.device != first.device:
+            raise KernelError(f"caches[{i}] is on {t.device} but caches[0] on {first.device}")
+    src = _as_ids("src", src, first.device)
+    dst = _as_ids("dst", dst, first.device)
+    if src.shape != dst.shape:
+        raise KernelError(f"src ({src.numel()} ids) and dst ({dst.numel()} ids) must pair up one to one")
+    _b.check_copy_ids(src, dst, first.shape[0])
+    if not _b.use_triton(*caches):
+        _ref.copy_blocks_reference(caches, src, dst)
+        return
+    from .block_copy import copy_blocks_group_triton
+    groups: dict = {}
+    for t in caches:
+        groups.setdefault((tuple(t.shape), t.stride(), t.element_size()), []).append(t)
+    for tensors in groups.values():
+        copy_blocks_group_triton(tensors, src, dst)
+
+
+def paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window=None, logit_soft_cap=None,
+                 k_scale=None, v_scale=None, *, out=None):
+    """Decode attention: one query token per sequence against its paged K and V.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[batch, q_heads, head_dim]`` float16/bfloat16/float32 (the cache dtype unless the cache is fp8),
+        ``head_dim`` contiguous. ``q_heads`` is a multiple of ``kv_heads``; q head ``j`` reads KV head
+        ``j // (q_heads // kv_heads)``.
+    k_cache, v_cache : torch.Tensor
+        ``[num_blocks, block_size, kv_heads, head_dim]``.
+    block_table : torch.Tensor
+        ``[batch, max_blocks]`` int32.
+    seq_lens : torch.Tensor
+        ``[batch]`` int32 tokens per sequence, the query's own token included; 0 (a padding row) gives
+        a zero output row.
+    scale : float
+        Multiplies ``q . k`` (usually ``head_dim ** -0.5``).
+    sliding_window : int, optional
+        Attend to the last ``sliding_window`` tokens only, the query's own included (flash-attn's
+        window ``(sliding_window - 1, 0)``).
+    logit_soft_cap : float, optional
+        Scores become ``c * tanh(scores / c)`` before the softmax (Gemma-2).
+    k_scale, v_scale : torch.Tensor, optional
+        fp8 caches: float32 ``[kv_heads]`` or ``[num_blocks, block_size, kv_heads]``.
+    out : torch.Tensor, optional
+        Preallocated output ``[batch, q_heads, head_dim]`` ``q.dtype`` (``head_dim`` contiguous).
+
+    Returns
+    -------
+    torch.Tensor
+        ``[batch, q_heads, head_dim]`` in ``q.dtype`` (``out`` when given).
+    """
+    _b.check_cache_pair(k_cache, v_cache)
+    _b.check_scales(k_cache, k_scale, v_scale)
+    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise KernelError(f"q must be [batch, q_heads, head_dim], got {tuple(getattr(q, 'shape', ()))}")
+    if q.shape[2] != head_dim or q.shape[1] % kv_heads:
+        raise KernelError(f"q shape {tuple(q.shape)} does not fit the cache: head_dim must be {head_dim} and "
+                          f"q_heads a multiple of kv_heads={kv_heads}")
+    if q.dtype not in _b.COMPUTE_DTYPES:
+        raise KernelError(f"q dtype {q.dtype} is not supported: use float32, float16 or bfloat16")
+    if k_cache.dtype != _b.FP8_DTYPE and q.dtype != k_cache.dtype:
+        raise KernelError(f"q is {q.dtype} but the cache is {k_cache.dtype}: cast q to the cache dtype")
+    if q.stride(-1) != 1:
+        raise KernelError(f"q must be contiguous along head_dim, got strides {q.stride()}")
+    _b.check_block_table(block_table, seq_lens, num_blocks, block_size)
+    if block_table.shape[0] != q.shape[0]:
+        raise KernelError(f"q has {q.shape[0]} sequences but block_table has {block_table.shape[0]} rows")
+    _b.same_device({"q": q, "k_cache": k_cache, "block_table": block_table, "seq_lens": seq_lens})
+    scale = _finite_float("scale", scale)
+    if sliding_window is not None:
+        try:
+            sliding_window = operator.index(sliding_window)
+        except TypeError:
+            raise KernelError(f"sliding_window must be a positive int or None, got {sliding_window!r}") from None
+        if sliding_window < 1:
+            raise KernelError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
+    if logit_soft_cap is not None:
+        logit_soft_cap = _finite_float("logit_soft_cap", logit_soft_cap)
+        if logit_soft_cap <= 0:
+            raise KernelError(f"logit_soft_cap must be a positive float or None, got {logit_soft_cap!r}")
+    if out is not None and (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype
+                            or out.device != q.device or out.stride(-1) != 1):
+        raise KernelError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, head_dim contiguous")
+    if _b.use_triton(q, k_cache):
+        from .decode import paged_decode_triton
+        return paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window,
+                                   logit_soft_cap, k_scale, v_scale, out=out)
+    result = _ref.paged_decode_reference(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window,
+                                         logit_soft_cap, k_scale, v_scale)
+    return result if out is None else out.copy_(result)

@@ -1,0 +1,127 @@
+"""Torch references of the four kernels: the definition the Triton kernels are tested against.
+
+They are also the CPU backend (``KVPOOL_KERNELS=torch`` or CPU tensors). Math runs in float32
+(``compute_dtype`` lets the tests ask for float64). Shapes and dtypes are those of the public
+functions in :mod:`kvpool.kernels`; the arguments are assumed checked already.
+"""
+from __future__ import annotations
+
+import torch
+
+from .backend import FP8_DTYPE, FP8_MAX
+
+
+def _slots_to_pages(slot_mapping: torch.Tensor, block_size: int):
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].to(torch.int64)
+    return valid, slots // block_size, slots % block_size
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x / scale`` saturated to +-448 and rounded to float8_e4m3fn; a zero scale gives zeros.
+
+    ``x`` float ``[..., head_dim]``, ``scale`` float32 broadcastable to ``x[..., 0]``.
+    """
+    scale = scale.to(torch.float32)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (x.to(torch.float32) / safe[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def write_kv_reference(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+    """Write ``key``/``value`` ``[num_tokens, kv_heads, head_dim]`` into their slots (in place).
+
+    Slot -1 skips the token. fp8 caches: per-head scales ``[kv_heads]`` are read; per token and head
+    scales ``[num_blocks, block_size, kv_heads]`` are computed (amax / 448) and stored.
+    """
+    block_size = k_cache.shape[1]
+    valid, blocks, offsets = _slots_to_pages(slot_mapping, block_size)
+    for new, cache, scale in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
+        rows = new[valid]
+        if cache.dtype != FP8_DTYPE:
+            cache[blocks, offsets] = rows.to(cache.dtype)
+        elif scale.dim() == 1:
+            cache[blocks, offsets] = quantize_fp8(rows, scale[None, :].expand(rows.shape[:2]))
+        else:
+            token_scale = rows.to(torch.float32).abs().amax(dim=-1) / FP8_MAX
+            scale[blocks, offsets] = token_scale
+            cache[blocks, offsets] = quantize_fp8(rows, token_scale)
+
+
+def _dequantized_pages(cache, scale, block_table, dtype):
+    """``cache[block_table]`` as ``[batch, max_blocks * block_size, kv_heads, head_dim]`` in ``dtype``."""
+    ids = block_table.to(torch.int64).clamp(0, cache.shape[0] - 1)  # padding ids are masked later
+    batch, max_blocks = ids.shape
+    pages = cache[ids].to(dtype)
+    if scale is not None:
+        if scale.dim() == 1:
+            pages = pages * scale.to(dtype)[:, None]
+        else:
+            pages = pages * scale[ids].to(dtype)[..., None]
+    return pages.reshape(batch, max_blocks * cache.shape[1], cache.shape[2], cache.shape[3])
+
+
+def gather_kv_reference(k_cache, v_cache, block_table, seq_lens, k_scale=None, v_scale=None, out_dtype=None):
+    """Pages to packed varlen K and V.
+
+    Returns
+    -------
+    k, v : ``[sum(seq_lens), kv_heads, head_dim]`` ``out_dtype`` (default: the cache dtype, bf16 for fp8)
+    cu_seqlens : ``[batch + 1]`` int32, ``cu_seqlens[i]`` = first row of sequence ``i``
+    """
+    if out_dtype is None:
+        out_dtype = torch.bfloat16 if k_cache.dtype == FP8_DTYPE else k_cache.dtype
+    lens = seq_lens.to(torch.int64).tolist()
+    outs = []
+    for cache, scale in ((k_cache, k_scale), (v_cache, v_scale)):
+        pages = _dequantized_pages(cache, scale, block_table, torch.float32)
+        outs.append(torch.cat([pages[b, :n] for b, n in enumerate(lens)], dim=0).to(out_dtype)
+                    if lens else pages.new_empty((0,) + tuple(cache.shape[2:]), dtype=out_dtype))
+    cu_seqlens = torch.zeros(len(lens) + 1, dtype=torch.int32, device=seq_lens.device)
+    cu_seqlens[1:] = torch.cumsum(seq_lens.to(torch.int64), 0).to(torch.int32)
+    return outs[0], outs[1], cu_seqlens
+
+
+def copy_blocks_reference(caches, src, dst) -> None:
+    """``t[dst[i]] = t[src[i]]`` for every tensor ``t`` in ``caches`` (in place)."""
+    src = src.to(torch.int64)
+    dst = dst.to(torch.int64)
+    for t in caches:
+        t[dst] = t[src].clone()
+
+
+def paged_decode_reference(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window=None,
+                           logit_soft_cap=None, k_scale=None, v_scale=None, compute_dtype=torch.float32):
+    """One query token per sequence against its pages.
+
+    Parameters
+    ----------
+    q : ``[batch, q_heads, head_dim]``
+    k_cache, v_cache : ``[num_blocks, block_size, kv_heads, head_dim]``
+    block_table : ``[batch, max_blocks]`` int32
+    seq_lens : ``[batch]`` int32 (0 gives a zero output row)
+    scale : float, multiplies ``q . k``
+    sliding_window : int or None; attend to the last ``sliding_window`` tokens (the query's own included)
+    logit_soft_cap : float or None; scores become ``c * tanh(scores / c)`` before the softmax
+
+    Returns
+    -------
+    ``[batch, q_heads, head_dim]`` in ``q.dtype``
+    """
+    batch, q_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = q_heads // kv_heads
+    keys = _dequantized_pages(k_cache, k_scale, block_table, compute_dtype)   # [b, n, h, d]
+    values = _dequantized_pages(v_cache, v_scale, block_table, compute_dtype)
+    qg = q.to(compute_dtype).reshape(batch, kv_heads, group, head_dim)
+    scores = torch.einsum("bhgd,bnhd->bhgn", qg, keys) * scale
+    if logit_soft_cap:
+        scores = logit_soft_cap * torch.tanh(scores / logit_soft_cap)
+    pos = torch.arange(keys.shape[1], device=q.device)[None, :]
+    lens = seq_lens.to(torch.int64)[:, None]
+    keep = pos < lens
+    if sliding_window:
+        keep &= pos >= lens - sliding_window
+    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # seq_len 0: all -inf -> zeros
+    out = torch.einsum("bhgn,bnhd->bhgd", probs, values)
+    return out.reshape(batch, q_heads, head_dim).to(q.dtype)

@@ -1,0 +1,65 @@
+"""copy_blocks (Triton) against its torch reference: all layers of one allocation, fp8 scales, HND views."""
+import pytest
+import torch
+from kernels_util import DEVICES, FP8, device_cases, same_bits
+from kernels_util import triton_backend  # noqa: F401  (fixture)
+
+from kvpool.kernels import copy_blocks, reference
+
+
+def _one_allocation(num_layers, num_blocks, block_size, kv_heads, head_dim, dtype, device, gen, scales):
+    """Every layer's K and V (and fp8 scales) as views of ONE buffer, like PagedKVCache builds them."""
+    page = num_blocks * block_size * kv_heads * head_dim
+    buf = torch.randint(0, 120, (2 * num_layers * page,), generator=gen, dtype=torch.uint8)
+    pages = buf.to(device).view(dtype) if dtype == FP8 else torch.randn(
+        2 * num_layers * page, generator=gen).to(device, dtype)
+    caches = [pages[i * page:(i + 1) * page].view(num_blocks, block_size, kv_heads, head_dim)
+              for i in range(2 * num_layers)]
+    if scales:
+        s = torch.rand(2 * num_layers, num_blocks, block_size, kv_heads, generator=gen).to(device)
+        caches += list(s.unbind(0))
+    return caches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, FP8], ids=str)
+@pytest.mark.parametrize("device,block_size,head_dim", device_cases(
+    cpu_cases=[(8, 64), (16, 80)], cuda_cases=[(16, 128)]))
+def test_copy_blocks_matches_reference(triton_backend, device, dtype, block_size, head_dim):
+    gen = torch.Generator().manual_seed(hash((str(dtype), block_size)) % 2**31)
+    num_blocks = 12 if device == "cpu" else 1024
+    layers = 2 if device == "cpu" else 8
+    caches = _one_allocation(layers, num_blocks, block_size, 2, head_dim, dtype, device, gen, scales=dtype == FP8)
+    expect = [t.clone() for t in caches]
+    perm = torch.randperm(num_blocks, generator=gen)
+    n = 3 if device == "cpu" else 300
+    src, dst = perm[:n].to(torch.int32).to(device), perm[n:2 * n].to(torch.int32).to(device)
+
+    copy_blocks(caches, src, dst)
+    reference.copy_blocks_reference(expect, src, dst)
+
+    for got, want in zip(caches, expect):
+        assert same_bits(got, want)
+    for got in caches:  # the copies really landed (guards against a reference that does nothing)
+        assert same_bits(got[dst.long()], got[src.long()])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_copy_blocks_hnd_views_and_lists(triton_backend, device):
+    """Strided (HND-stored) page views, ids given as Python lists, and a lone per-head scale tensor group."""
+    gen = torch.Generator().manual_seed(31)
+    hnd = [torch.randn(6, 4, 8, 64, generator=gen).to(device, torch.float16).permute(0, 2, 1, 3) for _ in range(3)]
+    expect = [t.clone() for t in hnd]
+    copy_blocks(hnd, [0, 5], [2, 3])
+    reference.copy_blocks_reference(expect, torch.tensor([0, 5]), torch.tensor([2, 3]))
+    for got, want in zip(hnd, expect):
+        assert torch.equal(got, want)
+    assert torch.equal(hnd[1][3], hnd[1][5]) and not torch.equal(hnd[1][3], hnd[1][4])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_copy_blocks_empty_is_a_no_op(triton_backend, device):
+    t = torch.randn(4, 8, 1, 64).to(device)
+    before = t.clone()
+    copy_blocks([t], torch.empty(0, dtype=torch.int32, device=device), torch.empty(0, dtype=torch.int32,
+                                                                                     device=device))
+    assert torch.equal(t, before)
