@@ -1,0 +1,116 @@
+"""``python -m kvpool.demo``: a small paged-KV serving loop on kvpool, end to end.
+
+Examples
+--------
+python -m kvpool.demo                      # 24 requests, one process, CPU
+python -m kvpool.demo --tp 2               # two processes (gloo), half the KV heads each
+python -m kvpool.demo --kv-mib 0.125       # an even smaller pool: more preemptions (recomputed later)
+python -m kvpool.demo --bad-requests       # plus three bad requests, refused one by one
+python -m kvpool.demo --check-hf           # compare every request with transformers' greedy generate
+python -m kvpool.demo --metrics-port 9400  # Prometheus metrics on 127.0.0.1:9400/metrics during the run
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import KVPoolError
+from .launch import DemoOptions, run_demo
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m kvpool.demo", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--requests", type=int, default=24, help="number of seeded requests")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the workload")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (processes); 1 or 2 for the tiny model")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--kv-mib", type=float, default=0.375,
+                   help="memory each rank gives its KV pool, MiB (size_kv_pool's device_memory_bytes)")
+    p.add_argument("--max-batch-tokens", type=int, default=256, help="token budget of one step")
+    p.add_argument("--max-running", type=int, default=16, help="most sequences in flight")
+    p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix sharing")
+    p.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (Triton kernels, NCCL for --tp > 1)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on 127.0.0.1:PORT while the demo runs (0 = any free port)")
+    p.add_argument("--mean-gap", type=float, default=1.5, help="mean steps between arrivals")
+    p.add_argument("--bad-requests", action="store_true",
+                   help="add an empty prompt, an out-of-vocabulary token and a too-long request")
+    p.add_argument("--check-hf", action="store_true",
+                   help="after the run, compare every request's tokens with transformers' LlamaForCausalLM")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p.parse_args(argv)
+
+
+def format_summary(report, opts: DemoOptions) -> str:
+    """The final summary of rank 0's run, as printed by the CLI."""
+    s = report.summary
+    lines = [
+        f"kvpool demo: tp={opts.tp} device={opts.device} pool={s.num_blocks} blocks x {s.block_size} tokens "
+        f"per rank (KV heads {report.kv_head_ids} on rank 0)",
+        f"  requests      {s.finished} finished, {s.rejected} refused, in {s.steps} steps, {s.wall_s:.2f} s",
+        f"  tokens        {s.generated_tokens} generated ({s.tokens_per_s:.0f} tok/s), {s.prompt_tokens} prompt tokens, "
+        f"{s.computed_prompt_tokens} computed (recompute after preemption included)",
+        f"  pool peak     {s.peak_used_blocks}/{s.num_blocks} blocks in use "
+        f"({100 * s.peak_used_blocks / max(1, s.num_blocks):.0f}%); after the run {report.num_free_blocks}/"
+        f"{report.num_blocks} free",
+        f"  prefix cache  {100 * s.prefix_hit_rate:.1f}% of prompt tokens hit",
+        f"  preemptions   {s.preemptions}",
+    ]
+    for rid, r in sorted(s.results.items()):
+        if r.error is not None:
+            lines.append(f"  refused #{rid}: {r.error}")
+    return "\n".join(lines)
+
+
+def check_against_hf(report, requests, seed: int) -> tuple[int, list[int]]:
+    """Greedy-generate every served request with transformers; return (matches, mismatching ids)."""
+    from .hf_reference import build_hf_model, hf_greedy
+    from .model import random_llama_weights, tiny_llama_config
+
+    config = tiny_llama_config()
+    model = build_hf_model(config, random_llama_weights(config, seed=seed))
+    served = [r for r in requests if report.summary.results[r.req_id].error is None]
+    bad = [r.req_id for r in served
+           if hf_greedy(model, r.prompt, r.max_new_tokens) != report.summary.results[r.req_id].output]
+    return len(served) - len(bad), bad
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    opts = DemoOptions(num_requests=args.requests, seed=args.seed, tp=args.tp, block_size=args.block_size,
+                       kv_mib=args.kv_mib, max_batch_tokens=args.max_batch_tokens, max_running=args.max_running,
+                       prefix_caching=not args.no_prefix_caching, device=args.device,
+                       metrics_port=args.metrics_port, progress=not args.no_progress,
+                       bad_requests=args.bad_requests, mean_gap=args.mean_gap, threads=args.threads)
+    if args.threads < 1:
+        raise SystemExit(f"--threads {args.threads}: need at least 1")
+    if opts.device == "cpu":
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        reports = run_demo(opts)
+    except KVPoolError as err:  # a bad setting (e.g. --tp 3): say what and how to fix it, no traceback
+        print(f"kvpool demo: {err}", file=sys.stderr)
+        return 2
+    report = reports[0]
+    print(format_summary(report, opts))
+    if report.metrics_port is not None:
+        print(f"  metrics       were served on http://127.0.0.1:{report.metrics_port}/metrics")
+    if args.check_hf:
+        from .launch import build_requests
+
+        from .model import tiny_llama_config
+
+        requests = build_requests(opts, tiny_llama_config()["vocab_size"])
+        matched, bad = check_against_hf(report, requests, opts.seed)
+        print(f"  transformers  {matched}/{matched + len(bad)} requests match LlamaForCausalLM greedy tokens exactly"
+              + (f"; MISMATCH in {bad}" if bad else ""))
+        return 1 if bad else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The serving loop: model + kvpool's pages, block tables, allocator and kernels.
+
+Start-up (every TP rank): ``size_kv_pool`` agrees on one block count for the group, then each rank
+builds its own :class:`kvpool.cache.PagedKVCache` shard (its KV heads only) and its own
+``BlockAllocator`` + ``BlockTables``.
+
+One allocator decision for the group: every rank runs the same deterministic
+:class:`~kvpool.demo.scheduler.Scheduler` on the same requests, and rank 0's sampled tokens are
+broadcast each step, so every rank makes the same allocations and frees in the same order and holds
+the same block ids. The engine checks that on every step: each rank digests its block table and slot
+mapping and the digests are all-gathered; any difference raises :class:`RankMismatchError`.
+(Nothing but one small int64 tensor of tokens and one digest per rank crosses processes per step.)
+
+One step: the scheduler's batch (prefills first, then decodes) becomes one ``BlockTables.batch``;
+each layer writes the new tokens' K/V with ``write_kv``; prefills gather their whole context
+(cached prefix + new tokens) with ``gather_kv`` and attend causally over it; decodes run
+``paged_decode`` straight over the pages. The KV cache is read only through those kernels.
+"""
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import RankMismatchError
+from .model import TinyLlama, dense_causal_attention
+from .requests import Request, RequestResult
+from .scheduler import Scheduler, StepPlan
+
+
+@dataclass
+class RunSummary:
+    """What a run did (the demo's final summary)."""
+
+    results: dict[int, RequestResult]
+    num_blocks: int
+    block_size: int
+    steps: int
+    wall_s: float
+    prompt_tokens: int
+    computed_prompt_tokens: int
+    generated_tokens: int
+    peak_used_blocks: int
+    prefix_hit_rate: float
+    preemptions: int
+    mixed_steps: int = 0
+    max_batch_seqs: int = 0
+    block_digests: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> int:
+        return sum(r.error is None for r in self.results.values())
+
+    @property
+    def rejected(self) -> int:
+        return sum(r.error is not None for r in self.results.values())
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+class Engine:
+    """One TP rank of the demo server.
+
+    Parameters
+    ----------
+    model_config : dict
+        Hugging Face Llama config dict (:func:`kvpool.demo.model.tiny_llama_config`).
+    weights : dict[str, torch.Tensor]
+        Full fp32 weights (each rank slices its shard).
+    pool_bytes : int
+        Device memory given to the KV pool on each rank (``device_memory_bytes`` of ``size_kv_pool``).
+    block_size : int
+    tp_rank, tp_size : int
+    group : ProcessGroup, optional
+        The TP group (default: the world group when ``tp_size > 1``).
+    device : str or torch.device
+    max_batch_tokens, max_running : int
+        Scheduler limits (see :class:`Scheduler`).
+    enable_prefix_caching : bool
+    metrics : kvpool.metrics.PoolMetrics, optional
+    """
+
+    def __init__(self, model_config: dict, weights: dict, *, pool_bytes: int, block_size: int = 16,
+                 tp_rank: int = 0, tp_size: int = 1, group=None, device="cpu", max_batch_tokens: int = 256,
+                 max_running: int = 16, enable_prefix_caching: bool = True, metrics=None):
+        from ..allocator import BlockAllocator
+        from ..block_table import BlockTables
+        from ..cache import PagedKVCache
+        from ..plan import load_model_spec
+        from ..runtime import size_kv_pool
+
+        self.device = torch.device(device)
+        self.tp_rank, self.tp_size, self.group = tp_rank, tp_size, group
+        self.model = TinyLlama(model_config, weights, tp_rank, tp_size, group, self.device)
+        spec = load_model_spec(model_config)
+        if self.device.type == "cuda":
+            # A GPU is measured: declare a device of (what is in use now + pool_bytes). Memory torch's
+            # caching allocator reserved but does not use counts as free for the pool, so leave it out.
+            free, total = torch.cuda.mem_get_info(self.device)
+            idle_reserved = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            memory = {"device_memory_bytes": int(total - free - idle_reserved + pool_bytes)}
+        else:
+            memory = {"device_memory_bytes": int(pool_bytes), "in_use_bytes": 0}
+        self.pool = size_kv_pool(spec, block_size, group=group if tp_size > 1 else None, mem_fraction=1.0,
+                                 kv_dtype="fp32", tp_rank=tp_rank, tp_size=tp_size, device=self.device,
+                                 activation_bytes=0, max_batched_tokens=max_batch_tokens, **memory)
+        self.num_blocks, self.block_size = int(self.pool.num_blocks), int(self.pool.block_size)
+        self.cache = PagedKVCache.for_shard(spec, self.num_blocks, self.block_size, tp_rank, tp_size, self.device,
+                                            dtype=torch.float32, kv_dtype="fp32")
+        if list(self.cache.kv_head_ids) != self.model.kv_head_ids:
+            raise RankMismatchError(
+                f"rank {tp_rank}: the KV cache holds heads {list(self.cache.kv_head_ids)} but the model shard "
+                f"computes heads {self.model.kv_head_ids}; both must split KV heads the same way")
+        self.allocator = BlockAllocator(self.num_blocks, self.block_size, enable_prefix_caching=enable_prefix_caching)
+        self.tables = BlockTables(self.allocator, self.block_size, self.device, max_seqs=max_running)
+        self.metrics = metrics
+        self.scheduler = Scheduler(self.tables, self.model.vocab_size,
+                                   int(model_config["max_position_embeddings"]), max_batch_tokens, max_running,
+                                   metrics)
+        self.peak_used_blocks = 0
+        self.mixed_steps = 0  # steps that ran prefills and decodes together
+        self.max_batch_seqs = 0
+        self.block_digests: list[int] = []
+        self.computed_prompt_tokens = 0
+
+    # ----------------------------------------------------------------- one step
+    def step(self, step: int) -> tuple[StepPlan, list[int]]:
+        """Schedule and run one step; return the plan and the ids of the requests it finished."""
+        from ..kernels import gather_kv, paged_decode, write_kv
+
+        plan = self.scheduler.schedule(step)
+        self._observe_pool()
+        if not plan.entries:
+            return plan, []
+        entries = plan.entries
+        n_pre = sum(e.is_prefill for e in entries)
+        assert all(e.is_prefill for e in entries[:n_pre]), "the scheduler puts prefills first"
+        self.mixed_steps += 0 < n_pre < len(entries)
+        self.max_batch_seqs = max(self.max_batch_seqs, len(entries))
+        batch = self.tables.batch([e.seq_id for e in entries])
+        self._check_ranks_agree(batch)
+
+        tokens = torch.tensor([t for e in entries for t in e.token_ids], dtype=torch.int64, device=self.device)
+        positions = torch.tensor([e.start_pos + j for e in entries for j in range(len(e.token_ids))],
+                                 dtype=torch.int64, device=self.device)
+        qsl = np.concatenate([[0], np.cumsum([len(e.token_ids) for e in entries])])
+        if not np.array_equal(qsl, batch.query_start_loc.cpu().numpy()):
+            raise RankMismatchError(f"step {step}: BlockTables' new tokens {batch.query_start_loc.tolist()} "
+                                    f"differ from the scheduler's {qsl.tolist()}")
+        t_pre = int(qsl[n_pre])
+        bt_pre, lens_pre = batch.block_table[:n_pre], batch.seq_lens[:n_pre]
+        bt_dec, lens_dec = batch.block_table[n_pre:], batch.seq_lens[n_pre:]
+        scale = self.model.scale
+        self.computed_prompt_tokens += t_pre
+
+        def attention(layer: int, q, k, v):
+            k_cache, v_cache = self.cache.k_caches[layer], self.cache.v_caches[layer]
+            write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+            out = torch.empty_like(q)
+            if n_pre:
+                # [cached prefix + new tokens] of every prefill, read back from the pages
+                keys, values, cu = gather_kv(k_cache, v_cache, bt_pre, lens_pre)
+                cu = cu.tolist()
+                for j, e in enumerate(entries[:n_pre]):
+                    rows = slice(int(qsl[j]), int(qsl[j + 1]))
+                    out[rows] = dense_causal_attention(q[rows], keys[cu[j]:cu[j + 1]], values[cu[j]:cu[j + 1]],
+                                                       scale, q_start=e.start_pos)
+            if t_pre < q.shape[0]:
+                out[t_pre:] = paged_decode(q[t_pre:].contiguous(), k_cache, v_cache, bt_dec, lens_dec, scale)
+            return out
+
+        logit_rows = torch.as_tensor(qsl[1:] - 1, dtype=torch.int64, device=self.device)
+        logits = self.model.forward(tokens, positions, attention, logit_rows)
+        next_tokens = logits.argmax(dim=-1)
+        if self.tp_size > 1:  # rank 0 decides; every rank's scheduler sees the same tokens
+            import torch.distributed as dist
+
+            dist.broadcast(next_tokens, src=_global_rank(self.group, 0), group=self.group)
+        self.tables.mark_computed(batch)
+        finished = self.scheduler.finish_step(plan, next_tokens.tolist())
+        self._observe_pool()
+        return plan, finished
+
+    # ----------------------------------------------------------------- whole run
+    def run(self, requests: list[Request], progress: bool = False) -> RunSummary:
+        """Serve ``requests`` (arriving at their ``arrival_step``) until every one finished or was refused."""
+        for request in requests:
+            self.scheduler.submit(request)
+        bar = _progress_bar(len(requests)) if progress else None
+        reported: set[int] = set()
+        step, start = 0, time.perf_counter()
+        while not self.scheduler.done:
+            plan, _ = self.step(step)
+            if bar is not None:
+                done = [i for i, r in self.scheduler.results.items()
+                        if i not in reported and (r.error is not None or r.finish_step is not None)]
+                reported.update(done)
+                bar.update(len(done))
+            nxt = self.scheduler.next_arrival()
+            idle = not plan.entries and not self.scheduler.waiting and not self.scheduler.running
+            step = max(step + 1, nxt) if idle and nxt is not None else step + 1
+        wall = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+        s = self.scheduler
+        return RunSummary(
+            results=s.results, num_blocks=self.num_blocks, block_size=self.block_size, steps=step, wall_s=wall,
+            prompt_tokens=s.prompt_tokens_seen, computed_prompt_tokens=self.computed_prompt_tokens,
+            generated_tokens=sum(len(r.output) for r in s.results.values()),
+            peak_used_blocks=self.peak_used_blocks,
+            prefix_hit_rate=s.prompt_tokens_cached / s.prompt_tokens_seen if s.prompt_tokens_seen else 0.0,
+            preemptions=s.num_preemptions, mixed_steps=self.mixed_steps, max_batch_seqs=self.max_batch_seqs,
+            block_digests=list(self.block_digests))
+
+    # ----------------------------------------------------------------- helpers
+    def _observe_pool(self) -> None:
+        used = self.allocator.num_blocks - self.allocator.num_free_blocks
+        self.peak_used_blocks = max(self.peak_used_blocks, used)
+        if self.metrics is not None:
+            self.metrics.observe_allocator(self.allocator)
+
+    def _check_ranks_agree(self, batch) -> None:
+        """All-gather a digest of this step's block table + slot mapping; raise if any rank differs."""
+        crc = zlib.crc32(batch.block_table.cpu().numpy().tobytes())
+        crc = zlib.crc32(batch.slot_mapping.cpu().numpy().tobytes(), crc)
+        self.block_digests.append(crc)
+        if self.tp_size == 1:
+            return
+        import torch.distributed as dist
+
+        mine = torch.tensor([crc], dtype=torch.int64, device=self.device)
+        every = [torch.empty_like(mine) for _ in range(self.tp_size)]
+        dist.all_gather(every, mine, group=self.group)
+        values = [int(t) for t in every]
+        if len(set(values)) != 1:
+            raise RankMismatchError(
+                f"block tables differ across TP ranks at step {len(self.block_digests) - 1}: digests {values}; "
+                "every rank must run the same scheduler on the same requests and tokens")
+
+
+def _global_rank(group, rank: int) -> int:
+    import torch.distributed as dist
+
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="requests", unit="req", dynamic_ncols=True, leave=True)

@@ -1,0 +1,165 @@
+"""Run the demo on one process or on a tensor-parallel group of processes.
+
+``tp == 1``: the engine runs in this process. ``tp > 1``: ``tp`` processes are spawned, joined into one
+torch.distributed group (gloo on CPU, NCCL on CUDA) over loopback, and each runs one
+:class:`~kvpool.demo.engine.Engine` rank; rank 0 shows the progress bar, prints the summary and serves
+the metrics. Every rank hands back a :class:`RankReport` so callers (and the tests) can check that the
+ranks agreed.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from dataclasses import dataclass, field
+
+from .requests import Request, make_workload
+
+
+@dataclass
+class DemoOptions:
+    """Everything a run depends on (all ranks get the same copy)."""
+
+    num_requests: int = 24
+    seed: int = 0
+    tp: int = 1
+    block_size: int = 16
+    kv_mib: float = 0.375
+    max_batch_tokens: int = 256
+    max_running: int = 16
+    prefix_caching: bool = True
+    device: str = "cpu"
+    metrics_port: int | None = None
+    progress: bool = True
+    bad_requests: bool = False
+    mean_gap: float = 1.5
+    threads: int = 1  # torch CPU threads per rank: the tiny model's matmuls only lose from more
+    requests: list[Request] | None = None  # explicit requests instead of the seeded workload
+    extra_requests: list[Request] = field(default_factory=list)  # appended to the seeded workload
+
+
+@dataclass
+class RankReport:
+    """What one rank saw: the summary (tokens, errors, counters) and its pool state at the end."""
+
+    tp_rank: int
+    summary: object
+    num_free_blocks: int
+    num_blocks: int
+    kv_head_ids: list[int]
+    metrics_text: str = ""
+    metrics_port: int | None = None
+
+
+def build_requests(opts: DemoOptions, vocab_size: int) -> list[Request]:
+    """The seeded workload (or ``opts.requests``), plus the bad requests of ``--bad-requests``."""
+    if opts.requests is not None:
+        requests = list(opts.requests)
+    else:
+        requests = make_workload(opts.num_requests, vocab_size, seed=opts.seed, mean_gap=opts.mean_gap)
+    requests += list(opts.extra_requests)
+    if opts.bad_requests:
+        n = max([r.req_id for r in requests], default=-1) + 1
+        requests += [
+            Request(n, [], 4, 1),                                  # empty prompt
+            Request(n + 1, [1, 2, vocab_size + 7], 4, 2),          # token id outside the vocabulary
+            Request(n + 2, list(range(64)) * 24, 8, 3),            # 1544 tokens: more than the whole pool
+        ]
+    return requests
+
+
+def run_rank(tp_rank: int, opts: DemoOptions, group=None) -> RankReport:
+    """Build this rank's engine and serve the workload (collective when ``opts.tp > 1``)."""
+    import torch
+
+    from ..metrics import PoolMetrics
+    from .engine import Engine
+    from .model import random_llama_weights, tiny_llama_config
+
+    config = tiny_llama_config()
+    weights = random_llama_weights(config, seed=opts.seed)
+    metrics = PoolMetrics() if tp_rank == 0 else None
+    server = None
+    if metrics is not None and opts.metrics_port is not None:
+        server, _ = metrics.serve(opts.metrics_port)
+    try:
+        engine = Engine(config, weights, pool_bytes=int(opts.kv_mib * 2**20), block_size=opts.block_size,
+                        tp_rank=tp_rank, tp_size=opts.tp, group=group, device=opts.device,
+                        max_batch_tokens=opts.max_batch_tokens, max_running=opts.max_running,
+                        enable_prefix_caching=opts.prefix_caching, metrics=metrics)
+        summary = engine.run(build_requests(opts, config["vocab_size"]), progress=opts.progress and tp_rank == 0)
+        if opts.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return RankReport(tp_rank, summary, engine.allocator.num_free_blocks, engine.num_blocks,
+                          list(engine.cache.kv_head_ids),
+                          metrics.exposition().decode() if metrics is not None else "",
+                          server.server_port if server is not None else None)
+    finally:
+        if server is not None:
+            server.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(tp_rank: int, opts: DemoOptions, port: int, queue) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    backend = "nccl" if opts.device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(tp_rank)
+        opts.device = f"cuda:{tp_rank}"
+    else:
+        torch.set_num_threads(opts.threads)
+    try:
+        dist.init_process_group(backend, rank=tp_rank, world_size=opts.tp)
+        report = run_rank(tp_rank, opts)
+        queue.put((tp_rank, report, None))
+    except BaseException as err:  # hand the error to the parent instead of dying silently
+        queue.put((tp_rank, None, f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_demo(opts: DemoOptions, timeout_s: float = 300.0) -> list[RankReport]:
+    """Run the demo with ``opts.tp`` ranks; return one :class:`RankReport` per rank (rank order)."""
+    from .model import check_tp_fits, tiny_llama_config
+
+    check_tp_fits(tiny_llama_config(), opts.tp)  # refuse a bad --tp before starting any process
+    if opts.tp == 1:
+        return [run_rank(0, opts)]
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, opts, port, queue), daemon=True) for r in range(opts.tp)]
+    for p in procs:
+        p.start()
+    reports, errors = {}, []
+    try:
+        for _ in procs:
+            # once one rank failed the others are stuck in a collective: do not wait long for them
+            try:
+                rank, report, error = queue.get(timeout=10 if errors else timeout_s)
+            except Exception:  # queue.Empty: a rank hung or died without reporting
+                errors.append("a rank did not report (hung in a collective or crashed)")
+                break
+            if error is not None:
+                errors.append(f"rank {rank}: {error}")
+            else:
+                reports[rank] = report
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("tensor-parallel demo failed:\n" + "\n".join(errors))
+    return [reports[r] for r in range(opts.tp)]
