@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# kvpool's GPU check: one command on a GPU machine with no network, from the repository root.
+#
+#   bash benchmarks/gpu_check.sh          # results in ${OUT:-benchmarks/out}, the table printed last
+#
+# Stages (each under its own `timeout`, cut further so the whole run ends within the budget):
+#   1. pip install --no-build-isolation --no-deps -e .   (falls back to PYTHONPATH=src)
+#   2. GPU tests: the kernel tests on CUDA (bf16, fp8, poisoned outputs, fresh data), then `pytest tests -m gpu`
+#   3. benchmarks: copy ceiling, gather_kv / write_kv / copy_blocks, paged_decode sweep (pytest-benchmark)
+#   4. compute-sanitizer --tool memcheck on a small case of every kernel
+#   5. benchmarks/gpu_validate.py: plan and start-up sizing vs the live GPU (KVPOOL_SKIP_VALIDATE=1 skips it)
+#   6. benchmarks/gpu_report.py: JSON + Markdown table, printed last
+# Results are written as they come (benchmark rows as JSON lines), so a stage that times out still
+# leaves its data. Budget: KVPOOL_GPU_BUDGET_S (default 265 s) for the whole script.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/out}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+export KVPOOL_BENCH_ROWS="$OUT/rows.jsonl"
+: > "$KVPOOL_BENCH_ROWS"
+rm -f "$OUT"/bench_*.json "$OUT/sanitizer.json" "$OUT"/tests_*.log  # no stale results from an earlier run
+START=$(date +%s)
+BUDGET="${KVPOOL_GPU_BUDGET_S:-265}"
+PY="${PYTHON:-python}"
+
+log() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*"; }
+
+# limit MAX_S RESERVE_S: seconds a stage may take: at most MAX_S, and never into the RESERVE_S seconds
+# kept for the stages after it.
+limit() {
+  local left=$(( BUDGET - ($(date +%s) - START) - $2 ))
+  echo $(( left < $1 ? left : $1 ))
+}
+
+# stage NAME MAX_S RESERVE_S CMD...: run CMD under `timeout`, output in $OUT/NAME.log
+stage() {
+  local name="$1" lim; lim=$(limit "$2" "$3"); shift 3
+  if (( lim < 5 )); then
+    log "$name: skipped (budget spent)"; echo "skipped: budget spent" > "$OUT/$name.log"; return 0
+  fi
+  log "$name: start (limit ${lim}s)"
+  timeout --kill-after=5 "$lim" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  log "$name: rc=$rc$( (( rc == 124 )) && echo ' (timed out)')"
+  tail -n 3 "$OUT/$name.log" | sed 's/^/    /'
+  return 0
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1 || true
+log "GPU: $(cat "$OUT/gpu.txt")"
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
+  | tee "$OUT/versions.txt"
+
+# 1. install (the C++ allocator builds here); the kernels import without it
+if [[ "${KVPOOL_SKIP_INSTALL:-0}" == 1 ]]; then
+  log "install: skipped (KVPOOL_SKIP_INSTALL=1)"
+else
+  stage install 50 215 "$PY" -m pip install --no-build-isolation --no-deps -e .
+fi
+if ! "$PY" -c "import kvpool" 2>/dev/null; then
+  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+  log "install failed: using PYTHONPATH=src"
+fi
+
+# 2. GPU tests. The kernel tests compile a few dozen Triton variants (CPU-bound), so three pytest
+#    processes share them; the other `-m gpu` tests (memory sizing among them) run alone afterwards.
+lim=$(limit 80 185)
+if (( lim >= 5 )); then
+  log "tests_kernels_gpu: start (limit ${lim}s, 3 processes)"
+  PYT=("$PY" -m pytest -m gpu -q -rfE -p no:cacheprovider)
+  timeout --kill-after=5 "$lim" "${PYT[@]}" tests/test_kernels_decode.py > "$OUT/tests_kernels_decode_gpu.log" 2>&1 &
+  timeout --kill-after=5 "$lim" "${PYT[@]}" tests/test_kernels_write.py tests/test_kernels_gather.py \
+    > "$OUT/tests_kernels_write_gather_gpu.log" 2>&1 &
+  timeout --kill-after=5 "$lim" "${PYT[@]}" tests/test_kernels_copy.py tests/test_kernels_backend.py \
+    > "$OUT/tests_kernels_copy_backend_gpu.log" 2>&1 &
+  wait
+  for f in "$OUT"/tests_kernels_*_gpu.log; do log "  $(basename "$f"): $(tail -n 1 "$f")"; done
+fi
+stage tests_gpu 30 170 "$PY" -m pytest tests -m gpu -q -rfE -p no:cacheprovider --ignore-glob='tests/test_kernels_*.py'
+
+# 3. benchmarks (medians of CUDA-event timings; figures in extra_info and in rows.jsonl)
+stage bench_memory 30 150 "$PY" -m pytest benchmarks/bench_memory.py -q -p no:cacheprovider \
+  --benchmark-json="$OUT/bench_memory.json" -s
+stage bench_decode 90 90 "$PY" -m pytest benchmarks/bench_decode.py -q -p no:cacheprovider \
+  --benchmark-json="$OUT/bench_decode.json" -s
+
+# 4. memcheck on a small case of every kernel
+# (the driver gets the stage's limit minus 3 s, so it writes its JSON even when memcheck runs long)
+san=$(limit 50 62)
+stage sanitizer 50 62 "$PY" benchmarks/sanitize_kernels.py --out "$OUT/sanitizer.json" --timeout $(( san > 8 ? san - 3 : 5 ))
+
+# 5. planner and size_kv_pool against the live GPU (Llama-3.1-8B shape, random weights)
+if [[ -f benchmarks/gpu_validate.py && "${KVPOOL_SKIP_VALIDATE:-0}" != 1 ]]; then
+  stage gpu_validate 75 5 "$PY" benchmarks/gpu_validate.py
+fi
+
+# 6. report: JSON + table, the table printed last
+log "report"
+"$PY" benchmarks/gpu_report.py --out-dir "$OUT" --rows "$KVPOOL_BENCH_ROWS" \
+  --bench-json "$OUT/bench_memory.json" "$OUT/bench_decode.json" --sanitizer "$OUT/sanitizer.json" \
+  --tests-log "$OUT"/tests_kernels_*_gpu.log "$OUT/tests_gpu.log" > "$OUT/table.txt" 2>&1
+if [[ -f "$OUT/gpu_validate.log" ]]; then
+  echo "---- gpu_validate.py (last 40 lines) ----"; tail -n 40 "$OUT/gpu_validate.log"
+fi
+log "done in $(( $(date +%s) - START ))s; files in $OUT"
+echo
+cat "$OUT/table.txt"

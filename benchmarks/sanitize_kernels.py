@@ -1,0 +1,120 @@
+"""Run every kvpool kernel once on a small case under ``compute-sanitizer --tool memcheck``.
+
+    python benchmarks/sanitize_kernels.py --out benchmarks/out/sanitizer.json   # driver
+    python benchmarks/sanitize_kernels.py --run                                  # the kernels (child)
+
+The driver runs the child under memcheck with PyTorch's caching allocator off
+(``PYTORCH_NO_CUDA_MEMORY_CACHING=1``), so every tensor is its own allocation and a read or write
+past one is reported; it writes the error count and the sanitizer's tail to a JSON file. Block
+tables carry -1 padding past each sequence: the kernels must never read what those entries name.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_kernels() -> None:
+    import torch
+
+    from kvpool.kernels import copy_blocks, gather_kv, paged_decode, reference, write_kv
+
+    torch.manual_seed(0)
+    dev = os.environ.get("KVPOOL_SANITIZE_DEVICE", "cuda")  # "cpu" + TRITON_INTERPRET=1: a dry run of the script
+    bs, heads, d = 16, 2, 128
+    lens = [1, 16, 17, 300, 0]
+    need = [(n + bs - 1) // bs for n in lens]
+    num_blocks = sum(need) + 2
+    table = torch.full((len(lens), max(need) + 1), -1, dtype=torch.int32)
+    perm = torch.randperm(num_blocks)
+    at = 0
+    for b, n in enumerate(need):
+        table[b, :n] = perm[at:at + n].to(torch.int32)
+        at += n
+    table, seq_lens = table.to(dev), torch.tensor(lens, dtype=torch.int32, device=dev)
+    checks = []
+    for kv_dtype, scales in ((torch.bfloat16, None), (torch.float8_e4m3fn, "token_head"),
+                             (torch.float8_e4m3fn, "head")):
+        k = torch.zeros(num_blocks, bs, heads, d, dtype=kv_dtype, device=dev)
+        v = torch.zeros_like(k)
+        if scales == "token_head":
+            ks, vs = (torch.zeros(num_blocks, bs, heads, device=dev) for _ in range(2))
+        elif scales == "head":
+            ks, vs = (torch.full((heads,), 0.02, device=dev) for _ in range(2))
+        else:
+            ks = vs = None
+        slots = (table.long()[:, :, None] * bs + torch.arange(bs, device=dev)).view(len(lens), -1)
+        slots = torch.cat([slots[b, :n] for b, n in enumerate(lens)]).to(torch.int32)
+        slots[5] = -1
+        new_k = torch.randn(slots.numel(), heads, d, device=dev, dtype=torch.bfloat16)
+        write_kv(new_k, new_k * 0.5, k, v, slots, ks, vs)
+        kk, vv, cu = gather_kv(k, v, table, seq_lens, ks, vs)
+        kr, _, _ = reference.gather_kv_reference(k, v, table, seq_lens, ks, vs)
+        checks.append(("gather", kv_dtype, torch.equal(kk, kr)))
+        q = torch.randn(len(lens), heads * 4, d, device=dev, dtype=torch.bfloat16)
+        for window, cap in ((None, None), (40, 30.0)):
+            out = paged_decode(q, k, v, table, seq_lens, d ** -0.5, window, cap, ks, vs)
+            ref = reference.paged_decode_reference(q, k, v, table, seq_lens, d ** -0.5, window, cap, ks, vs)
+            checks.append(("decode", kv_dtype, bool(torch.allclose(out.float(), ref.float(), atol=2e-2, rtol=2e-2))))
+        caches = [k, v] + ([ks, vs] if scales == "token_head" else [])
+        copy_blocks(caches, table[3, :2], torch.tensor([num_blocks - 1, num_blocks - 2], device=dev))
+    # the split + merge path: one long sequence, few programs
+    from kvpool.kernels.decode import paged_decode_triton
+    out = paged_decode_triton(q, k, v, table, seq_lens, 0.1, k_scale=ks, v_scale=vs, num_splits=5)
+    ref = reference.paged_decode_reference(q, k, v, table, seq_lens, 0.1, k_scale=ks, v_scale=vs)
+    checks.append(("decode-split", k.dtype, bool(torch.allclose(out.float(), ref.float(), atol=2e-2, rtol=2e-2))))
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    bad = [c for c in checks if not c[2]]
+    print(f"sanitize_kernels: {len(checks)} result checks, {len(bad)} wrong {bad}")
+    if bad:
+        sys.exit(2)
+
+
+def drive(out: Path, timeout: int) -> int:
+    tool = shutil.which("compute-sanitizer") or next(
+        (p for p in ("/usr/local/cuda/bin/compute-sanitizer", "/opt/cuda/bin/compute-sanitizer") if Path(p).exists()),
+        None)
+    result = {"tool": tool}
+    if tool is None:
+        result.update(summary="skipped: compute-sanitizer not found on this machine", errors=None)
+    else:
+        env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+        cmd = [tool, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, __file__, "--run"]
+        try:
+            proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+            text = proc.stdout + proc.stderr
+            m = re.search(r"ERROR SUMMARY: (\d+) error", text)
+            errors = int(m.group(1)) if m else None
+            checks = re.search(r"sanitize_kernels: .*", text)
+            result.update(returncode=proc.returncode, errors=errors, tail=text[-3000:],
+                          summary=(f"{errors} errors" if errors is not None else f"no summary (rc {proc.returncode})")
+                          + (f"; {checks.group(0)}" if checks else ""))
+        except subprocess.TimeoutExpired:
+            result.update(errors=None, summary=f"timed out after {timeout} s")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print("compute-sanitizer memcheck:", result["summary"])
+    if result.get("tail") and result.get("errors"):
+        print(result["tail"])
+    return 0 if result.get("errors") in (0, None) else 1
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="kvpool kernels under compute-sanitizer memcheck")
+    ap.add_argument("--run", action="store_true", help="run the kernels (the sanitized child)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "sanitizer.json"))
+    ap.add_argument("--timeout", type=int, default=100)
+    a = ap.parse_args()
+    if a.run:
+        run_kernels()
+    else:
+        sys.exit(drive(Path(a.out), a.timeout))
