@@ -69,13 +69,17 @@ def build_table(rows, sanitizer, tests) -> str:
                  key=lambda r: (r["q_heads"], r["batch"], r["context"]))
     if dec:
         out += ["", "paged_decode, head_dim 128, bf16, block 16 (vLLM: num_kv_splits=8; roofline = KV bytes / ceiling)",
-                "", "| batch | ctx | q/kv heads | ours ms | % roofline | vLLM ms | vs vLLM | SDPA ms | vs SDPA |",
-                "|---|---|---|---|---|---|---|---|---|"]
+                "eager: single calls, L2 flushed, host launch path included; graph: GPU time per call in CUDA-graph replay",
+                "", "| batch | ctx | q/kv heads | ours ms | % roofline | vLLM ms | vs vLLM | ours graph ms | vLLM graph ms "
+                "| vs vLLM (graph) | SDPA ms | vs SDPA |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         notes = set()
         for r in dec:
             pct = f"{r['pct_roofline']:.0f}" + (f" (>= {r['target_pct']:.0f})" if r.get("target_pct") else "")
             out.append(f"| {r['batch']} | {r['context']} | {r['q_heads']}/{r['kv_heads']} | {_f(r['ms'], '{:.4f}')} | "
                        f"{pct} | {_f(r.get('vllm_ms'), '{:.4f}')} | {_f(r.get('speedup_vs_vllm'), '{:.2f}x')} | "
+                       f"{_f(r.get('graph_ms'), '{:.4f}')} | {_f(r.get('vllm_graph_ms'), '{:.4f}')} | "
+                       f"{_f(r.get('speedup_vs_vllm_graph'), '{:.2f}x')} | "
                        f"{_f(r.get('sdpa_ms'), '{:.4f}')} | {_f(r.get('speedup_vs_sdpa'), '{:.2f}x')} |")
             notes.update(r[k] for k in ("vllm_note", "sdpa_note") if r.get(k))
         out += [f"- {n}" for n in sorted(notes)]

@@ -59,6 +59,19 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     raise KernelError(f"KVPOOL_KERNELS={choice!r} is not a backend: use 'triton', 'torch' or leave it unset")
 
 
+def scale_launch_args(k_cache, v_cache, k_scale, v_scale):
+    """fp8 scale arguments of a kernel launch: ``(SCALE_MODE, k_scale, v_scale, (stride_b, stride_t, stride_h))``.
+
+    SCALE_MODE is 0 (no scales: the cache tensors stand in for the unused pointers), 1 (per head,
+    ``[kv_heads]``) or 2 (per token and head, ``[num_blocks, block_size, kv_heads]``).
+    """
+    if k_cache.dtype != FP8_DTYPE:
+        return 0, k_cache, v_cache, (0, 0, 0)
+    if k_scale.dim() == 1:
+        return 1, k_scale, v_scale, (0, 0, 0)
+    return 2, k_scale, v_scale, k_scale.stride()
+
+
 def same_device(name_to_tensor: dict) -> None:
     """All tensors on one device, else :class:`KernelError` naming them."""
     devices = {name: t.device for name, t in name_to_tensor.items() if t is not None}

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .backend import FP8_DTYPE, interpreting
+from .backend import interpreting, scale_launch_args
 from .interpreter_fixes import round_bits, round_mantissa
 
 @triton.jit
@@ -246,12 +246,7 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale, slidi
         num_sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
             if q.is_cuda else 4
         num_splits = choose_num_splits(batch, kv_heads, max_tokens, block_n, num_sms)
-    if k_cache.dtype != FP8_DTYPE:
-        scale_mode, k_scale, v_scale, scale_strides = 0, k_cache, v_cache, (0, 0, 0)
-    elif k_scale.dim() == 1:
-        scale_mode, scale_strides = 1, (0, 0, 0)
-    else:
-        scale_mode, scale_strides = 2, k_scale.stride()
+    scale_mode, k_scale, v_scale, scale_strides = scale_launch_args(k_cache, v_cache, k_scale, v_scale)
     # triton 3.6's interpreter computes bf16 tl.dot wrongly (triton-lang/triton#11584): use fp32 there.
     dot_fp32 = q.dtype == torch.float32 or interpreting()
     split = num_splits > 1

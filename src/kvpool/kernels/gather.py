@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .backend import FP8_DTYPE, interpreting
+from .backend import interpreting, scale_launch_args
 from .interpreter_fixes import round_bits, round_mantissa
 
 
@@ -75,12 +75,7 @@ def gather_kv_triton(k_cache, v_cache, block_table, seq_lens, cu_seqlens, k_out,
     _, block_size, kv_heads, head_dim = k_cache.shape
     if batch == 0 or k_out.shape[0] == 0:
         return
-    if k_cache.dtype != FP8_DTYPE:
-        scale_mode, k_scale, v_scale, scale_strides = 0, k_cache, v_cache, (0, 0, 0)
-    elif k_scale.dim() == 1:
-        scale_mode, scale_strides = 1, (0, 0, 0)
-    else:
-        scale_mode, scale_strides = 2, k_scale.stride()
+    scale_mode, k_scale, v_scale, scale_strides = scale_launch_args(k_cache, v_cache, k_scale, v_scale)
     block_h = triton.next_power_of_2(kv_heads)
     block_d = triton.next_power_of_2(head_dim)
     block_t = max(1, 8192 // (block_h * block_d))  # ~16 KB of bf16 K per program
