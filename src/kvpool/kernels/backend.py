@@ -63,12 +63,13 @@ def scale_launch_args(k_cache, v_cache, k_scale, v_scale):
     """fp8 scale arguments of a kernel launch: ``(SCALE_MODE, k_scale, v_scale, (stride_b, stride_t, stride_h))``.
 
     SCALE_MODE is 0 (no scales: the cache tensors stand in for the unused pointers), 1 (per head,
-    ``[kv_heads]``) or 2 (per token and head, ``[num_blocks, block_size, kv_heads]``).
+    ``[kv_heads]``) or 2 (per token and head, ``[num_blocks, block_size, kv_heads]``). The scales may
+    be strided views (``check_scales`` makes k and v share strides): head ``h`` is at ``h * stride_h``.
     """
     if k_cache.dtype != FP8_DTYPE:
         return 0, k_cache, v_cache, (0, 0, 0)
     if k_scale.dim() == 1:
-        return 1, k_scale, v_scale, (0, 0, 0)
+        return 1, k_scale, v_scale, (0, 0, k_scale.stride(0))
     return 2, k_scale, v_scale, k_scale.stride()
 
 

@@ -79,8 +79,8 @@ def _paged_decode_kernel(
     if DOT_FP32:
         q = q.to(tl.float32)
     if SCALE_MODE == 1:
-        k_head_scale = tl.load(k_scale_ptr + kv_head)
-        v_head_scale = tl.load(v_scale_ptr + kv_head)
+        k_head_scale = tl.load(k_scale_ptr + kv_head * stride_scale_h)
+        v_head_scale = tl.load(v_scale_ptr + kv_head * stride_scale_h)
     qk_scale = sm_scale * 1.4426950408889634  # scores in log2 units: exp2 instead of exp
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)

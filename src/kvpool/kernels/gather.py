@@ -54,7 +54,7 @@ def _gather_kv_kernel(
     v = tl.load(v_cache_ptr + src, mask=mask)
     if SCALE_MODE != 0:
         if SCALE_MODE == 1:
-            scale_off = head
+            scale_off = head * stride_scale_h
         else:
             scale_off = block * stride_scale_b + offset * stride_scale_t + head * stride_scale_h
         ks = tl.load(k_scale_ptr + scale_off, mask=row_ok, other=0.0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .backend import FP8_DTYPE, interpreting
+from .backend import interpreting, scale_launch_args
 from .interpreter_fixes import round_bits, round_mantissa, round_to_e4m3
 
 FP8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn value
@@ -62,8 +62,8 @@ def _write_kv_kernel(
         k = k.to(tl.float32)
         v = v.to(tl.float32)
         if SCALE_MODE == 1:
-            ks = tl.load(k_scale_ptr + head, mask=row_ok, other=1.0)
-            vs = tl.load(v_scale_ptr + head, mask=row_ok, other=1.0)
+            ks = tl.load(k_scale_ptr + head * stride_scale_h, mask=row_ok, other=1.0)
+            vs = tl.load(v_scale_ptr + head * stride_scale_h, mask=row_ok, other=1.0)
         else:
             ks = tl.max(tl.abs(k), axis=1) / FP8_MAX
             vs = tl.max(tl.abs(v), axis=1) / FP8_MAX
@@ -86,13 +86,7 @@ def write_kv_triton(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_
     num_rows = num_tokens * kv_heads
     if num_rows == 0:
         return
-    is_fp8 = k_cache.dtype == FP8_DTYPE
-    if not is_fp8:
-        scale_mode, k_scale, v_scale, scale_strides = 0, k_cache, v_cache, (0, 0, 0)
-    elif k_scale.dim() == 1:
-        scale_mode, scale_strides = 1, (0, 0, k_scale.stride(0))
-    else:
-        scale_mode, scale_strides = 2, k_scale.stride()
+    scale_mode, k_scale, v_scale, scale_strides = scale_launch_args(k_cache, v_cache, k_scale, v_scale)
     block_d = triton.next_power_of_2(head_dim)
     # ~16 KB of K (and as much of V) per program: enough bytes in flight, few programs.
     block_r = max(1, min(128, 8192 // block_d))
