@@ -86,6 +86,9 @@ def gather_kv(k_cache, v_cache, block_table, seq_lens, k_scale=None, v_scale=Non
         ``sum(seq_lens)`` if the caller knows it: saves one device-to-host sync.
     out : tuple of torch.Tensor, optional
         Preallocated contiguous ``(k, v)`` outputs ``[sum(seq_lens), kv_heads, head_dim]`` (no sync either).
+        ``total_tokens`` and ``out``'s rows must agree; both are checked against ``sum(seq_lens)`` on CPU
+        tensors or with ``KVPOOL_DEBUG=1`` (:class:`KernelError`). On CUDA without it, rows past ``out``
+        are dropped, never written.
 
     Returns
     -------
@@ -107,12 +110,13 @@ def gather_kv(k_cache, v_cache, block_table, seq_lens, k_scale=None, v_scale=Non
         out_dtype = torch.bfloat16 if k_cache.dtype == _b.FP8_DTYPE else k_cache.dtype
     if out_dtype not in _b.COMPUTE_DTYPES:
         raise KernelError(f"out_dtype {out_dtype} is not supported: use float32, float16 or bfloat16")
+    rows = _gather_rows(seq_lens, total_tokens, out)
     if not _b.use_triton(k_cache, block_table):
         k, v, cu = _ref.gather_kv_reference(k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, out_dtype)
+        if rows is not None and rows != k.shape[0]:  # CUDA tensors forced onto the torch path
+            raise KernelError(f"{_rows_source(total_tokens, out)} but sum(seq_lens) is {k.shape[0]}")
         if out is None:
             return k, v, cu
-        if out[0].shape[0] != k.shape[0]:
-            raise KernelError(f"out holds {out[0].shape[0]} rows but sum(seq_lens) is {k.shape[0]}")
         out[0].copy_(k)
         out[1].copy_(v)
         return out[0], out[1], cu
@@ -122,11 +126,57 @@ def gather_kv(k_cache, v_cache, block_table, seq_lens, k_scale=None, v_scale=Non
     if out is not None:
         k, v = out
     else:
-        total = int(cu_seqlens[-1]) if total_tokens is None else int(total_tokens)
+        total = int(cu_seqlens[-1]) if rows is None else rows
         k = torch.empty((total, kv_heads, head_dim), dtype=out_dtype, device=k_cache.device)
         v = torch.empty_like(k)
+    # the kernel drops rows past k's end, so a wrong count unchecked on CUDA never writes out of bounds
     gather_kv_triton(k_cache, v_cache, block_table, seq_lens, cu_seqlens, k, v, k_scale, v_scale)
     return k, v, cu_seqlens
+
+
+def _rows_source(total_tokens, out) -> str:
+    """Where a gather's row count came from, for error messages."""
+    if total_tokens is not None:
+        return f"total_tokens={total_tokens}"
+    return f"out holds {out[0].shape[0]} rows"
+
+
+def _gather_rows(seq_lens, total_tokens, out) -> int | None:
+    """The output row count of a gather as far as the host knows it without a device sync, checked.
+
+    ``total_tokens`` must be a non-negative int and agree with ``out``'s rows. ``sum(seq_lens)`` is
+    compared with them when it costs no sync (CPU tensors) or ``KVPOOL_DEBUG=1``. Returns ``None``
+    when neither ``total_tokens`` nor ``out`` is given and the sum would need a sync.
+    """
+    rows = None
+    if total_tokens is not None:
+        rows = _non_negative_int("total_tokens", total_tokens)
+        total_tokens = rows
+    if out is not None:
+        if rows is not None and rows != out[0].shape[0]:
+            raise KernelError(f"total_tokens={rows} but out holds {out[0].shape[0]} rows: they must agree "
+                              "(both sum(seq_lens))")
+        rows = out[0].shape[0]
+    if seq_lens.is_cuda and not _b.debug_checks():
+        return rows
+    actual = int(seq_lens.to(torch.int64).sum())
+    if rows is not None and rows != actual:
+        raise KernelError(f"{_rows_source(total_tokens, out)} but sum(seq_lens) is {actual}: pass "
+                          f"total_tokens={actual} (or None) and [{actual}, kv_heads, head_dim] outputs")
+    return actual
+
+
+def _non_negative_int(name, value) -> int:
+    """``value`` as an int >= 0; bools, floats and other non-integers raise :class:`KernelError`."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise KernelError(f"{name} must be a non-negative int, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise KernelError(f"{name} must be a non-negative int, got {value!r}") from None
+    if value < 0:
+        raise KernelError(f"{name} must be a non-negative int, got {value!r}")
+    return value
 
 
 def _finite_float(name, value) -> float:

@@ -14,14 +14,15 @@ from .backend import interpreting, scale_launch_args
 from .interpreter_fixes import round_bits, round_mantissa
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total_rows"])
 def _gather_kv_kernel(
     k_cache_ptr, v_cache_ptr,            # [num_blocks, block_size, kv_heads, head_dim]
     k_scale_ptr, v_scale_ptr,            # fp8: [kv_heads] or [num_blocks, block_size, kv_heads] float32
     block_table_ptr,                     # [batch, max_blocks] int32
     seq_lens_ptr,                        # [batch] int32
     cu_seqlens_ptr,                      # [batch + 1] int32
-    k_out_ptr, v_out_ptr,                # [total_tokens, kv_heads, head_dim], contiguous
+    k_out_ptr, v_out_ptr,                # [total_rows, kv_heads, head_dim], contiguous
+    total_rows,                          # rows of k_out/v_out: rows outside [0, total_rows) are dropped
     stride_bt_b,
     stride_cache_b, stride_cache_t, stride_cache_h,
     stride_scale_b, stride_scale_t, stride_scale_h,
@@ -38,7 +39,8 @@ def _gather_kv_kernel(
     rows = tl.arange(0, BLOCK_T * BLOCK_H)
     tok = chunk * BLOCK_T + rows // BLOCK_H
     head = rows % BLOCK_H
-    row_ok = (tok < seq_len) & (head < KV_HEADS)
+    out_row = out_start + tok
+    row_ok = (tok < seq_len) & (head < KV_HEADS) & (out_row >= 0) & (out_row < total_rows)
     block = tl.load(block_table_ptr + b.to(tl.int64) * stride_bt_b + tok // BLOCK_SIZE, mask=row_ok,
                     other=0).to(tl.int64)
     offset = tok % BLOCK_SIZE
@@ -48,7 +50,7 @@ def _gather_kv_kernel(
     else:
         mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     src = (block * stride_cache_b + offset * stride_cache_t + head * stride_cache_h)[:, None] + offs_d[None, :]
-    dst = ((out_start + tok) * (KV_HEADS * HEAD_DIM) + head * HEAD_DIM)[:, None] + offs_d[None, :]
+    dst = (out_row * (KV_HEADS * HEAD_DIM) + head * HEAD_DIM)[:, None] + offs_d[None, :]
 
     k = tl.load(k_cache_ptr + src, mask=mask)
     v = tl.load(v_cache_ptr + src, mask=mask)
@@ -70,7 +72,11 @@ def _gather_kv_kernel(
 
 def gather_kv_triton(k_cache, v_cache, block_table, seq_lens, cu_seqlens, k_out, v_out,
                      k_scale=None, v_scale=None) -> None:
-    """Launch :func:`_gather_kv_kernel` into preallocated ``k_out``/``v_out`` (checked by the caller)."""
+    """Launch :func:`_gather_kv_kernel` into preallocated ``k_out``/``v_out`` (checked by the caller).
+
+    Rows that ``cu_seqlens`` places outside ``k_out`` (a wrong count the caller could not check
+    without a device sync) are dropped, never written.
+    """
     batch, max_blocks = block_table.shape
     _, block_size, kv_heads, head_dim = k_cache.shape
     if batch == 0 or k_out.shape[0] == 0:
@@ -82,7 +88,7 @@ def gather_kv_triton(k_cache, v_cache, block_table, seq_lens, cu_seqlens, k_out,
     # the grid covers the table's capacity (no host sync on seq_lens); chunks past a length are masked
     grid = (triton.cdiv(max_blocks * block_size, block_t), batch)
     _gather_kv_kernel[grid](
-        k_cache, v_cache, k_scale, v_scale, block_table, seq_lens, cu_seqlens, k_out, v_out,
+        k_cache, v_cache, k_scale, v_scale, block_table, seq_lens, cu_seqlens, k_out, v_out, k_out.shape[0],
         block_table.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         *scale_strides,
