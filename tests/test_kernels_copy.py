@@ -63,3 +63,26 @@ def test_copy_blocks_empty_is_a_no_op(triton_backend, device):
     copy_blocks([t], torch.empty(0, dtype=torch.int32, device=device), torch.empty(0, dtype=torch.int32,
                                                                                      device=device))
     assert torch.equal(t, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_copy_blocks_offset_cache_keys_on_dtype(triton_backend, device):
+    """Regression (issue 9 item 9): the same addresses viewed with another dtype must not reuse stale offsets."""
+    gen = torch.Generator().manual_seed(33)
+    half = 4 * 4 * 64  # bytes of one tensor: 4 blocks of 64 float32
+    buf = torch.randn(2 * half // 4, generator=gen).to(device).view(torch.uint8)
+
+    def views(dtype, row):
+        return [buf[i * half:(i + 1) * half].view(dtype).view(4, row) for i in range(2)]
+
+    copy_blocks(views(torch.float32, 64), [0], [1])  # fills the offset cache for these two addresses
+    caches = views(torch.float16, 128)  # same data pointers, 2-byte elements: other offsets
+    expect = [t.clone() for t in caches]
+    guard = buf.clone()
+    copy_blocks(caches, [2], [3])
+    reference.copy_blocks_reference(expect, torch.tensor([2]), torch.tensor([3]))
+    for got, want in zip(caches, expect):
+        assert same_bits(got, want)
+    changed = (buf != guard).nonzero().flatten()
+    assert changed.numel() == 0 or all(3 * 256 <= int(i) % half for i in changed)  # only block 3 of each
+

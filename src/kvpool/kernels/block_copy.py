@@ -15,7 +15,9 @@ import triton
 import triton.language as tl
 
 _BITS_DTYPE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_OFFSET_TABLES: dict = {}  # (device, data_ptrs) -> (int64 device tensor, unit); no host->device copy per call
+# layout key -> (int64 device tensor, unit): the same caches every step reuse one table at a fixed address
+# (no host->device copy per call, CUDA-graph friendly)
+_OFFSET_TABLES: dict = {}
 
 
 @triton.jit
@@ -56,13 +58,16 @@ def _normalised(t: torch.Tensor):
 
 def _offset_table(tensors, device):
     """Each tensor's start relative to the first, in units of 16 elements when they all allow it, else 1."""
-    key = (str(device), tuple(t.data_ptr() for t in tensors))
+    # everything the table depends on: the offsets are in elements of the tensors' size (dtype), and the
+    # kernel applies them with the group's shape/strides; data pointers alone matched other views
+    ptrs = tuple(t.data_ptr() for t in tensors)
+    key = (str(device), tuple(t.dtype for t in tensors), tuple(tensors[0].shape), tensors[0].stride(), ptrs)
     cached = _OFFSET_TABLES.get(key)
     if cached is None:
         if len(_OFFSET_TABLES) > 64:
             _OFFSET_TABLES.clear()
         size = tensors[0].element_size()
-        deltas = [(p - key[1][0]) // size for p in key[1]]  # starts are element aligned: exact
+        deltas = [(p - ptrs[0]) // size for p in ptrs]  # starts are element aligned: exact
         unit = 16 if all(d % 16 == 0 for d in deltas) else 1
         cached = (torch.tensor([d // unit for d in deltas], dtype=torch.int64, device=device), unit)
         _OFFSET_TABLES[key] = cached
