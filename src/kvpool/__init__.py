@@ -1,9 +1,11 @@
 """kvpool: paged KV-cache memory for LLM inference under tensor parallelism.
 
 The names below load lazily (PEP 562) so that ``import kvpool`` and the planner CLI never import
-torch or numpy unless a name that needs them is used.
+torch or numpy unless a name that needs them is used. A name whose optional dependency is missing
+(torch or triton after a plain ``pip install kvpool``) raises :class:`MissingDependencyError` naming
+the extra to install, ``pip install "kvpool[gpu]"``.
 """
-from importlib import import_module
+from . import _optional_deps
 
 from .errors import (
     BlockIndexError,
@@ -11,6 +13,7 @@ from .errors import (
     InvalidArgumentError,
     KernelError,
     KVPoolError,
+    MissingDependencyError,
     OutOfBlocksError,
     PlanError,
     ProfileError,
@@ -47,7 +50,8 @@ def __getattr__(name):
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'kvpool' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
+    # torch or triton missing: MissingDependencyError naming the extra that installs them
+    value = getattr(_optional_deps.require(module, f"kvpool.{name}"), name)
     globals()[name] = value  # later lookups skip __getattr__
     return value
 
@@ -66,5 +70,6 @@ __all__ = [
     "KernelError",
     "RankMismatchError",
     "ProfileError",
+    "MissingDependencyError",
     *_LAZY,
 ]

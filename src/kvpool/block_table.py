@@ -25,6 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from ._device_check import checked_device
 from .errors import BlockIndexError, InvalidArgumentError, OutOfBlocksError
 
 # Value of block_table entries past a sequence's last block. 0 is always a valid block id, so a
@@ -151,7 +152,7 @@ class BlockTables:
             raise InvalidArgumentError(f"max_seqs={max_seqs} must be >= 1 (the largest batch you will build)")
         self.allocator = allocator
         self.block_size = int(block_size)
-        self.device = torch.device(device)
+        self.device = checked_device(device)  # an absent CUDA device: one clear line
         self.max_seqs = int(max_seqs)
         if enable_prefix_caching is None:
             enable_prefix_caching = bool(getattr(allocator, "enable_prefix_caching", True))

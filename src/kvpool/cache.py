@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ._device_check import checked_device
 from .errors import InvalidArgumentError
 
 KV_DTYPES = {
@@ -131,7 +132,8 @@ class PagedKVCache:
         Raises
         ------
         InvalidArgumentError
-            A bad count, rank, dtype, layout, or a TP degree that does not split the KV heads.
+            A bad count, rank, dtype, layout, a TP degree that does not split the KV heads, or a
+            device that is not there (``"cuda"`` without a visible CUDA device).
         """
         from .plan.model import load_model_spec  # noqa: PLC0415 (keeps `import kvpool.cache` light)
         from .plan.kv import kv_shard_layout, serving_dtype, shard_kv_heads  # noqa: PLC0415
@@ -169,7 +171,7 @@ class PagedKVCache:
                 f"planner gives {plan.kv_heads} KV heads per shard but shard_kv_heads gives {head_ids} "
                 f"for rank {tp_rank} of {tp_size}; the planner's layout and head split disagree")
 
-        device = torch.device(device)
+        device = checked_device(device)  # an absent CUDA device: one clear line, not torch's assert
         page_dtype = KV_DTYPES[kv_name]
         elem = torch.empty(0, dtype=page_dtype).element_size()
         if elem != plan.dtype_bytes:

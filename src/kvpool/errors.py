@@ -57,6 +57,13 @@ class ProfileError(KVPoolError, RuntimeError):
     """The server's profile function failed while sizing the pool."""
 
 
+class MissingDependencyError(KVPoolError, ImportError):
+    """A part of kvpool needs an optional dependency that is not installed (torch, triton, ...).
+
+    The message names the extra that installs it, e.g. ``pip install "kvpool[gpu]"``.
+    """
+
+
 __all__ = [
     "KVPoolError",
     "InvalidArgumentError",
@@ -67,4 +74,5 @@ __all__ = [
     "KernelError",
     "RankMismatchError",
     "ProfileError",
+    "MissingDependencyError",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .._optional_deps import require
 from ..errors import KVPoolError
 from .launch import DemoOptions, run_demo
 
@@ -86,13 +87,12 @@ def main(argv=None) -> int:
                        bad_requests=args.bad_requests, mean_gap=args.mean_gap, threads=args.threads)
     if args.threads < 1:
         raise SystemExit(f"--threads {args.threads}: need at least 1")
-    if opts.device == "cpu":
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
+        require("torch", "python -m kvpool.demo", extra="demo")
+        if args.check_hf:  # refuse before serving, not after
+            require("transformers", "python -m kvpool.demo --check-hf", extra="demo")
         reports = run_demo(opts)
-    except KVPoolError as err:  # a bad setting (e.g. --tp 3): say what and how to fix it, no traceback
+    except KVPoolError as err:  # a bad setting (--tp 3, --device cuda without CUDA), a missing extra: one line
         print(f"kvpool demo: {err}", file=sys.stderr)
         return 2
     report = reports[0]

@@ -250,6 +250,9 @@ def _global_rank(group, rank: int) -> int:
 
 
 def _progress_bar(total: int):
-    from tqdm import tqdm
-
+    """A tqdm bar over the requests, or None (no bar) when tqdm is not installed: it is only decoration."""
+    try:
+        from tqdm import tqdm
+    except ModuleNotFoundError:
+        return None
     return tqdm(total=total, desc="requests", unit="req", dynamic_ncols=True, leave=True)

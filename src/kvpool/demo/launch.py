@@ -129,10 +129,17 @@ def _worker(tp_rank: int, opts: DemoOptions, port: int, queue) -> None:
 
 def run_demo(opts: DemoOptions, timeout_s: float = 300.0) -> list[RankReport]:
     """Run the demo with ``opts.tp`` ranks; return one :class:`RankReport` per rank (rank order)."""
+    import torch
+
+    from .._device_check import checked_device
     from .model import check_tp_fits, tiny_llama_config
 
-    check_tp_fits(tiny_llama_config(), opts.tp)  # refuse a bad --tp before starting any process
+    # refuse a bad --tp or an absent device before starting any process
+    check_tp_fits(tiny_llama_config(), opts.tp)
+    checked_device(opts.device)
     if opts.tp == 1:
+        if opts.device == "cpu":
+            torch.set_num_threads(opts.threads)
         return [run_rank(0, opts)]
     import torch.multiprocessing as mp
 

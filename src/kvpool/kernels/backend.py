@@ -12,6 +12,7 @@ The cheap checks (shapes, dtypes, devices, strides) always run: they cost no syn
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -43,11 +44,13 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     KernelError
         ``KVPOOL_KERNELS`` holds an unknown value, or Triton is forced on CPU tensors without
         ``TRITON_INTERPRET=1``.
+    MissingDependencyError
+        Triton is chosen but not installed (``pip install "kvpool[gpu]"``).
     """
     choice = os.environ.get("KVPOOL_KERNELS", "").strip().lower()
     on_cuda = all(t.is_cuda for t in tensors)
     if choice in ("", "auto"):
-        return on_cuda
+        return on_cuda and _require_triton()
     if choice == "torch":
         return False
     if choice == "triton":
@@ -55,8 +58,17 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             raise KernelError(
                 "KVPOOL_KERNELS=triton with CPU tensors needs Triton's interpreter: set "
                 "TRITON_INTERPRET=1 before triton is imported, or move the tensors to a CUDA device")
-        return True
+        return _require_triton()
     raise KernelError(f"KVPOOL_KERNELS={choice!r} is not a backend: use 'triton', 'torch' or leave it unset")
+
+
+@functools.cache  # a success is remembered: one dict lookup per kernel call after the first
+def _require_triton() -> bool:
+    """True, or MissingDependencyError naming the ``gpu`` extra when triton is not installed."""
+    from .._optional_deps import require  # noqa: PLC0415
+
+    require("triton", "kvpool's Triton kernels (CUDA tensors, or KVPOOL_KERNELS=triton)", extra="gpu")
+    return True
 
 
 def scale_launch_args(k_cache, v_cache, k_scale, v_scale):
