@@ -107,7 +107,9 @@ def test_unknown_preset_lists_close_names():
 @pytest.mark.parametrize("field", ["num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size",
                                    "intermediate_size"])
 def test_missing_field_is_named(field):
+    # an architecture transformers has no defaults for (known ones fill them: test_plan_config_defaults.py)
     cfg = json.loads((PRESET_DIR / "llama-2-7b.json").read_text())
+    cfg["model_type"] = "my_custom_llama"
     del cfg[field]
     with pytest.raises(ConfigError, match=field):
         load_model_spec(cfg)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import ConfigError
+from .config_defaults import with_arch_defaults
 
 PRESET_DIR = Path(__file__).with_name("presets")
 
@@ -192,9 +193,12 @@ def _sliding_windows(cfg: Mapping, num_layers: int) -> tuple:
         return tuple(out)
     if window is None:
         return (None,) * num_layers
-    if model_type in ("gemma2", "gemma3_text", "cohere2"):
-        # Gemma-2 alternates local and global attention: even layers slide (HF Gemma2 `not layer_idx % 2`).
-        return tuple(window if i % 2 == 0 else None for i in range(num_layers))
+    pattern = cfg.get("sliding_window_pattern")
+    if pattern is not None:
+        # Gemma-2 / Gemma-3 / Cohere2: every `pattern`-th layer is global, the others slide (transformers
+        # builds `layer_types` as "sliding" if (i + 1) % pattern else "full"; Gemma-2's pattern is 2).
+        pattern = _get(cfg, "sliding_window_pattern", kind=int)
+        return tuple(window if (i + 1) % pattern else None for i in range(num_layers))
     if "use_sliding_window" in cfg:
         # Qwen2: the window applies only when enabled, to layers from `max_window_layers` on.
         if not cfg.get("use_sliding_window"):
@@ -203,6 +207,15 @@ def _sliding_windows(cfg: Mapping, num_layers: int) -> tuple:
         return tuple(window if i >= first else None for i in range(num_layers))
     # Mistral-7B v0.1 style: every layer uses the window.
     return (window,) * num_layers
+
+
+def _rope_fields(cfg: Mapping) -> Mapping:
+    """Where ``rope_theta`` lives: the config itself, or transformers 5's ``rope_parameters`` (per layer type
+    for Gemma-3, whose global layers' theta is the one that matters for long contexts)."""
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, Mapping) and isinstance(rope.get("full_attention"), Mapping):
+        rope = rope["full_attention"]
+    return rope if isinstance(rope, Mapping) and rope.get("rope_theta") is not None else cfg
 
 
 def _quantization(cfg: Mapping) -> dict:
@@ -257,6 +270,7 @@ def spec_from_config(cfg: Mapping, name: str | None = None) -> ModelSpec:
         inner = dict(cfg["text_config"])
         inner.setdefault("torch_dtype", cfg.get("torch_dtype"))
         cfg = inner
+    cfg = with_arch_defaults(cfg)
     name = name or str(cfg.get("_name_or_path") or cfg.get("model_type") or "model")
     model_type = str(cfg.get("model_type", ""))
     num_layers = _get(cfg, "num_hidden_layers", "n_layer", "num_layers", kind=int)
@@ -271,7 +285,7 @@ def spec_from_config(cfg: Mapping, name: str | None = None) -> ModelSpec:
     intermediate = _get(cfg, "intermediate_size", "n_inner", "ffn_dim", kind=int)
     max_pos = _get(cfg, "max_position_embeddings", "n_positions", "max_seq_len", default=4096, kind=int)
     eps = _get(cfg, "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-6, kind=float)
-    theta = _get(cfg, "rope_theta", default=10000.0, kind=float)
+    theta = _get(_rope_fields(cfg), "rope_theta", default=10000.0, kind=float)
     tie = _get(cfg, "tie_word_embeddings", default=False, kind=bool)
 
     kv_lora = _nonneg_int(cfg, "kv_lora_rank")

@@ -1,0 +1,123 @@
+"""Fields a config.json leaves out take its architecture's transformers default (issue 9 item 18)."""
+import json
+
+import pytest
+
+from kvpool.plan import load_model_spec
+from kvpool.plan.config_defaults import ARCH_DEFAULTS
+from kvpool.plan.model import PRESET_DIR, spec_from_config
+
+transformers = pytest.importorskip("transformers")
+CONFIG_MAPPING = transformers.CONFIG_MAPPING
+
+# the architecture of every preset, plus the Gemma generations the issue names
+PRESET_TYPES = sorted({json.loads(p.read_text())["model_type"] for p in PRESET_DIR.glob("*.json")})
+
+
+def _preset(name: str) -> dict:
+    return json.loads((PRESET_DIR / f"{name}.json").read_text())
+
+
+def test_every_preset_family_has_a_defaults_table():
+    assert set(PRESET_TYPES) | {"gemma", "gemma2", "gemma3_text"} <= set(ARCH_DEFAULTS)
+
+
+def test_gemma2_9b_preset_is_the_real_file_and_ties_its_embeddings():
+    # google/gemma-2-9b's config.json has no tie_word_embeddings; Gemma2Config defaults it to True
+    assert "tie_word_embeddings" not in _preset("gemma-2-9b")
+    spec = load_model_spec("gemma-2-9b")
+    assert spec.tie_word_embeddings
+    assert spec.num_parameters == 9_241_705_984  # transformers' Gemma2ForCausalLM count (not 10.16B untied)
+
+
+def _class_default(model_type: str, field: str):
+    """The default transformers' config class gives ``field`` (or the model code's equivalent)."""
+    # Qwen2/Qwen3 null the window unless it is enabled: read the default the flag turns on
+    enable = {"use_sliding_window": True} if field == "sliding_window" and model_type.startswith("qwen") else {}
+    config = CONFIG_MAPPING[model_type](**enable)
+    if field == "rope_theta":
+        rope = config.rope_parameters
+        return rope.get("full_attention", rope)["rope_theta"]
+    if field == "sliding_window_pattern":  # the period of "full_attention" in the derived layer_types
+        return config.layer_types.index("full_attention") + 1
+    if field == "topk_method":  # DeepSeek-V3's router always carries the noaux_tc correction bias
+        from transformers.models.deepseek_v3 import modeling_deepseek_v3 as m
+
+        router = m.DeepseekV3TopkRouter(config)
+        return "noaux_tc" if hasattr(router, "e_score_correction_bias") else None
+    return getattr(config, field)
+
+
+@pytest.mark.parametrize("model_type,field", [(t, f) for t, fields in ARCH_DEFAULTS.items() for f in fields])
+def test_table_equals_transformers_config_class(model_type, field):
+    assert ARCH_DEFAULTS[model_type][field] == _class_default(model_type, field)
+
+
+def _comparable(spec) -> dict:
+    d = spec.to_dict()
+    for key in ("name", "checkpoint"):
+        d.pop(key)
+    return d
+
+
+# shapes off the defaults, so derived fields (head_dim = hidden / heads, kv heads = heads) are exercised
+SHAPES = [{}, {"hidden_size": 2048, "num_attention_heads": 128, "num_hidden_layers": 12, "intermediate_size": 2816}]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["defaults", "small"])
+@pytest.mark.parametrize("model_type", sorted(ARCH_DEFAULTS))
+def test_a_bare_config_reads_as_transformers_fills_it(model_type, shape):
+    """{"model_type": t, ...} parsed by kvpool == the dict transformers' config class builds from it."""
+    filled = CONFIG_MAPPING[model_type](**shape).to_dict()
+    assert _comparable(spec_from_config({"model_type": model_type, **shape})) == _comparable(spec_from_config(filled))
+
+
+def _hf_count(cfg: dict) -> int:
+    torch = pytest.importorskip("torch")
+    config = transformers.AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    seen = {id(p): p.numel() for p in model.parameters()}  # tied weights appear once
+    buffers = sum(b.numel() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+    return sum(seen.values()) + buffers
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-8b", "mistral-7b", "mixtral-8x7b", "qwen2.5-7b", "gemma-2-9b",
+                                  "deepseek-v3"])
+def test_preset_stripped_of_defaulted_fields_counts_as_transformers(name):
+    """Every field the table covers removed from the preset: kvpool and transformers fill the same."""
+    cfg = _preset(name)
+    cfg.pop("quantization_config", None)
+    keep = {"model_type": cfg["model_type"], "num_hidden_layers": 2}
+    stripped = {k: v for k, v in cfg.items() if k not in ARCH_DEFAULTS[cfg["model_type"]]}
+    stripped.update(keep)
+    if name == "deepseek-v3":  # a small expert count and no MTP layer keep the meta model small
+        stripped.update(num_hidden_layers=4, n_routed_experts=16, n_group=4, topk_group=2, num_nextn_predict_layers=0)
+    assert load_model_spec(stripped).num_parameters == _hf_count(stripped)
+
+
+def test_missing_structural_field_takes_the_architecture_default():
+    cfg = _preset("llama-2-7b")
+    del cfg["hidden_size"], cfg["intermediate_size"]
+    spec = load_model_spec(cfg)
+    assert (spec.hidden_size, spec.intermediate_size) == (4096, 11008)  # LlamaConfig's defaults
+
+
+def test_rope_parameters_of_transformers_5_are_read():
+    cfg = _preset("llama-3.1-8b")
+    del cfg["rope_theta"]
+    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0}
+    assert load_model_spec(cfg).rope_theta == 500000.0
+
+
+def test_gemma3_slides_five_layers_of_six():
+    spec = spec_from_config({"model_type": "gemma3_text", "num_hidden_layers": 12, "sliding_window": 1024})
+    assert spec.layer_sliding_windows == (1024,) * 5 + (None,) + (1024,) * 5 + (None,)
+
+
+def test_explicit_null_in_the_file_wins_over_the_default():
+    cfg = _preset("mistral-7b-v0.3")
+    assert cfg["sliding_window"] is None  # MistralConfig's default is 4096; the file says none
+    assert load_model_spec(cfg).sliding_layers == 0
+    del cfg["sliding_window"]
+    assert load_model_spec(cfg).sliding_layers == cfg["num_hidden_layers"]
