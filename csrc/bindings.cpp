@@ -1,15 +1,19 @@
 // pybind11 bindings of the C++ core as the private module kvpool._C (the only file that sees Python).
 //
-// Arrays cross without copies: a C-contiguous int32 / uint64 numpy array is read in place (other
-// inputs are converted once by kvpool.allocator._as_array), and outputs are numpy arrays
-// allocated here and filled by the core directly. The GIL is released while the core works; the
-// allocator's own mutex keeps concurrent calls safe. C++ exceptions become kvpool.errors classes.
+// Inputs are validated once (kvpool._arrays.as_exact_array converts anything that is not a
+// C-contiguous int32 / uint64 array already) and COPIED into memory the call owns before the GIL is
+// released: another Python thread may mutate or resize the caller's array while the core works, and
+// the core must never read it again after validation. Outputs are numpy arrays allocated here and
+// filled by the core directly. The allocator's own mutex keeps concurrent calls safe. C++
+// exceptions become kvpool.errors classes.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <tuple>
+#include <vector>
 
 #include "block_allocator.h"
 #include "block_hash.h"
@@ -20,35 +24,68 @@ using kvpool::BlockAllocator;
 
 namespace {
 
-// `obj` as a 1-D C-contiguous array of T. The common case, such an array already, is borrowed as
-// is (no copy, no Python call). Anything else (a list, another dtype, a strided view) goes once
-// through kvpool.allocator._as_array, which refuses values that would not survive the cast
-// (3.5 as an id, 2**32 wrapping to 0, a negative hash) with a kvpool.errors exception.
+// `obj` as a 1-D C-contiguous array of T. The common case, such an array already (and not a
+// masked array), is borrowed as is. Anything else (a list, another dtype, a strided view) goes once
+// through kvpool._arrays.as_exact_array, which converts every integer exactly and refuses values
+// that would not survive the cast (3.5 or True as an id, 2**32 wrapping to 0, a negative hash) with
+// a kvpool.errors exception.
+bool is_plain_ndarray(py::handle obj) {
+  // Exactly numpy.ndarray: subclasses such as masked arrays carry meaning the core would drop.
+  static PyTypeObject* ndarray =
+      reinterpret_cast<PyTypeObject*>(py::object(py::module_::import("numpy").attr("ndarray")).release().ptr());
+  return Py_TYPE(obj.ptr()) == ndarray;
+}
+
 template <typename T>
 py::array_t<T> as_array(py::handle obj, const char* fn, const char* what, const char* range_error) {
-  if (py::isinstance<py::array_t<T, py::array::c_style>>(obj) && py::reinterpret_borrow<py::array>(obj).ndim() == 1) {
+  if (is_plain_ndarray(obj) && py::isinstance<py::array_t<T, py::array::c_style>>(obj) &&
+      py::reinterpret_borrow<py::array>(obj).ndim() == 1) {
     return py::reinterpret_borrow<py::array_t<T>>(obj);
   }
   py::object errors = py::module_::import("kvpool.errors");
-  py::object converted = py::module_::import("kvpool.allocator")
-                             .attr("_as_array")(obj, py::dtype::of<T>(), fn, what, errors.attr(range_error));
+  py::object converted = py::module_::import("kvpool._arrays")
+                             .attr("as_exact_array")(obj, py::dtype::of<T>(), fn, what, errors.attr(range_error));
   if (!py::isinstance<py::array_t<T, py::array::c_style>>(converted)) {
     throw kvpool::InvalidArgument(std::string(fn) + ": could not convert " + what + " to a C-contiguous array");
   }
   return py::reinterpret_borrow<py::array_t<T>>(converted);
 }
 
-py::array_t<int32_t> as_ids(py::handle obj, const char* fn) {
-  return as_array<int32_t>(obj, fn, "ids", "BlockIndexError");
+// `obj` validated as above, then copied into a vector the call owns (read once, never again).
+template <typename T>
+std::vector<T> owned(py::handle obj, const char* fn, const char* what, const char* range_error) {
+  py::array_t<T> array = as_array<T>(obj, fn, what, range_error);
+  const T* data = array.data();
+  return std::vector<T>(data, data + array.shape(0));
 }
 
-py::array_t<uint64_t> as_hashes(py::handle obj, const char* fn) {
-  return as_array<uint64_t>(obj, fn, "hashes", "InvalidArgumentError");
+std::vector<int32_t> owned_ids(py::handle obj, const char* fn) { return owned<int32_t>(obj, fn, "ids", "BlockIndexError"); }
+
+std::vector<uint64_t> owned_hashes(py::handle obj, const char* fn) {
+  return owned<uint64_t>(obj, fn, "hashes", "InvalidArgumentError");
+}
+
+std::vector<int32_t> owned_tokens(py::handle obj, const char* fn) {
+  return owned<int32_t>(obj, fn, "token_ids", "InvalidArgumentError");
+}
+
+// A Python int in [0, 2**64) (a hash, a chain value, a context key).
+uint64_t as_uint64(py::handle obj, const char* fn, const char* what) {
+  if (PyIndex_Check(obj.ptr()) && !PyBool_Check(obj.ptr())) {
+    py::object value = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
+    if (value) {
+      const unsigned long long v = PyLong_AsUnsignedLongLong(value.ptr());
+      if (!PyErr_Occurred()) return v;
+    }
+    PyErr_Clear();
+  }
+  throw kvpool::InvalidArgument(std::string(fn) + ": " + what + "=" + std::string(py::repr(obj)) +
+                                " must be an integer in [0, 2**64)");
 }
 
 // A Python integer (or anything with __index__) as int64; floats, strings, None are refused.
 int64_t as_int64(py::handle obj, const char* fn, const char* what) {
-  if (PyIndex_Check(obj.ptr())) {
+  if (PyIndex_Check(obj.ptr()) && !PyBool_Check(obj.ptr())) {
     py::object value = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
     if (value) {
       int overflow = 0;
@@ -93,11 +130,13 @@ py::dict stats_dict(const kvpool::AllocatorStats& s, const BlockAllocator& a) {
   d["prefix_hit_blocks"] = s.prefix_hit_blocks;
   d["cached_blocks_added"] = s.cached_blocks_added;
   d["evictions"] = s.evictions;
+  d["hash_collisions"] = s.hash_collisions;
   d["high_water_mark"] = s.high_water_mark;
   d["num_blocks"] = a.num_blocks();
   d["free_blocks"] = s.free_blocks;
   d["used_blocks"] = a.num_blocks() - s.free_blocks;
   d["cached_blocks"] = s.cached_blocks;
+  d["prefix_entry_bytes"] = a.entry_bytes();
   return d;
 }
 
@@ -133,7 +172,9 @@ InvalidArgumentError
 
 constexpr const char* kIncrefDoc = R"doc(Add one reference per id (``[k] int32``) to share blocks (fork, beam search).
 
-Every id must be held (refcount > 0): free cached blocks are taken with match_prefix().)doc";
+Every id must be held (refcount > 0): free cached blocks are taken with match_prefix(). A block
+may hold at most 2**31 - 1 references: one more is refused (InvalidArgumentError) and nothing
+changes.)doc";
 
 constexpr const char* kRefcountsDoc = R"doc(Reference counts: ``ids`` ``[k] int32`` -> ``[k] int32``.)doc";
 
@@ -161,15 +202,80 @@ Returns
 -------
 ids : np.ndarray
     ``[h] int32``, ``h <= k``: the blocks cached under ``hashes[:h]``; the walk stops at the first
-    hash not cached. Cached free blocks are revived (taken off the free list in O(1)).)doc";
+    hash not cached. Cached free blocks are revived (taken off the free list in O(1)).
+
+Notes
+-----
+Hash-only: a hit is trusted without looking at the tokens, so a hash collision (crafted, or one
+in 2**64 by chance) would hand out another prompt's block. For callers who verify the content
+themselves; kvpool's own tables use allocate_with_prefix(), which compares every hit's tokens.
+
+Raises
+------
+InvalidArgumentError
+    A hit block already holds 2**31 - 1 references; nothing changed.)doc";
 
 constexpr const char* kStatsDoc = R"doc(Counters since construction, as a dict of ints.
 
 ``allocations`` (blocks handed out by allocate), ``frees`` (blocks that reached refcount 0),
-``increfs``, ``prefix_queries`` (match_prefix calls), ``prefix_query_blocks`` (hashes asked),
-``prefix_hit_blocks``, ``cached_blocks_added``, ``evictions`` (cached free blocks reallocated),
-``high_water_mark`` (most blocks in use at once), and the snapshot ``num_blocks``,
-``free_blocks``, ``used_blocks``, ``cached_blocks``.)doc";
+``increfs``, ``prefix_queries`` (match_prefix / allocate_with_prefix calls), ``prefix_query_blocks``
+(hashes asked), ``prefix_hit_blocks``, ``cached_blocks_added``, ``evictions`` (cached free blocks
+reallocated), ``hash_collisions`` (verified lookups whose hash matched a block holding other tokens:
+counted and treated as misses), ``high_water_mark`` (most blocks in use at once), and the snapshot
+``num_blocks``, ``free_blocks``, ``used_blocks``, ``cached_blocks``, ``prefix_entry_bytes`` (host
+memory reserved for verified entries: ``num_blocks * (4 * block_size + 24)`` with prefix caching,
+touched only as blocks are cached).)doc";
+
+constexpr const char* kAllocateWithPrefixDoc = R"doc(Verified prefix hit, then fresh blocks: all or nothing.
+
+Parameters
+----------
+n : int
+    Blocks the sequence needs in all (hits included).
+hashes : array_like
+    ``[k] uint64`` chained hashes of the prompt's leading full blocks (``k`` may exceed ``n``; only
+    the first ``n`` are looked up), computed with this allocator's ``hash_key``.
+token_ids : array_like
+    ``[k * block_size] int32`` the tokens of those blocks: every hit is compared with them.
+context : int
+    The sequence's salt key, ``extra_key(extra)`` (0 for none).
+
+Returns
+-------
+ids : np.ndarray
+    ``[n] int32``: the ``h`` cached blocks first (one reference taken on each), then ``n - h`` new ones.
+h : int
+    Leading blocks found in the cache: their tokens, salt and whole prefix equal the query's.
+chain : int
+    Pass as ``parent`` to cache_blocks_verified() for the block after the hits.
+
+Raises
+------
+OutOfBlocksError
+    The ``n - h`` new blocks do not fit; nothing changed (statistics and eviction order included).)doc";
+
+constexpr const char* kCacheBlocksVerifiedDoc = R"doc(Offer consecutive full blocks of one sequence for verified reuse.
+
+Parameters
+----------
+ids : array_like
+    ``[k] int32`` held blocks, consecutive in one sequence.
+hashes : array_like
+    ``[k] uint64`` their chained hashes.
+token_ids : array_like
+    ``[k * block_size] int32`` their tokens (stored: a later hit is compared with them).
+context : int
+    The sequence's salt key, ``extra_key(extra)`` (0 for none).
+parent : int
+    The chain value of the block before ``ids[0]``: 0 for a sequence's first block, else what
+    allocate_with_prefix() or the previous cache_blocks_verified() call returned.
+
+Returns
+-------
+chain : int
+    The chain value after the last block, for the next call. A block whose hash is cached with
+    other content is a counted collision: it and the blocks after it stay uncached (the returned
+    value then makes later calls cache nothing).)doc";
 
 }  // namespace
 
@@ -178,22 +284,24 @@ PYBIND11_MODULE(_C, m) {
   py::register_exception_translator(&translate_exception);
 
   m.attr("ROOT_HASH") = py::int_(kvpool::kRootHash);
+  m.attr("CHAIN_ROOT") = py::int_(kvpool::kChainRoot);
 
   m.def(
       "hash_extra",
-      [](int tag, py::bytes data) {
+      [](int tag, py::bytes data, uint64_t k0, uint64_t k1) {
         std::string_view view = data;  // the bytes stay alive in `data` while we read them
         if (tag < 1 || tag > 255) {
           throw kvpool::InvalidArgument("hash_extra(): tag=" + std::to_string(tag) + " must be in [1, 255]");
         }
         return kvpool::hash_extra(static_cast<uint8_t>(tag), reinterpret_cast<const uint8_t*>(view.data()),
-                                  view.size());
+                                  view.size(), kvpool::HashKey{k0, k1});
       },
-      py::arg("tag"), py::arg("data"));
+      py::arg("tag"), py::arg("data"), py::arg("k0") = 0, py::arg("k1") = 0);
 
   m.def(
       "hash_block_tokens",
-      [](py::handle tokens_obj, int64_t block_size, uint64_t parent_hash, uint64_t extra_key) {
+      [](py::handle tokens_obj, int64_t block_size, uint64_t parent_hash, uint64_t extra_key, uint64_t k0,
+         uint64_t k1) {
         py::array_t<int32_t> tokens =
             as_array<int32_t>(tokens_obj, "hash_block_tokens()", "token_ids", "InvalidArgumentError");
         const int64_t n = tokens.shape(0);
@@ -202,22 +310,31 @@ PYBIND11_MODULE(_C, m) {
                                         " must be >= 1; pass the allocator's block size (e.g. 16)");
         }
         py::array_t<uint64_t> out(static_cast<py::ssize_t>(n / block_size));
-        const int32_t* in = tokens.data();
-        uint64_t* dst = out.mutable_data();
-        {
-          py::gil_scoped_release release;
-          kvpool::hash_block_tokens(in, n, block_size, parent_hash, extra_key, dst);
-        }
+        // The GIL stays held: no other thread can change the tokens while they are read, and
+        // copying them first would cost a third of the hashing speed.
+        kvpool::hash_block_tokens(tokens.data(), n, block_size, parent_hash, extra_key, kvpool::HashKey{k0, k1},
+                                  out.mutable_data());
         return out;
       },
-      py::arg("token_ids"), py::arg("block_size"), py::arg("parent_hash"), py::arg("extra_key"));
+      py::arg("token_ids"), py::arg("block_size"), py::arg("parent_hash"), py::arg("extra_key"), py::arg("k0") = 0,
+      py::arg("k1") = 0);
 
   py::class_<BlockAllocator>(m, "BlockAllocator")
-      .def(py::init<int64_t, int64_t, bool>(), py::arg("num_blocks"), py::arg("block_size") = 16,
-           py::arg("enable_prefix_caching") = true, py::call_guard<py::gil_scoped_release>())
+      .def(py::init([](int64_t num_blocks, int64_t block_size, bool enable_prefix_caching, uint64_t k0, uint64_t k1) {
+             py::gil_scoped_release release;
+             return new BlockAllocator(num_blocks, block_size, enable_prefix_caching, kvpool::HashKey{k0, k1});
+           }),
+           py::arg("num_blocks"), py::arg("block_size"), py::arg("enable_prefix_caching"), py::arg("k0"), py::arg("k1"))
       .def_property_readonly("num_blocks", &BlockAllocator::num_blocks)
       .def_property_readonly("block_size", &BlockAllocator::block_size)
       .def_property_readonly("enable_prefix_caching", &BlockAllocator::prefix_caching)
+      .def_property_readonly(
+          "hash_key",
+          [](const BlockAllocator& a) {
+            const kvpool::HashKey key = a.hash_key();
+            return (py::int_(key.k1).attr("__lshift__")(64)).attr("__or__")(py::int_(key.k0));
+          },
+          "The 128-bit prefix-cache hash key, an int (identical on every TP rank).")
       .def_property_readonly("num_free_blocks", &BlockAllocator::num_free_blocks,
                              "Blocks allocate() can hand out now: refcount 0, evictable cached blocks included.")
       .def_property_readonly("num_cached_blocks", &BlockAllocator::num_cached_blocks,
@@ -241,34 +358,28 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "free",
           [](BlockAllocator& a, py::handle ids_obj) {
-            py::array_t<int32_t> ids = as_ids(ids_obj, "free()");
-            const int64_t k = ids.shape(0);
-            const int32_t* src = ids.data();
+            std::vector<int32_t> ids = owned_ids(ids_obj, "free()");
             py::gil_scoped_release release;
-            a.free(src, k);
+            a.free(ids.data(), static_cast<int64_t>(ids.size()));
           },
           py::arg("ids"), kFreeDoc)
       .def(
           "incref",
           [](BlockAllocator& a, py::handle ids_obj) {
-            py::array_t<int32_t> ids = as_ids(ids_obj, "incref()");
-            const int64_t k = ids.shape(0);
-            const int32_t* src = ids.data();
+            std::vector<int32_t> ids = owned_ids(ids_obj, "incref()");
             py::gil_scoped_release release;
-            a.incref(src, k);
+            a.incref(ids.data(), static_cast<int64_t>(ids.size()));
           },
           py::arg("ids"), kIncrefDoc)
       .def(
           "refcounts",
           [](const BlockAllocator& a, py::handle ids_obj) {
-            py::array_t<int32_t> ids = as_ids(ids_obj, "refcounts()");
-            const int64_t k = ids.shape(0);
-            py::array_t<int32_t> out(static_cast<py::ssize_t>(k));
-            const int32_t* src = ids.data();
+            std::vector<int32_t> ids = owned_ids(ids_obj, "refcounts()");
+            py::array_t<int32_t> out(static_cast<py::ssize_t>(ids.size()));
             int32_t* dst = out.mutable_data();
             {
               py::gil_scoped_release release;
-              a.refcounts(src, k, dst);
+              a.refcounts(ids.data(), static_cast<int64_t>(ids.size()), dst);
             }
             return out;
           },
@@ -276,33 +387,68 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "cache_blocks",
           [](BlockAllocator& a, py::handle ids_obj, py::handle hashes_obj) {
-            py::array_t<int32_t> ids = as_ids(ids_obj, "cache_blocks()");
-            py::array_t<uint64_t> hashes = as_hashes(hashes_obj, "cache_blocks()");
-            const int64_t k = ids.shape(0), h = hashes.shape(0);
-            const int32_t* src = ids.data();
-            const uint64_t* keys = hashes.data();
+            std::vector<int32_t> ids = owned_ids(ids_obj, "cache_blocks()");
+            std::vector<uint64_t> hashes = owned_hashes(hashes_obj, "cache_blocks()");
             py::gil_scoped_release release;
-            a.cache_blocks(src, k, keys, h);
+            a.cache_blocks(ids.data(), static_cast<int64_t>(ids.size()), hashes.data(),
+                           static_cast<int64_t>(hashes.size()));
           },
           py::arg("ids"), py::arg("hashes"), kCacheBlocksDoc)
       .def(
           "match_prefix",
           [](BlockAllocator& a, py::handle hashes_obj) {
-            py::array_t<uint64_t> hashes = as_hashes(hashes_obj, "match_prefix()");
-            const int64_t k = hashes.shape(0);
+            std::vector<uint64_t> hashes = owned_hashes(hashes_obj, "match_prefix()");
+            const int64_t k = static_cast<int64_t>(hashes.size());
             py::array_t<int32_t> out(static_cast<py::ssize_t>(k));
-            const uint64_t* keys = hashes.data();
             int32_t* dst = out.mutable_data();
             int64_t hits;
             {
               py::gil_scoped_release release;
-              hits = a.match_prefix(keys, k, dst);
+              hits = a.match_prefix(hashes.data(), k, dst);
             }
             // Shrink in place to the hits: we hold the only reference to `out`.
             if (hits < k) out.resize({static_cast<py::ssize_t>(hits)}, /*refcheck=*/false);
             return out;
           },
           py::arg("hashes"), kMatchPrefixDoc)
+      .def(
+          "allocate_with_prefix",
+          [](BlockAllocator& a, py::handle n_obj, py::handle hashes_obj, py::handle tokens_obj, py::handle context_obj) {
+            const char* fn = "allocate_with_prefix()";
+            const int64_t n = as_int64(n_obj, fn, "n");
+            std::vector<uint64_t> hashes = owned_hashes(hashes_obj, fn);
+            std::vector<int32_t> tokens = owned_tokens(tokens_obj, fn);
+            const uint64_t context = as_uint64(context_obj, fn, "context");
+            const bool plausible = n >= 0 && n <= a.num_blocks();
+            py::array_t<int32_t> out(static_cast<py::ssize_t>(plausible ? n : 0));
+            int32_t* dst = out.mutable_data();
+            int64_t hits;
+            uint64_t chain;
+            {
+              py::gil_scoped_release release;
+              hits = a.allocate_with_prefix(n, hashes.data(), static_cast<int64_t>(hashes.size()), tokens.data(),
+                                            static_cast<int64_t>(tokens.size()), context, dst, &chain);
+            }
+            return std::make_tuple(out, hits, chain);
+          },
+          py::arg("n"), py::arg("hashes"), py::arg("token_ids"), py::arg("context") = 0, kAllocateWithPrefixDoc)
+      .def(
+          "cache_blocks_verified",
+          [](BlockAllocator& a, py::handle ids_obj, py::handle hashes_obj, py::handle tokens_obj,
+             py::handle context_obj, py::handle parent_obj) {
+            const char* fn = "cache_blocks_verified()";
+            std::vector<int32_t> ids = owned_ids(ids_obj, fn);
+            std::vector<uint64_t> hashes = owned_hashes(hashes_obj, fn);
+            std::vector<int32_t> tokens = owned_tokens(tokens_obj, fn);
+            const uint64_t context = as_uint64(context_obj, fn, "context");
+            const uint64_t parent = as_uint64(parent_obj, fn, "parent");
+            py::gil_scoped_release release;
+            return a.cache_blocks_verified(ids.data(), static_cast<int64_t>(ids.size()), hashes.data(),
+                                           static_cast<int64_t>(hashes.size()), tokens.data(),
+                                           static_cast<int64_t>(tokens.size()), context, parent);
+          },
+          py::arg("ids"), py::arg("hashes"), py::arg("token_ids"), py::arg("context") = 0,
+          py::arg("parent") = 0, kCacheBlocksVerifiedDoc)
       .def("stats", [](const BlockAllocator& a) { return stats_dict(a.stats(), a); }, kStatsDoc)
       .def("check_invariants", &BlockAllocator::check_invariants, py::call_guard<py::gil_scoped_release>(),
            "Verify every internal invariant in O(num_blocks); raises AssertionError naming a broken one.");

@@ -25,26 +25,52 @@ int32_t checked_num_blocks(int64_t num_blocks) {
 int32_t checked_block_size(int64_t block_size) {
   if (block_size < 1 || block_size > std::numeric_limits<int32_t>::max()) {
     throw InvalidArgument("BlockAllocator: block_size=" + to_string(block_size) +
-                          " must be >= 1 tokens per block (typical: 16)");
+                          " must be in [1, 2147483647] tokens per block (typical: 16)");
   }
   return static_cast<int32_t>(block_size);
+}
+
+// Slot ids (block * block_size + offset) are int32 in slot_mapping and in every kernel.
+int32_t checked_geometry(int64_t num_blocks, int64_t block_size) {
+  const int32_t blocks = checked_num_blocks(num_blocks);
+  const int32_t size = checked_block_size(block_size);
+  if (int64_t{blocks} * size > (int64_t{1} << 31)) {
+    throw InvalidArgument("BlockAllocator: num_blocks * block_size = " + to_string(int64_t{blocks} * size) +
+                          " tokens exceeds 2147483648, the most slot ids an int32 slot_mapping can address; "
+                          "use fewer blocks (one pool per TP shard rarely needs 2**31 tokens) or a smaller "
+                          "block_size");
+  }
+  return blocks;
 }
 
 void check_count(const char* fn, int64_t k) {
   if (k < 0) throw InvalidArgument(std::string(fn) + ": count " + to_string(k) + " must be >= 0");
 }
 
+void check_token_count(const char* fn, int64_t num_tokens, int64_t num_blocks, int32_t block_size) {
+  if (num_tokens != num_blocks * block_size) {
+    throw InvalidArgument(std::string(fn) + ": got " + to_string(num_tokens) + " token ids for " +
+                          to_string(num_blocks) + " blocks of " + to_string(block_size) +
+                          "; pass the tokens of exactly those full blocks (num_blocks * block_size)");
+  }
+}
+
+// A block's refcount never passes this (int32); a reference that would is refused.
+constexpr int64_t kMaxRefcount = std::numeric_limits<int32_t>::max();
+
 }  // namespace
 
-BlockAllocator::BlockAllocator(int64_t num_blocks, int64_t block_size, bool enable_prefix_caching)
-    : num_blocks_(checked_num_blocks(num_blocks)),
+BlockAllocator::BlockAllocator(int64_t num_blocks, int64_t block_size, bool enable_prefix_caching, HashKey hash_key)
+    : num_blocks_(checked_geometry(num_blocks, block_size)),
       block_size_(checked_block_size(block_size)),
       prefix_caching_(enable_prefix_caching),
+      hash_key_(hash_key),
       refcount_(make_zeroed_array<int32_t>(num_blocks_)),
       prev_(make_zeroed_array<int32_t>(num_blocks_)),
       next_(make_zeroed_array<int32_t>(num_blocks_)),
       hash_(make_zeroed_array<uint64_t>(num_blocks_)),
       has_hash_(make_zeroed_array<uint8_t>(num_blocks_)),
+      entries_(num_blocks_, block_size_, enable_prefix_caching),
       seen_(make_zeroed_array<uint32_t>(num_blocks_)),
       count_(make_zeroed_array<int64_t>(num_blocks_)),
       index_(enable_prefix_caching ? num_blocks_ : 0) {
@@ -70,6 +96,8 @@ int64_t BlockAllocator::num_cached_blocks() const {
   std::lock_guard<std::mutex> lock(mu_);
   return num_cached_;
 }
+
+int64_t BlockAllocator::entry_bytes() const { return entries_.bytes(); }
 
 AllocatorStats BlockAllocator::stats() const {
   std::lock_guard<std::mutex> lock(mu_);
@@ -99,12 +127,43 @@ void BlockAllocator::push_tail(int32_t b) {
 void BlockAllocator::forget_hash(int32_t b) {
   index_.erase(hash_[b]);
   has_hash_[b] = 0;
+  entries_.forget(b);
   --num_cached_;
+}
+
+void BlockAllocator::cache_one(int32_t b, uint64_t hash) {
+  index_.insert(hash, b);
+  hash_[b] = hash;
+  has_hash_[b] = 1;
+  ++num_cached_;
+  ++stats_.cached_blocks_added;
 }
 
 void BlockAllocator::note_used() {
   const int64_t used = num_blocks_ - num_free_;
   if (used > stats_.high_water_mark) stats_.high_water_mark = used;
+}
+
+void BlockAllocator::pop_free(int64_t n, int32_t* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int32_t b = head_;
+    unlink(b);
+    if (has_hash_[b]) {  // a cached free block: handing it out evicts its cached content
+      forget_hash(b);
+      ++stats_.evictions;
+    }
+    refcount_[b] = 1;
+    out[j] = b;
+  }
+  stats_.allocations += n;
+}
+
+void BlockAllocator::take_hits(const int32_t* ids, int64_t h) {
+  for (int64_t j = 0; j < h; ++j) {
+    const int32_t b = ids[j];
+    if (refcount_[b] == 0) unlink(b);  // revive a cached free block in O(1)
+    ++refcount_[b];
+  }
 }
 
 // ---- validation ----------------------------------------------------------------------------
@@ -127,6 +186,61 @@ uint32_t BlockAllocator::next_epoch() {
   return epoch_;
 }
 
+void BlockAllocator::check_new_references(const char* fn, const int32_t* ids, int64_t k) {
+  // ids may repeat a block: count the references each block would gain in this call.
+  const uint32_t epoch = next_epoch();
+  for (int64_t j = 0; j < k; ++j) {
+    const int32_t b = ids[j];
+    if (seen_[b] != epoch) {
+      seen_[b] = epoch;
+      count_[b] = 0;
+    }
+    if (refcount_[b] + ++count_[b] > kMaxRefcount) {
+      throw InvalidArgument(std::string(fn) + ": block " + to_string(b) + " (position " + to_string(j) +
+                            ") already has " + to_string(refcount_[b]) +
+                            " references; one more than 2147483647 would overflow its int32 refcount; "
+                            "free references you no longer need (a leak of incref/match_prefix?)");
+    }
+  }
+}
+
+void BlockAllocator::check_cacheable(const char* fn, const int32_t* ids, int64_t k, const uint64_t* hashes,
+                                     int64_t num_hashes) {
+  check_count(fn, k);
+  if (num_hashes != k) {
+    throw InvalidArgument(std::string(fn) + ": got " + to_string(k) + " block ids but " + to_string(num_hashes) +
+                          " hashes; pass one hash per block (hash_block_tokens() gives one per full block)");
+  }
+  check_ids(fn, ids, k);
+  const uint32_t epoch = next_epoch();
+  for (int64_t j = 0; j < k; ++j) {
+    const int32_t b = ids[j];
+    if (refcount_[b] == 0) {
+      throw InvalidArgument(std::string(fn) + ": block " + to_string(b) + " (position " + to_string(j) +
+                            ") is free (refcount 0); cache blocks while the sequence still holds them");
+    }
+    // A block's content identity cannot change while it is cached, within this call or across calls.
+    uint64_t earlier = 0;
+    bool has_earlier = false;
+    if (has_hash_[b]) {
+      earlier = hash_[b];
+      has_earlier = true;
+    } else if (seen_[b] == epoch) {
+      earlier = hashes[count_[b]];
+      has_earlier = true;
+    }
+    if (has_earlier && earlier != hashes[j]) {
+      throw InvalidArgument(std::string(fn) + ": block " + to_string(b) + " (position " + to_string(j) +
+                            ") is already cached under hash " + to_string(earlier) + ", not " +
+                            to_string(hashes[j]) + "; a block keeps one hash until it is evicted");
+    }
+    if (seen_[b] != epoch) {
+      seen_[b] = epoch;
+      count_[b] = j;  // where this block's hash sits in `hashes`
+    }
+  }
+}
+
 // ---- public operations ---------------------------------------------------------------------
 
 void BlockAllocator::allocate(int64_t n, int32_t* out) {
@@ -141,17 +255,7 @@ void BlockAllocator::allocate(int64_t n, int32_t* out) {
                           "larger pool",
                       n, num_free_);
   }
-  for (int64_t j = 0; j < n; ++j) {
-    const int32_t b = head_;
-    unlink(b);
-    if (has_hash_[b]) {  // a cached free block: handing it out evicts its cached content
-      forget_hash(b);
-      ++stats_.evictions;
-    }
-    refcount_[b] = 1;
-    out[j] = b;
-  }
-  stats_.allocations += n;
+  pop_free(n, out);
   note_used();
 }
 
@@ -201,6 +305,7 @@ void BlockAllocator::incref(const int32_t* ids, int64_t k) {
                             "blocks with match_prefix() or new ones with allocate()");
     }
   }
+  check_new_references("incref()", ids, k);
   for (int64_t j = 0; j < k; ++j) ++refcount_[ids[j]];
   stats_.increfs += k;
 }
@@ -214,71 +319,123 @@ void BlockAllocator::refcounts(const int32_t* ids, int64_t k, int32_t* out) cons
 
 void BlockAllocator::cache_blocks(const int32_t* ids, int64_t k, const uint64_t* hashes, int64_t num_hashes) {
   std::lock_guard<std::mutex> lock(mu_);
-  check_count("cache_blocks()", k);
-  if (num_hashes != k) {
-    throw InvalidArgument("cache_blocks(): got " + to_string(k) + " block ids but " + to_string(num_hashes) +
-                          " hashes; pass one hash per block (hash_block_tokens() gives one per full block)");
-  }
-  check_ids("cache_blocks()", ids, k);
-  const uint32_t epoch = next_epoch();
-  for (int64_t j = 0; j < k; ++j) {
-    const int32_t b = ids[j];
-    if (refcount_[b] == 0) {
-      throw InvalidArgument("cache_blocks(): block " + to_string(b) + " (position " + to_string(j) +
-                            ") is free (refcount 0); cache blocks while the sequence still holds them");
-    }
-    // A block's content identity cannot change while it is cached, within this call or across calls.
-    uint64_t earlier = 0;
-    bool has_earlier = false;
-    if (has_hash_[b]) {
-      earlier = hash_[b];
-      has_earlier = true;
-    } else if (seen_[b] == epoch) {
-      earlier = hashes[count_[b]];
-      has_earlier = true;
-    }
-    if (has_earlier && earlier != hashes[j]) {
-      throw InvalidArgument("cache_blocks(): block " + to_string(b) + " (position " + to_string(j) +
-                            ") is already cached under hash " + to_string(earlier) + ", not " +
-                            to_string(hashes[j]) + "; a block keeps one hash until it is evicted");
-    }
-    if (seen_[b] != epoch) {
-      seen_[b] = epoch;
-      count_[b] = j;  // where this block's hash sits in `hashes`
-    }
-  }
+  check_cacheable("cache_blocks()", ids, k, hashes, num_hashes);
   if (!prefix_caching_) return;  // validated, but nothing is cached with caching disabled
   for (int64_t j = 0; j < k; ++j) {
     const int32_t b = ids[j];
     if (has_hash_[b]) continue;  // same hash again: nothing to do
     // First writer wins: a hash already mapped to another block keeps that block, and this
     // block stays uncached (it is freed like any other block).
-    if (index_.insert(hashes[j], b)) {
-      hash_[b] = hashes[j];
-      has_hash_[b] = 1;
-      ++num_cached_;
-      ++stats_.cached_blocks_added;
-    }
+    if (index_.find(hashes[j]) < 0) cache_one(b, hashes[j]);
   }
 }
 
 int64_t BlockAllocator::match_prefix(const uint64_t* hashes, int64_t k, int32_t* out) {
   std::lock_guard<std::mutex> lock(mu_);
   check_count("match_prefix()", k);
+  int64_t hits = 0;
+  if (prefix_caching_) {
+    for (; hits < k; ++hits) {
+      const int32_t b = index_.find(hashes[hits]);
+      if (b < 0) break;
+      out[hits] = b;
+    }
+  }
+  check_new_references("match_prefix()", out, hits);  // before anything changes
+  take_hits(out, hits);
   ++stats_.prefix_queries;
   stats_.prefix_query_blocks += k;
-  if (!prefix_caching_) return 0;
-  int64_t hits = 0;
-  for (; hits < k; ++hits) {
-    const int32_t b = index_.find(hashes[hits]);
-    if (b < 0) break;
-    if (refcount_[b] == 0) unlink(b);  // revive a cached free block in O(1)
-    ++refcount_[b];
-    out[hits] = b;
-  }
   stats_.prefix_hit_blocks += hits;
   note_used();
   return hits;
+}
+
+// ---- verified prefix caching ----------------------------------------------------------------
+
+int64_t BlockAllocator::walk_verified(const uint64_t* hashes, int64_t k, const int32_t* tokens, uint64_t context,
+                                      int32_t* out, bool* collided) const {
+  uint64_t parent = kChainRoot;
+  int64_t i = 0;
+  for (; i < k; ++i) {
+    const int32_t b = index_.find(hashes[i]);
+    if (b < 0) break;
+    const int32_t* t = tokens + i * int64_t{block_size_};
+    if (!entries_.holds(b, t, context, parent)) {
+      // Other tokens (or salt) under our hash: a collision, counted. Same tokens after another
+      // incarnation of the prefix (evicted and cached again) is an ordinary miss.
+      *collided = entries_.verified(b) && !entries_.same_content(b, t, context);
+      break;
+    }
+    out[i] = b;
+    parent = entries_.stamp(b);
+  }
+  return i;
+}
+
+int64_t BlockAllocator::allocate_with_prefix(int64_t n, const uint64_t* hashes, int64_t k, const int32_t* tokens,
+                                             int64_t num_tokens, uint64_t context, int32_t* out, uint64_t* chain) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const char* fn = "allocate_with_prefix()";
+  if (n < 0) throw InvalidArgument(std::string(fn) + ": n=" + to_string(n) + " must be >= 0 (blocks wanted)");
+  check_count(fn, k);
+  check_token_count(fn, num_tokens, k, block_size_);
+  bool collided = false;
+  const int64_t h = prefix_caching_ ? walk_verified(hashes, k < n ? k : n, tokens, context, out, &collided) : 0;
+  check_new_references(fn, out, h);
+  int64_t revived = 0;
+  for (int64_t j = 0; j < h; ++j) revived += refcount_[out[j]] == 0;
+  const int64_t fresh = n - h, available = num_free_ - revived;
+  if (fresh > available) {
+    throw OutOfBlocks(std::string(fn) + ": " + to_string(h) + " of " + to_string(n) +
+                          " blocks are cached, the other " + to_string(fresh) + " need new blocks but only " +
+                          to_string(available) + " are free; free finished sequences (or preempt one) and "
+                          "retry, or build a larger pool",
+                      fresh, available);
+  }
+  take_hits(out, h);
+  pop_free(fresh, out + h);
+  ++stats_.prefix_queries;
+  stats_.prefix_query_blocks += k;
+  stats_.prefix_hit_blocks += h;
+  stats_.hash_collisions += collided;
+  note_used();
+  *chain = h ? entries_.stamp(out[h - 1]) : kChainRoot;
+  return h;
+}
+
+uint64_t BlockAllocator::cache_blocks_verified(const int32_t* ids, int64_t k, const uint64_t* hashes,
+                                               int64_t num_hashes, const int32_t* tokens, int64_t num_tokens,
+                                               uint64_t context, uint64_t parent) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const char* fn = "cache_blocks_verified()";
+  check_cacheable(fn, ids, k, hashes, num_hashes);
+  check_token_count(fn, num_tokens, k, block_size_);
+  if (!prefix_caching_) return kChainBroken;
+  uint64_t chain = parent;
+  for (int64_t j = 0; j < k && chain != kChainBroken; ++j) {
+    const int32_t b = ids[j];
+    const int32_t* t = tokens + j * int64_t{block_size_};
+    if (has_hash_[b]) {  // cached already: a verified hit of this sequence, or a fork twin's block
+      chain = entries_.holds(b, t, context, chain) ? entries_.stamp(b) : kChainBroken;
+      continue;
+    }
+    const int32_t q = index_.find(hashes[j]);
+    if (q >= 0 && entries_.holds(q, t, context, chain)) {  // the same prefix is cached in block q
+      chain = entries_.stamp(q);
+      continue;
+    }
+    if (q >= 0) {
+      stats_.hash_collisions += entries_.verified(q) && !entries_.same_content(q, t, context);
+      if (refcount_[q] != 0) {  // a held block keeps its hash: nothing after this block is cached
+        chain = kChainBroken;
+        continue;
+      }
+      forget_hash(q);  // a free block under our hash holds another prefix: ours replaces it
+    }
+    cache_one(b, hashes[j]);
+    chain = entries_.record(b, t, context, chain);
+  }
+  return chain;
 }
 
 void BlockAllocator::check_invariants() const {
@@ -302,6 +459,8 @@ void BlockAllocator::check_invariants() const {
     if (has_hash_[b]) {
       ++cached;
       if (index_.find(hash_[b]) != b) fail("block " + to_string(b) + "'s hash maps elsewhere");
+    } else if (prefix_caching_ && entries_.verified(b)) {
+      fail("block " + to_string(b) + " has a verified entry but no hash");
     }
   }
   if (zero != num_free_) fail(to_string(zero) + " blocks have refcount 0 but num_free_ is " + to_string(num_free_));

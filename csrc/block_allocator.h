@@ -5,9 +5,14 @@
 //   prev_[b], next_[b]    intrusive doubly linked free list, head = least recently freed
 //   hash_[b], has_hash_[b] the prefix-cache key of block b, if it has one
 //   index_                hash -> block (HashIndex: flat, sized once, never allocates)
+//   entry_[b], tokens_    a verified entry: what block b holds (prefix_entry.h)
 // Invariants (check_invariants() verifies all of them):
 //   a block is on the free list  <=>  refcount_ == 0;  num_free_ == length of the free list;
 //   has_hash_[b]  <=>  index_ maps hash_[b] to b;  num_cached_ == number of blocks with a hash.
+// The prefix cache is a tree of blocks whose hash is only an index into it: a verified cached block
+// records its exact tokens, the salt of its sequence and the stamp (unique, never reused) of the
+// cached block before it, so a hit by the *_verified calls requires the same tokens after the very
+// same cached prefix, whatever the hash. match_prefix() alone trusts hashes (for callers who verify).
 // One std::mutex guards every public call, so calls from several threads (the Python bindings
 // release the GIL) are serialised. Every call validates all of its input before changing
 // anything: a bad id leaves the allocator exactly as it was. The hot paths (allocate, free,
@@ -17,7 +22,9 @@
 #include <cstdint>
 #include <mutex>
 
+#include "block_hash.h"
 #include "hash_index.h"
+#include "prefix_entry.h"
 #include "zeroed_array.h"
 
 namespace kvpool {
@@ -31,6 +38,7 @@ struct AllocatorStats {
   int64_t prefix_hit_blocks = 0;    // blocks returned by match_prefix()
   int64_t cached_blocks_added = 0;  // hashes newly mapped by cache_blocks()
   int64_t evictions = 0;            // cached free blocks re-allocated (their hash forgotten)
+  int64_t hash_collisions = 0;      // verified lookups whose hash matched a block holding other tokens
   int64_t high_water_mark = 0;      // most blocks in use (refcount > 0) at any one time
   int64_t free_blocks = 0;          // snapshot at the time of stats()
   int64_t cached_blocks = 0;        // snapshot at the time of stats()
@@ -38,11 +46,16 @@ struct AllocatorStats {
 
 class BlockAllocator {
  public:
-  BlockAllocator(int64_t num_blocks, int64_t block_size, bool enable_prefix_caching);
+  // Refused: num_blocks outside [1, 2^31 - 2], block_size < 1, or num_blocks * block_size > 2^31
+  // (slot ids block * block_size + offset are int32 in every kernel).
+  BlockAllocator(int64_t num_blocks, int64_t block_size, bool enable_prefix_caching, HashKey hash_key);
 
   int32_t num_blocks() const { return num_blocks_; }
   int32_t block_size() const { return block_size_; }
   bool prefix_caching() const { return prefix_caching_; }
+  HashKey hash_key() const { return hash_key_; }
+  // Host bytes that hold verified entries (tokens, stamps, salts); 0 without prefix caching.
+  int64_t entry_bytes() const;
   int64_t num_free_blocks() const;
   int64_t num_cached_blocks() const;
   AllocatorStats stats() const;
@@ -51,21 +64,46 @@ class BlockAllocator {
   void allocate(int64_t n, int32_t* out);
   // Drops one reference per id; blocks reaching 0 join the free list tail in reverse order of ids.
   void free(const int32_t* ids, int64_t k);
-  // Adds one reference per id; every id must be held already.
+  // Adds one reference per id; every id must be held already and stay <= kMaxRefcount.
   void incref(const int32_t* ids, int64_t k);
   // out[j] = refcount of ids[j].
   void refcounts(const int32_t* ids, int64_t k, int32_t* out) const;
   // Maps hashes[j] -> ids[j] (held blocks). A hash already mapped keeps its first block.
   void cache_blocks(const int32_t* ids, int64_t k, const uint64_t* hashes, int64_t num_hashes);
   // Longest cached prefix of hashes: writes its block ids to out (capacity k), takes one reference
-  // on each (reviving cached free blocks) and returns how many.
+  // on each (reviving cached free blocks) and returns how many. Trusts the hashes: no verification.
   int64_t match_prefix(const uint64_t* hashes, int64_t k, int32_t* out);
+
+  // ---- verified prefix caching: one sequence's blocks as a chain (prefix_entry.h) -----------
+  // Caches ids[0, k), consecutive full blocks of one sequence, as verified entries: hashes[j], the
+  // block's tokens tokens[j * block_size, (j + 1) * block_size), the sequence's salt `context`, and
+  // `parent`, the chain value of the block before ids[0] (kChainRoot for a sequence's first block).
+  // A block whose hash is cached already with the same content is not cached twice (the chain goes
+  // on through the cached one); with other content it is a counted collision and caching stops.
+  // Returns the chain value after the last block, to pass as `parent` next time (kChainBroken when
+  // nothing further can be cached). Validation as cache_blocks().
+  uint64_t cache_blocks_verified(const int32_t* ids, int64_t k, const uint64_t* hashes, int64_t num_hashes,
+                                 const int32_t* tokens, int64_t num_tokens, uint64_t context, uint64_t parent);
+  // Verified prefix hit followed by allocation, all or nothing: the longest prefix of hashes[0, k)
+  // whose blocks hold exactly tokens[0, k * block_size) after the same cached prefix (and salt)
+  // gives h blocks (h <= min(k, n)), then n - h fresh blocks follow; out[0, n) gets them all.
+  // Returns h and writes the chain value after the hits to *chain. OutOfBlocks (nothing changed,
+  // statistics included) when the fresh blocks do not fit.
+  int64_t allocate_with_prefix(int64_t n, const uint64_t* hashes, int64_t k, const int32_t* tokens,
+                               int64_t num_tokens, uint64_t context, int32_t* out, uint64_t* chain);
 
   // Throws InvariantBroken naming the first broken invariant. O(num_blocks); for tests.
   void check_invariants() const;
 
  private:
   void check_ids(const char* fn, const int32_t* ids, int64_t k) const;
+  void check_cacheable(const char* fn, const int32_t* ids, int64_t k, const uint64_t* hashes, int64_t num_hashes);
+  void check_new_references(const char* fn, const int32_t* ids, int64_t k);
+  int64_t walk_verified(const uint64_t* hashes, int64_t k, const int32_t* tokens, uint64_t context, int32_t* out,
+                        bool* collided) const;
+  void take_hits(const int32_t* ids, int64_t h);
+  void pop_free(int64_t n, int32_t* out);
+  void cache_one(int32_t b, uint64_t hash);
   uint32_t next_epoch();
   void unlink(int32_t b);
   void push_tail(int32_t b);
@@ -75,12 +113,14 @@ class BlockAllocator {
   int32_t num_blocks_;
   int32_t block_size_;
   bool prefix_caching_;
+  HashKey hash_key_;
 
   ZeroedArray<int32_t> refcount_;
   ZeroedArray<int32_t> prev_;
   ZeroedArray<int32_t> next_;
   ZeroedArray<uint64_t> hash_;
   ZeroedArray<uint8_t> has_hash_;
+  PrefixEntries entries_;
   // Scratch for duplicate detection within one call: seen_[b] == epoch_ marks b as seen in
   // this call, and then count_[b] holds how often (free) or where (cache_blocks).
   ZeroedArray<uint32_t> seen_;

@@ -25,18 +25,18 @@ inline uint64_t absorb(uint64_t state, uint64_t word) { return rotl64(state ^ (w
 
 }  // namespace
 
-uint64_t hash_extra(uint8_t tag, const uint8_t* data, std::size_t len) {
-  uint64_t e = mix64(kHashK1 ^ tag);
+uint64_t hash_extra(uint8_t tag, const uint8_t* data, std::size_t len, HashKey key) {
+  uint64_t e = mix64(kHashK1 ^ tag ^ key.k0);
   for (std::size_t pos = 0; pos < len; pos += 8) {
     uint64_t word = 0;
     for (std::size_t b = 0; b < 8 && pos + b < len; ++b) word |= uint64_t{data[pos + b]} << (8 * b);
     e = absorb(e, word);
   }
-  return mix64(e ^ static_cast<uint64_t>(len));
+  return mix64(e ^ static_cast<uint64_t>(len) ^ key.k1);
 }
 
 void hash_block_tokens(const int32_t* tokens, int64_t n_tokens, int64_t block_size,
-                       uint64_t parent_hash, uint64_t extra_key, uint64_t* out) {
+                       uint64_t parent_hash, uint64_t extra_key, HashKey key, uint64_t* out) {
   if (block_size < 1) {
     throw InvalidArgument("hash_block_tokens(): block_size=" + std::to_string(block_size) +
                           " must be >= 1; pass the allocator's block size (e.g. 16)");
@@ -48,9 +48,9 @@ void hash_block_tokens(const int32_t* tokens, int64_t n_tokens, int64_t block_si
   uint64_t parent = parent_hash;
   for (int64_t b = 0; b < n_blocks; ++b) {
     const int32_t* block = tokens + b * block_size;
-    uint64_t d = kHashK3;
+    uint64_t d = kHashK3 ^ key.k0;
     for (int64_t t = 0; t < block_size; ++t) d = absorb(d, static_cast<uint32_t>(block[t]));
-    parent = mix64((parent * kHashK2) ^ d ^ extra_key);
+    parent = mix64((parent * kHashK2) ^ d ^ extra_key ^ key.k1);
     out[b] = parent;
   }
 }

@@ -1,14 +1,17 @@
 // Chained 64-bit hashes of full token blocks (prefix caching keys).
 //
-// Definition (src/kvpool/_reference.py implements the same function in Python; docs/allocator.md):
-//   digest(block)  = d, starting at K3, for each token t (its 32 bits, as uint64):
+// Definition (src/kvpool/_reference.py implements the same function in Python; docs/allocator.md),
+// under a 128-bit key (k0, k1) (k0 = its low 64 bits; key 0 is the public, unkeyed hash):
+//   digest(block)  = d, starting at K3 ^ k0, for each token t (its 32 bits, as uint64):
 //                    d = rotl64(d ^ (t * K2), 31) * K1
-//   hash(block i)  = mix64((hash(block i-1) * K2) ^ digest(block i) ^ extra_key)
+//   hash(block i)  = mix64((hash(block i-1) * K2) ^ digest(block i) ^ extra_key ^ k1)
 //   hash(block -1) = parent_hash, or kRootHash when none is given
 //   extra_key      = 0 without extra; else, with the payload bytes zero-padded to whole
-//                    little-endian 64-bit words w: e = mix64(K1 ^ tag), for each w:
-//                    e = rotl64(e ^ (w * K2), 31) * K1; extra_key = mix64(e ^ len(payload))
-// All arithmetic is modulo 2^64. mix64 is the splitmix64 finalizer.
+//                    little-endian 64-bit words w: e = mix64(K1 ^ tag ^ k0), for each w:
+//                    e = rotl64(e ^ (w * K2), 31) * K1; extra_key = mix64(e ^ len(payload) ^ k1)
+// All arithmetic is modulo 2^64. mix64 is the splitmix64 finalizer. The key is what keeps an
+// outsider from computing block hashes offline and crafting collisions that thrash the cache; the
+// prefix cache never trusts a hash alone (block_allocator.h verifies the tokens of every hit).
 #pragma once
 
 #include <cstddef>
@@ -22,9 +25,15 @@ constexpr uint64_t kHashK3 = 0x165667B19E3779F9ull;
 // Parent of the first block when the caller gives none ("kvpool" in ASCII).
 constexpr uint64_t kRootHash = 0x00006B76706F6F6Cull;
 
+// The 128-bit hash key as two words; {0, 0} is the public unkeyed hash.
+struct HashKey {
+  uint64_t k0 = 0;
+  uint64_t k1 = 0;
+};
+
 // Digest of the bytes of `extra` (a LoRA id, a salt, ...) under a type tag (the Python side uses
 // 1 = bytes, 2 = str as UTF-8, 3 = int as minimal signed little-endian bytes).
-uint64_t hash_extra(uint8_t tag, const uint8_t* data, std::size_t len);
+uint64_t hash_extra(uint8_t tag, const uint8_t* data, std::size_t len, HashKey key);
 
 // Number of full blocks in n_tokens tokens.
 inline int64_t num_full_blocks(int64_t n_tokens, int64_t block_size) { return n_tokens / block_size; }
@@ -32,6 +41,6 @@ inline int64_t num_full_blocks(int64_t n_tokens, int64_t block_size) { return n_
 // Writes one chained hash per full block of tokens[0, n_tokens) to out[0, n_tokens / block_size).
 // Throws InvalidArgument when block_size < 1 or n_tokens < 0.
 void hash_block_tokens(const int32_t* tokens, int64_t n_tokens, int64_t block_size,
-                       uint64_t parent_hash, uint64_t extra_key, uint64_t* out);
+                       uint64_t parent_hash, uint64_t extra_key, HashKey key, uint64_t* out);
 
 }  // namespace kvpool

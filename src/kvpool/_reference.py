@@ -3,16 +3,19 @@
 It is the oracle of the allocator tests and the baseline of ``benchmarks/bench_allocator.py``,
 and other parts may use it in their tests. It has the same API and the same behaviour as
 :mod:`kvpool.allocator`: the same ids in the same order, the same error classes raised before any
-state changes, and the same hash values (``docs/allocator.md`` defines the hash).
+state changes, and the same hash values (``docs/allocator.md`` defines the hash). Input
+conversion is shared with the C++ bindings (:mod:`kvpool._arrays`), so both accept and refuse
+exactly the same values.
 """
 from collections import Counter, OrderedDict
-from operator import index
+from itertools import count
 
 import numpy as np
 
+from ._arrays import as_bool, as_exact_array, as_hash_key, as_int, check_geometry, encode_extra, split_key
 from .errors import BlockIndexError, InvalidArgumentError, OutOfBlocksError
 
-__all__ = ["ReferenceBlockAllocator", "hash_block_tokens", "encode_extra", "ROOT_HASH"]
+__all__ = ["ReferenceBlockAllocator", "hash_block_tokens", "encode_extra", "ROOT_HASH", "CHAIN_ROOT"]
 
 # ---- block hash ---------------------------------------------------------------------------
 
@@ -21,6 +24,9 @@ K1 = 0x9E3779B97F4A7C15
 K2 = 0xC2B2AE3D27D4EB4F
 K3 = 0x165667B19E3779F9
 ROOT_HASH = 0x00006B76706F6F6C  # parent of the first block when none is given ("kvpool" in ASCII)
+CHAIN_ROOT = 0  # chain value before a sequence's first block
+CHAIN_BROKEN = MASK  # chain value after a block that could not be cached
+MAX_REFCOUNT = (1 << 31) - 1
 
 
 def _rotl(x, r):
@@ -40,49 +46,38 @@ def _absorb(state, word):
     return (_rotl(state ^ ((word * K2) & MASK), 31) * K1) & MASK
 
 
-def encode_extra(extra):
-    """``extra`` as ``(tag, payload bytes)``: bytes-like 1, str 2 (UTF-8), int 3 (minimal signed little-endian)."""
-    if isinstance(extra, (bytes, bytearray, memoryview)):
-        return 1, bytes(extra)
-    if isinstance(extra, str):
-        return 2, extra.encode("utf-8")
-    if isinstance(extra, (int, np.integer)):
-        value = int(extra)
-        return 3, value.to_bytes(value.bit_length() // 8 + 1, "little", signed=True)
-    raise InvalidArgumentError(
-        f"hash_block_tokens(): extra={extra!r} of type {type(extra).__name__} is not supported; "
-        "pass bytes, str or int (e.g. a LoRA id or a cache salt), or None")
-
-
-def hash_extra(tag, data):
-    """64-bit digest of ``data`` under a type tag; 0 stands for "no extra"."""
-    e = _mix64(K1 ^ tag)
+def hash_extra(tag, data, key=0):
+    """64-bit digest of ``data`` under a type tag and a 128-bit key; 0 stands for "no extra"."""
+    k0, k1 = split_key(key)
+    e = _mix64(K1 ^ tag ^ k0)
     for pos in range(0, len(data), 8):
         e = _absorb(e, int.from_bytes(data[pos:pos + 8], "little"))  # a short last word is zero-padded
-    return _mix64(e ^ len(data))
+    return _mix64(e ^ len(data) ^ k1)
 
 
-def hash_block_tokens(token_ids, block_size, parent_hash=None, extra=None):
+def extra_key(extra, key=0):
+    """The keyed digest of a salt (0 for None): what the verified calls take as ``context``."""
+    return 0 if extra is None else hash_extra(*encode_extra(extra), key)
+
+
+def hash_block_tokens(token_ids, block_size, parent_hash=None, extra=None, key=None):
     """One chained 64-bit hash per full block of ``token_ids``: ``[len(token_ids) // block_size] uint64``."""
-    array = np.asarray(token_ids)
-    if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
-        raise InvalidArgumentError(f"hash_block_tokens(): token_ids must be 1-D integers, got "
-                                   f"shape {array.shape} dtype {array.dtype}")
-    tokens = array.tolist()
-    if not all(-(1 << 31) <= t < (1 << 31) for t in tokens):
-        raise InvalidArgumentError("hash_block_tokens(): token ids must fit in int32")
-    if index(block_size) < 1:
+    tokens = as_exact_array(token_ids, np.int32, "hash_block_tokens()", "token_ids").tolist()
+    block_size = as_int(block_size, "block_size")
+    if block_size < 1:
         raise InvalidArgumentError(f"hash_block_tokens(): block_size={block_size} must be >= 1")
-    parent = ROOT_HASH if parent_hash is None else index(parent_hash)
+    key = 0 if key is None else as_hash_key(key)
+    k0, k1 = split_key(key)
+    parent = ROOT_HASH if parent_hash is None else as_int(parent_hash, "parent_hash")
     if not 0 <= parent <= MASK:
         raise InvalidArgumentError(f"hash_block_tokens(): parent_hash={parent} must be in [0, 2**64)")
-    extra_key = 0 if extra is None else hash_extra(*encode_extra(extra))
+    salt = extra_key(extra, key)
     hashes = []
     for start in range(0, len(tokens) - block_size + 1, block_size):
-        digest = K3
+        digest = K3 ^ k0
         for t in tokens[start:start + block_size]:
             digest = _absorb(digest, t & 0xFFFFFFFF)
-        parent = _mix64(((parent * K2) & MASK) ^ digest ^ extra_key)
+        parent = _mix64(((parent * K2) & MASK) ^ digest ^ salt ^ k1)
         hashes.append(parent)
     return np.array(hashes, dtype=np.uint64)
 
@@ -90,32 +85,22 @@ def hash_block_tokens(token_ids, block_size, parent_hash=None, extra=None):
 # ---- allocator ----------------------------------------------------------------------------
 
 
-def _int(value, what):
-    try:
-        return index(value)
-    except TypeError:
-        raise InvalidArgumentError(f"{what}={value!r} must be an integer") from None
-
-
 class ReferenceBlockAllocator:
     """The allocator as plain Python containers (see :class:`kvpool.allocator.BlockAllocator`)."""
 
-    def __init__(self, num_blocks, block_size=16, enable_prefix_caching=True):
-        num_blocks, block_size = _int(num_blocks, "num_blocks"), _int(block_size, "block_size")
-        if not 1 <= num_blocks <= 2**31 - 2:
-            raise InvalidArgumentError(f"BlockAllocator: num_blocks={num_blocks} must be in [1, 2147483646]")
-        if block_size < 1:
-            raise InvalidArgumentError(f"BlockAllocator: block_size={block_size} must be >= 1")
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self.enable_prefix_caching = bool(enable_prefix_caching)
-        self._refcount = [0] * num_blocks
-        self._free = OrderedDict.fromkeys(range(num_blocks))  # LRU order: first = next handed out
+    def __init__(self, num_blocks, block_size=16, enable_prefix_caching=True, hash_key=None):
+        self.num_blocks, self.block_size = check_geometry(num_blocks, block_size)
+        self.enable_prefix_caching = as_bool(enable_prefix_caching, "enable_prefix_caching")
+        self.hash_key = as_hash_key(hash_key)
+        self._refcount = [0] * self.num_blocks
+        self._free = OrderedDict.fromkeys(range(self.num_blocks))  # LRU order: first = next handed out
         self._hash_of = {}  # block -> hash
         self._block_of = {}  # hash -> block
+        self._entry = {}  # block -> (stamp, parent stamp, context, tokens): verified entries
+        self._stamps = count(1)
         self._stats = dict.fromkeys(
             ["allocations", "frees", "increfs", "prefix_queries", "prefix_query_blocks",
-             "prefix_hit_blocks", "cached_blocks_added", "evictions", "high_water_mark"], 0)
+             "prefix_hit_blocks", "cached_blocks_added", "evictions", "hash_collisions", "high_water_mark"], 0)
 
     @property
     def num_free_blocks(self):
@@ -125,46 +110,112 @@ class ReferenceBlockAllocator:
     def num_cached_blocks(self):
         return len(self._hash_of)
 
-    def _ids(self, ids, fn):
-        ids = np.asarray(ids)
-        if ids.ndim != 1:
-            raise InvalidArgumentError(f"{fn}: ids must be 1-D, got shape {ids.shape}")
-        if ids.size and ids.dtype.kind not in "iu":
-            raise InvalidArgumentError(f"{fn}: ids must be integers, got dtype {ids.dtype}")
-        ids = [_int(i, f"{fn}: id") for i in ids.tolist()]
+    def extra_key(self, extra=None):
+        return extra_key(extra, self.hash_key)
+
+    def hash_tokens(self, token_ids, extra=None):
+        return hash_block_tokens(token_ids, self.block_size, extra=extra, key=self.hash_key)
+
+    # ---- input --------------------------------------------------------------------------
+
+    def _ids(self, ids, fn, hashes=None):
+        """Converted ids (and hashes), checked in the C++ order: convert both, count, then range."""
+        ids = as_exact_array(ids, np.int32, fn, "ids", BlockIndexError).tolist()
+        if hashes is not None:
+            hashes = self._hashes(hashes, fn)
+            if len(hashes) != len(ids):
+                raise InvalidArgumentError(f"{fn}: {len(ids)} ids but {len(hashes)} hashes")
+        self._check_range(ids, fn)
+        return ids if hashes is None else (ids, hashes)
+
+    def _check_range(self, ids, fn):
         for j, b in enumerate(ids):
             if not 0 <= b < self.num_blocks:
                 raise BlockIndexError(f"{fn}: block id {b} (position {j}) is out of range [0, {self.num_blocks})")
-        return ids
+
+    @staticmethod
+    def _hashes(hashes, fn):
+        return as_exact_array(hashes, np.uint64, fn, "hashes").tolist()
+
+    def _blocks(self, tokens, k, fn):
+        """``[k * block_size]`` token ids as k tuples, one per block."""
+        if len(tokens) != k * self.block_size:
+            raise InvalidArgumentError(f"{fn}: got {len(tokens)} token ids for {k} blocks of {self.block_size}")
+        return [tuple(tokens[j * self.block_size:(j + 1) * self.block_size]) for j in range(k)]
+
+    @staticmethod
+    def _u64(value, fn, what):
+        if isinstance(value, (bool, np.bool_)):
+            raise InvalidArgumentError(f"{fn}: {what}={value!r} must be an integer in [0, 2**64)")
+        value = as_int(value, f"{fn}: {what}")
+        if not 0 <= value <= MASK:
+            raise InvalidArgumentError(f"{fn}: {what}={value} must be an integer in [0, 2**64)")
+        return value
+
+    def _check_new_references(self, fn, ids):
+        for b, extra in Counter(ids).items():
+            if self._refcount[b] + extra > MAX_REFCOUNT:
+                raise InvalidArgumentError(f"{fn}: block {b} would hold more than 2147483647 references")
+
+    def _check_cacheable(self, fn, ids, hashes):
+        wanted = {}  # block -> the hash this call gives it
+        for b, h in zip(ids, hashes):
+            if self._refcount[b] == 0:
+                raise InvalidArgumentError(f"{fn}: block {b} is free")
+            if self._hash_of.get(b, wanted.get(b, h)) != h:
+                raise InvalidArgumentError(f"{fn}: block {b} already has another hash")
+            wanted.setdefault(b, h)
+
+    # ---- state changes --------------------------------------------------------------------
 
     def _note_used(self):
         used = self.num_blocks - len(self._free)
         self._stats["high_water_mark"] = max(self._stats["high_water_mark"], used)
 
+    def _forget(self, b):
+        del self._block_of[self._hash_of.pop(b)]
+        self._entry.pop(b, None)
+
+    def _cache(self, b, h):
+        self._hash_of[b] = h
+        self._block_of[h] = b
+        self._stats["cached_blocks_added"] += 1
+
+    def _pop_free(self, n):
+        out = []
+        for _ in range(n):
+            b, _ = self._free.popitem(last=False)
+            if b in self._hash_of:  # evict: the block's cached content is about to be overwritten
+                self._forget(b)
+                self._stats["evictions"] += 1
+            self._refcount[b] = 1
+            out.append(b)
+        self._stats["allocations"] += n
+        return out
+
+    def _take(self, hits):
+        for b in hits:
+            self._free.pop(b, None)  # a cached free block comes back to life
+            self._refcount[b] += 1
+
+    # ---- public operations ------------------------------------------------------------------
+
     def allocate(self, n):
-        n = _int(n, "n")
+        n = as_int(n, "n")
         if n < 0:
             raise InvalidArgumentError(f"allocate(): n={n} must be >= 0")
         if n > len(self._free):
             raise OutOfBlocksError(f"allocate(): requested {n} blocks but only {len(self._free)} are free",
                                    requested=n, available=len(self._free))
-        out = []
-        for _ in range(n):
-            b, _ = self._free.popitem(last=False)
-            if b in self._hash_of:  # evict: the block's cached content is about to be overwritten
-                del self._block_of[self._hash_of.pop(b)]
-                self._stats["evictions"] += 1
-            self._refcount[b] = 1
-            out.append(b)
-        self._stats["allocations"] += n
+        out = self._pop_free(n)
         self._note_used()
         return np.array(out, dtype=np.int32)
 
     def free(self, ids):
         ids = self._ids(ids, "free()")
-        for b, count in Counter(ids).items():
-            if count > self._refcount[b]:
-                raise InvalidArgumentError(f"free(): block {b} freed {count} times, refcount {self._refcount[b]}")
+        for b, times in Counter(ids).items():
+            if times > self._refcount[b]:
+                raise InvalidArgumentError(f"free(): block {b} freed {times} times, refcount {self._refcount[b]}")
         for b in reversed(ids):
             self._refcount[b] -= 1
             if self._refcount[b] == 0:
@@ -176,6 +227,7 @@ class ReferenceBlockAllocator:
         for b in ids:
             if self._refcount[b] == 0:
                 raise InvalidArgumentError(f"incref(): block {b} is free")
+        self._check_new_references("incref()", ids)
         for b in ids:
             self._refcount[b] += 1
         self._stats["increfs"] += len(ids)
@@ -184,48 +236,117 @@ class ReferenceBlockAllocator:
         return np.array([self._refcount[b] for b in self._ids(ids, "refcounts()")], dtype=np.int32)
 
     def cache_blocks(self, ids, hashes):
-        hashes = [int(h) for h in np.asarray(hashes, dtype=np.uint64).reshape(-1).tolist()]
-        if len(hashes) != len(np.asarray(ids).reshape(-1)):
-            raise InvalidArgumentError(f"cache_blocks(): {len(ids)} ids but {len(hashes)} hashes")
-        ids = self._ids(ids, "cache_blocks()")
-        wanted = {}  # block -> the hash this call gives it
-        for b, h in zip(ids, hashes):
-            if self._refcount[b] == 0:
-                raise InvalidArgumentError(f"cache_blocks(): block {b} is free")
-            if self._hash_of.get(b, wanted.get(b, h)) != h:
-                raise InvalidArgumentError(f"cache_blocks(): block {b} already has another hash")
-            wanted.setdefault(b, h)
+        ids, hashes = self._ids(ids, "cache_blocks()", hashes)
+        self._check_cacheable("cache_blocks()", ids, hashes)
         if not self.enable_prefix_caching:
             return
         for b, h in zip(ids, hashes):
             if b not in self._hash_of and h not in self._block_of:  # first writer wins
-                self._hash_of[b] = h
-                self._block_of[h] = b
-                self._stats["cached_blocks_added"] += 1
+                self._cache(b, h)
 
     def match_prefix(self, hashes):
-        hashes = [int(h) for h in np.asarray(hashes, dtype=np.uint64).reshape(-1).tolist()]
-        self._stats["prefix_queries"] += 1
-        self._stats["prefix_query_blocks"] += len(hashes)
+        hashes = self._hashes(hashes, "match_prefix()")
         hit = []
         for h in hashes if self.enable_prefix_caching else []:
             b = self._block_of.get(h)
             if b is None:
                 break
-            self._free.pop(b, None)  # a cached free block comes back to life
-            self._refcount[b] += 1
             hit.append(b)
+        self._check_new_references("match_prefix()", hit)
+        self._take(hit)
+        self._stats["prefix_queries"] += 1
+        self._stats["prefix_query_blocks"] += len(hashes)
         self._stats["prefix_hit_blocks"] += len(hit)
         self._note_used()
         return np.array(hit, dtype=np.int32)
 
+    # ---- verified prefix caching: every hit's tokens, salt and prefix compared ------------------
+
+    def _holds(self, b, tokens, context, parent):
+        entry = self._entry.get(b)
+        return entry is not None and entry[1:] == (parent, context, tokens)
+
+    def _other_content(self, b, tokens, context):
+        entry = self._entry.get(b)
+        return entry is not None and entry[2:] != (context, tokens)
+
+    def allocate_with_prefix(self, n, hashes, token_ids, context=0):
+        fn = "allocate_with_prefix()"
+        n = as_int(n, "n")
+        hashes = self._hashes(hashes, fn)
+        tokens = as_exact_array(token_ids, np.int32, fn, "token_ids").tolist()
+        context = self._u64(context, fn, "context")
+        if n < 0:
+            raise InvalidArgumentError(f"{fn}: n={n} must be >= 0")
+        blocks = self._blocks(tokens, len(hashes), fn)
+        hit, parent, collided = [], CHAIN_ROOT, False
+        for h, tokens in list(zip(hashes, blocks))[:n] if self.enable_prefix_caching else []:
+            b = self._block_of.get(h)
+            if b is None:
+                break
+            if not self._holds(b, tokens, context, parent):
+                collided = self._other_content(b, tokens, context)
+                break
+            hit.append(b)
+            parent = self._entry[b][0]
+        self._check_new_references(fn, hit)
+        available = len(self._free) - sum(self._refcount[b] == 0 for b in hit)
+        if n - len(hit) > available:
+            raise OutOfBlocksError(f"{fn}: {n - len(hit)} new blocks needed but only {available} are free",
+                                   requested=n - len(hit), available=available)
+        self._take(hit)
+        fresh = self._pop_free(n - len(hit))
+        self._stats["prefix_queries"] += 1
+        self._stats["prefix_query_blocks"] += len(hashes)
+        self._stats["prefix_hit_blocks"] += len(hit)
+        self._stats["hash_collisions"] += collided
+        self._note_used()
+        return np.array(hit + fresh, dtype=np.int32), len(hit), parent
+
+    def cache_blocks_verified(self, ids, hashes, token_ids, context=0, parent=CHAIN_ROOT):
+        fn = "cache_blocks_verified()"
+        ids = as_exact_array(ids, np.int32, fn, "ids", BlockIndexError).tolist()
+        hashes = self._hashes(hashes, fn)
+        tokens = as_exact_array(token_ids, np.int32, fn, "token_ids").tolist()
+        context = self._u64(context, fn, "context")
+        chain = self._u64(parent, fn, "parent")
+        ids, hashes = self._ids(ids, fn, hashes)
+        self._check_cacheable(fn, ids, hashes)
+        blocks = self._blocks(tokens, len(ids), fn)
+        if not self.enable_prefix_caching:
+            return CHAIN_BROKEN
+        for b, h, tokens in zip(ids, hashes, blocks):
+            if chain == CHAIN_BROKEN:
+                break
+            if b in self._hash_of:  # cached already: a verified hit, or a fork twin's block
+                chain = self._entry[b][0] if self._holds(b, tokens, context, chain) else CHAIN_BROKEN
+                continue
+            q = self._block_of.get(h)
+            if q is not None and self._holds(q, tokens, context, chain):
+                chain = self._entry[q][0]
+                continue
+            if q is not None:
+                self._stats["hash_collisions"] += self._other_content(q, tokens, context)
+                if self._refcount[q]:
+                    chain = CHAIN_BROKEN
+                    continue
+                self._forget(q)
+            self._cache(b, h)
+            stamp = next(self._stamps)
+            self._entry[b] = (stamp, chain, context, tokens)
+            chain = stamp
+        return chain
+
     def stats(self):
         free = len(self._free)
+        entry_bytes = self.num_blocks * (4 * self.block_size + 24) if self.enable_prefix_caching else 0
         return {**self._stats, "num_blocks": self.num_blocks, "free_blocks": free,
-                "used_blocks": self.num_blocks - free, "cached_blocks": len(self._hash_of)}
+                "used_blocks": self.num_blocks - free, "cached_blocks": len(self._hash_of),
+                "prefix_entry_bytes": entry_bytes}
 
     def check_invariants(self):
         """Raises AssertionError when the containers disagree (for tests)."""
         assert all(rc >= 0 for rc in self._refcount)
         assert set(self._free) == {b for b, rc in enumerate(self._refcount) if rc == 0}
         assert {h: b for b, h in self._hash_of.items()} == self._block_of
+        assert set(self._entry) <= set(self._hash_of)

@@ -7,51 +7,19 @@ else is converted once by :func:`_as_array`; results are numpy arrays the C++ co
 The core releases the GIL and guards its state with a mutex, so one allocator may be shared by
 several threads. See ``docs/allocator.md`` for the design, the invariants and the eviction order.
 """
-from operator import index
-
 import numpy as np
 
 from . import _C
+from ._arrays import as_bool, as_hash_key, as_int, check_geometry, encode_extra, split_key
 from .errors import InvalidArgumentError
 
-__all__ = ["BlockAllocator", "hash_block_tokens", "ROOT_HASH"]
+__all__ = ["BlockAllocator", "hash_block_tokens", "ROOT_HASH", "CHAIN_ROOT"]
 
 ROOT_HASH: int = _C.ROOT_HASH
 """Parent hash of a sequence's first block when ``parent_hash`` is None."""
 
-
-
-def _as_int(value, what):
-    if type(value) is int:
-        return value
-    try:
-        return index(value)
-    except TypeError:
-        raise InvalidArgumentError(f"{what}={value!r} must be an integer, got {type(value).__name__}") from None
-
-
-def _as_array(values, dtype, fn, what, range_error=InvalidArgumentError):
-    """``values`` as a 1-D C-contiguous array of ``dtype``, converted once.
-
-    Called by the C++ bindings for any input that is not such an array already (lists, other
-    integer dtypes, strided views). Refuses values that would not survive the cast.
-    """
-    array = np.asarray(values)
-    if array.ndim != 1:
-        raise InvalidArgumentError(f"{fn}: {what} must be 1-D, got shape {array.shape}; flatten it first")
-    if array.size == 0:
-        return np.empty(0, dtype=dtype)
-    if array.dtype.kind not in "iu":
-        raise InvalidArgumentError(
-            f"{fn}: {what} must be integers, got dtype {array.dtype} (first value {array[0]!r}); "
-            f"pass a list of ints or a {dtype} array")
-    info = np.iinfo(dtype)
-    low, high = array.min(), array.max()
-    if low < info.min or high > info.max:
-        bad = low if low < info.min else high
-        raise range_error(f"{fn}: {what} value {bad} does not fit in {dtype}; "
-                          f"valid values are [{info.min}, {info.max}]")
-    return np.ascontiguousarray(array, dtype=dtype)
+CHAIN_ROOT: int = _C.CHAIN_ROOT
+"""``parent`` of a sequence's first block in ``cache_blocks_verified``."""
 
 
 class BlockAllocator(_C.BlockAllocator):
@@ -59,8 +27,10 @@ class BlockAllocator(_C.BlockAllocator):
 
     The methods are the C++ core's own (no Python frame on the hot path): ``allocate(n)``,
     ``free(ids)``, ``incref(ids)``, ``refcounts(ids)``, ``cache_blocks(ids, hashes)``,
-    ``match_prefix(hashes)``, ``stats()``, ``check_invariants()``; properties ``num_blocks``,
-    ``block_size``, ``enable_prefix_caching``, ``num_free_blocks``, ``num_cached_blocks``.
+    ``match_prefix(hashes)``, ``allocate_with_prefix(n, hashes, token_ids, context)``,
+    ``cache_blocks_verified(ids, hashes, token_ids, context, parent)``, ``stats()``,
+    ``check_invariants()``; properties ``num_blocks``, ``block_size``, ``enable_prefix_caching``,
+    ``hash_key``, ``num_free_blocks``, ``num_cached_blocks``.
     ``help(BlockAllocator.free)`` etc. show each one's docstring.
 
     Parameters
@@ -72,6 +42,12 @@ class BlockAllocator(_C.BlockAllocator):
     enable_prefix_caching : bool
         When False, ``cache_blocks`` validates its input but caches nothing and ``match_prefix``
         always returns an empty array.
+    hash_key : int or bytes, optional
+        The 128-bit key of the block hashes (an int in ``[0, 2**128)`` or 16 bytes). None draws a
+        random key, so nobody outside the server can compute block hashes and craft collisions.
+        Every TP rank must use the same key: pass ``PoolSize.hash_key`` from ``size_kv_pool`` (or
+        one key your server broadcasts). Hash prompts with ``hash_tokens`` (or
+        ``hash_block_tokens(..., key=allocator.hash_key)``).
 
     Notes
     -----
@@ -81,13 +57,31 @@ class BlockAllocator(_C.BlockAllocator):
     so a sequence freed front to back keeps its prefix cached longest. Handing out a cached free
     block evicts it (its hash is forgotten). ``num_cached_blocks`` counts blocks with a hash, held
     or free. Every error is raised before anything changes. Safe to share between threads.
+
+    Prefix integrity: ``match_prefix`` trusts hashes (for callers who verify). The verified pair
+    ``allocate_with_prefix`` / ``cache_blocks_verified`` stores each cached block's tokens and
+    compares them on every hit, after the very same cached prefix and salt: a hash collision is a
+    counted miss (``stats()["hash_collisions"]``), never another prompt's KV. ``BlockTables`` uses
+    only the verified pair. See docs/allocator.md, "Security model".
     """
 
     __slots__ = ()
 
-    def __init__(self, num_blocks, block_size=16, enable_prefix_caching=True):
-        super().__init__(_as_int(num_blocks, "num_blocks"), _as_int(block_size, "block_size"),
-                         bool(enable_prefix_caching))
+    def __init__(self, num_blocks, block_size=16, enable_prefix_caching=True, hash_key=None):
+        num_blocks, block_size = check_geometry(num_blocks, block_size)
+        k0, k1 = split_key(as_hash_key(hash_key))
+        super().__init__(num_blocks, block_size, as_bool(enable_prefix_caching, "enable_prefix_caching"), k0, k1)
+
+    def extra_key(self, extra=None) -> int:
+        """The keyed 64-bit digest of a salt (``context`` of the verified calls); 0 for None."""
+        return _extra_key(extra, self.hash_key)
+
+    def hash_tokens(self, token_ids, extra=None) -> np.ndarray:
+        """``[n // block_size] uint64`` chained hashes of a prompt under this allocator's key.
+
+        Same as ``hash_block_tokens(token_ids, self.block_size, extra=extra, key=self.hash_key)``.
+        """
+        return hash_block_tokens(token_ids, self.block_size, extra=extra, key=self.hash_key)
 
     def __repr__(self):
         return (f"BlockAllocator(num_blocks={self.num_blocks}, block_size={self.block_size}, "
@@ -95,7 +89,7 @@ class BlockAllocator(_C.BlockAllocator):
                 f"cached={self.num_cached_blocks})")
 
 
-def hash_block_tokens(token_ids, block_size, parent_hash=None, extra=None):
+def hash_block_tokens(token_ids, block_size, parent_hash=None, extra=None, key=None):
     """Chained 64-bit hashes of the full blocks of a token sequence (prefix-caching keys).
 
     Parameters
@@ -109,7 +103,10 @@ def hash_block_tokens(token_ids, block_size, parent_hash=None, extra=None):
     extra : bytes, str or int, optional
         Mixed into every block's hash (a LoRA id, a multimodal hash, a cache salt). str is hashed
         as UTF-8, int as its minimal signed little-endian bytes; each type has its own tag, so
-        ``1``, ``"1"`` and ``b"1"`` give different hashes.
+        ``1``, ``"1"`` and ``b"1"`` give different hashes. Use it as a per-tenant / per-LoRA cache
+        salt (vLLM's ``cache_salt``): prompts with different salts never share a block.
+    key : int or bytes, optional
+        The 128-bit hash key (``BlockAllocator.hash_key``); None is key 0, the public unkeyed hash.
 
     Returns
     -------
@@ -117,26 +114,20 @@ def hash_block_tokens(token_ids, block_size, parent_hash=None, extra=None):
         ``[n // block_size] uint64``: block ``i``'s hash covers its tokens, block ``i-1``'s hash
         (or ``parent_hash``) and ``extra``. A partial last block gets no hash.
     """
-    block_size = _as_int(block_size, "block_size")
+    block_size = as_int(block_size, "block_size")
+    key = 0 if key is None else as_hash_key(key)
     if parent_hash is None:
         parent_hash = ROOT_HASH
     else:
-        parent_hash = _as_int(parent_hash, "parent_hash")
+        parent_hash = as_int(parent_hash, "parent_hash")
         if not 0 <= parent_hash < 2**64:
             raise InvalidArgumentError(f"hash_block_tokens(): parent_hash={parent_hash} must be in [0, 2**64); "
                                        "pass a hash returned by hash_block_tokens()")
-    return _C.hash_block_tokens(token_ids, block_size, parent_hash, _extra_key(extra))
+    return _C.hash_block_tokens(token_ids, block_size, parent_hash, _extra_key(extra, key), *split_key(key))
 
 
-def _extra_key(extra):
+def _extra_key(extra, key):
     if extra is None:
         return 0
-    if isinstance(extra, (bytes, bytearray, memoryview)):
-        return _C.hash_extra(1, bytes(extra))
-    if isinstance(extra, str):
-        return _C.hash_extra(2, extra.encode("utf-8"))
-    if isinstance(extra, (int, np.integer)):
-        value = int(extra)
-        return _C.hash_extra(3, value.to_bytes(value.bit_length() // 8 + 1, "little", signed=True))
-    raise InvalidArgumentError(f"hash_block_tokens(): extra={extra!r} of type {type(extra).__name__} is not "
-                               "supported; pass bytes, str or int (e.g. a LoRA id or a cache salt), or None")
+    tag, payload = encode_extra(extra)
+    return _C.hash_extra(tag, payload, *split_key(key))

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ._device_check import checked_device
+from ._arrays import as_int, check_geometry
 from .errors import BlockIndexError, InvalidArgumentError, OutOfBlocksError
 
 # Value of block_table entries past a sequence's last block. 0 is always a valid block id, so a
@@ -90,10 +91,11 @@ class BatchTables:
 class _Seq:
     """One sequence: its blocks (a growable int32 array), token counts and prompt block hashes."""
 
-    __slots__ = ("blocks", "num_blocks", "num_tokens", "num_computed", "hashes", "num_cached", "shared_tail")
+    __slots__ = ("blocks", "num_blocks", "num_tokens", "num_computed", "hashes", "num_cached", "shared_tail",
+                 "prompt", "context", "chain")
 
     def __init__(self, blocks: np.ndarray, num_tokens: int, num_computed: int, hashes: np.ndarray,
-                 num_cached: int):
+                 num_cached: int, prompt: np.ndarray | None = None, context: int = 0, chain: int = 0):
         capacity = max(4, 1 << int(len(blocks)).bit_length())
         self.blocks = np.empty(capacity, dtype=np.int32)
         self.blocks[: len(blocks)] = blocks
@@ -103,6 +105,9 @@ class _Seq:
         self.hashes = hashes              # uint64 hash of each full prompt block
         self.num_cached = num_cached      # leading blocks already offered to the prefix cache
         self.shared_tail = False          # partial last block may be shared (set by fork)
+        self.prompt = prompt              # [n] int32 prompt tokens (compared on every prefix hit)
+        self.context = context            # keyed digest of the sequence's salt (`extra`)
+        self.chain = chain                # verified-cache chain value after the num_cached blocks
 
     @property
     def ids(self) -> np.ndarray:
@@ -118,7 +123,8 @@ class _Seq:
         self.num_blocks = need
 
     def clone(self) -> "_Seq":
-        return _Seq(self.ids.copy(), self.num_tokens, self.num_computed, self.hashes, self.num_cached)
+        return _Seq(self.ids.copy(), self.num_tokens, self.num_computed, self.hashes, self.num_cached,
+                    self.prompt, self.context, self.chain)
 
 
 def _cdiv(a, b):
@@ -148,6 +154,7 @@ class BlockTables:
             raise InvalidArgumentError(
                 f"block_size={block_size} differs from the allocator's block_size={allocator.block_size}; "
                 "pass the allocator's block size")
+        check_geometry(allocator.num_blocks, block_size, "BlockTables")  # slot ids must fit in int32
         if int(max_seqs) < 1:
             raise InvalidArgumentError(f"max_seqs={max_seqs} must be >= 1 (the largest batch you will build)")
         self.allocator = allocator
@@ -202,7 +209,8 @@ class BlockTables:
         prompt_tokens : array-like of int or int
             ``[prompt_len]`` token ids, or just a token count (no prefix caching then).
         extra : bytes, str or int, optional
-            Salt mixed into the block hashes (LoRA id, image hash, cache isolation); see
+            Salt mixed into the block hashes: the per-tenant / per-LoRA cache salt (vLLM's
+            ``cache_salt``). Sequences with different salts never share a block; see
             ``hash_block_tokens``.
 
         Returns
@@ -210,7 +218,9 @@ class BlockTables:
         int
             Prompt tokens found in the prefix cache (a multiple of `block_size`); their KV is already in
             the blocks, the server computes only the rest. Never the whole prompt: the last token is
-            always recomputed, since its logits are needed.
+            always recomputed, since its logits are needed. Every hit is verified: the cached blocks
+            hold exactly these tokens after exactly this prefix, under the same salt, whatever the
+            hashes say (a collision is a counted miss, ``allocator.stats()["hash_collisions"]``).
 
         Raises
         ------
@@ -237,31 +247,29 @@ class BlockTables:
             raise InvalidArgumentError(f"prompt of seq_id {seq_id!r} has {n} tokens; it needs at least 1")
         bs = self.block_size
         total = _cdiv(n, bs)
-        hashes = np.empty(0, dtype=np.uint64)
-        hit = np.empty(0, dtype=np.int32)
-        if self.enable_prefix_caching and tokens is not None and n >= bs:
-            hashes = np.asarray(self._hash(tokens, extra), dtype=np.uint64)
-            # Match only blocks entirely before the last token: it must be recomputed for its logits.
-            matchable = (n - 1) // bs
-            if matchable:
-                hit = np.asarray(self.allocator.match_prefix(hashes[:matchable]), dtype=np.int32)
-        try:
-            fresh = self._allocate(total - len(hit), f"add({seq_id!r}) of a {n}-token prompt")
-        except OutOfBlocksError:
-            if len(hit):
-                self.allocator.free(hit)  # give back the references match_prefix took
-            raise
-        blocks = np.concatenate([hit, fresh]) if len(hit) else fresh
-        hit_tokens = len(hit) * bs
-        self._seqs[seq_id] = _Seq(blocks, n, hit_tokens, hashes, len(hit))
-        return hit_tokens
+        if not (self.enable_prefix_caching and tokens is not None and n >= bs):
+            blocks = self._allocate(total, f"add({seq_id!r}) of a {n}-token prompt")
+            self._seqs[seq_id] = _Seq(blocks, n, 0, np.empty(0, dtype=np.uint64), 0)
+            return 0
+        context = self.allocator.extra_key(extra)
+        hashes = np.asarray(self._hash(tokens, extra), dtype=np.uint64)
+        # Match only blocks entirely before the last token: it must be recomputed for its logits.
+        matchable = (n - 1) // bs
+        try:  # one all-or-nothing call: every hit's tokens compared, then the fresh blocks
+            blocks, hits, chain = self.allocator.allocate_with_prefix(
+                total, hashes[:matchable], tokens[:matchable * bs], context)
+        except OutOfBlocksError as err:
+            raise OutOfBlocksError(
+                f"add({seq_id!r}) of a {n}-token prompt needs {err.requested} new blocks but {err.available} are "
+                "free; free or preempt sequences, or size the pool larger", requested=err.requested,
+                available=err.available) from err
+        self._seqs[seq_id] = _Seq(np.asarray(blocks, dtype=np.int32), n, hits * bs, hashes, hits, tokens, context,
+                                  chain)
+        return hits * bs
 
-    def _hash(self, tokens: np.ndarray, extra):
-        try:  # the C++ core's hashing; its pure-Python twin where the extension is not built
-            from .allocator import hash_block_tokens
-        except ImportError:
-            from ._reference import hash_block_tokens
-        return hash_block_tokens(tokens, self.block_size, extra=extra)
+    def _hash(self, tokens: np.ndarray, extra) -> np.ndarray:
+        """``[n // block_size] uint64`` block hashes under the allocator's key (tests inject weak ones here)."""
+        return self.allocator.hash_tokens(tokens, extra)
 
     def _allocate(self, n: int, what: str) -> np.ndarray:
         if n <= 0:
@@ -292,15 +300,16 @@ class BlockTables:
         seq = self._seqs.get(seq_id)
         if seq is None:
             self._get(seq_id)  # raises the unknown-id error
-        n_tokens = int(n_tokens)
+        n_tokens = as_int(n_tokens, f"append({seq_id!r}): n_tokens")
         if n_tokens < 1:
             raise InvalidArgumentError(f"append(n_tokens={n_tokens}) on seq_id {seq_id!r}: need n_tokens >= 1")
         bs = self.block_size
         old = seq.num_tokens
         offset = old % bs
         if n_tokens == 1 and offset and not seq.shared_tail:  # hot path: one token into a private block
-            seq.num_tokens = old + 1
-            return np.array([int(seq.blocks[seq.num_blocks - 1]) * bs + offset], dtype=np.int32)
+            slot = np.array([int(seq.blocks[seq.num_blocks - 1]) * bs + offset], dtype=np.int32)
+            seq.num_tokens = old + 1  # only once nothing can fail any more
+            return slot
         cow = False
         if offset and seq.shared_tail:
             last = int(seq.blocks[seq.num_blocks - 1])
@@ -382,7 +391,10 @@ class BlockTables:
                 continue  # every hashed prompt block already offered (the decode steady state)
             full = min(seq.num_computed // self.block_size, len(seq.hashes))
             if self.enable_prefix_caching and full > seq.num_cached:
-                self.allocator.cache_blocks(seq.ids[seq.num_cached:full], seq.hashes[seq.num_cached:full])
+                bs, first = self.block_size, seq.num_cached
+                seq.chain = self.allocator.cache_blocks_verified(
+                    seq.ids[first:full], seq.hashes[first:full], seq.prompt[first * bs:full * bs], seq.context,
+                    seq.chain)
                 seq.num_cached = full
 
     @property
