@@ -39,6 +39,8 @@ def render_plan(plan, spec, plot=None) -> None:
     _out(f"[bold]kvpool plan[/] · {plan.model} on {par['gpus']} × {plan.gpu} "
          f"(tp={par['tp']}, pp={par['pp']}, {par['interconnect']})")
     _out(f"  {_describe_model(spec)}; serving dtype {det['dtype']}, KV {kv['kv_dtype']}")
+    if spec.source:
+        _out(f"  model: {spec.source}")
     if g["budget_mode"] == "mem_fraction":
         budget = f"{g['mem_fraction']:g} × {g['total_gib']:.2f} GiB = {g['budget_gib']:.2f} GiB (vLLM gpu_memory_utilization)"
     else:

@@ -335,6 +335,7 @@ def plan_memory(
             "max_batched_tokens": max_batched_tokens,
             "max_seqs": max_seqs,
             "parameters": spec.num_parameters,
+            "model_source": spec.source,
         },
         assumptions=[
             "activation: FlashAttention-style prefill of max_batched_tokens tokens (no TxT scores), largest layer live",

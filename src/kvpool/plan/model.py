@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from ..errors import ConfigError
 from .config_defaults import with_arch_defaults
+from .hf_cache import cached_config, hub_cache_dir, is_repo_id
 
 PRESET_DIR = Path(__file__).with_name("presets")
 
@@ -80,6 +81,9 @@ class ModelSpec:
     quant_block_size: tuple = ()
     quant_zero_point: bool = False
     modules_not_quantized: tuple = ()
+    # where the spec was read from ("preset llama-3.1-8b", a config.json path, the local Hugging Face cache);
+    # not part of the model's identity: left out of equality and of to_dict()
+    source: str = dataclasses.field(default="", compare=False)
 
     # ---------------------------------------------------------------- derived shapes
     @property
@@ -104,6 +108,7 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        del d["source"]
         for key, value in d.items():
             if isinstance(value, tuple):
                 d[key] = list(value)
@@ -384,8 +389,59 @@ def _read_json(path: Path) -> dict:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
 
 
+# words that name a variant of the same weights' shapes, not another model ("-Instruct", "-chat-hf", "-it")
+_VARIANT_WORDS = frozenset({"instruct", "chat", "hf", "it", "base"})
+
+
+def _model_key(name: str) -> str:
+    """A model name without case, organisation, Meta's "Meta-" prefix and variant words.
+
+    >>> _model_key("meta-llama/Meta-Llama-3.1-70B-Instruct")
+    'llama-3.1-70b'
+    >>> _model_key("mistralai/Mistral-7B-Instruct-v0.3")
+    'mistral-7b-v0.3'
+    """
+    leaf = name.strip().lower().rsplit("/", 1)[-1]
+    leaf = leaf.removeprefix("meta-") if leaf.startswith("meta-llama") else leaf
+    return "-".join(w for w in leaf.split("-") if w not in _VARIANT_WORDS)
+
+
+def preset_for(name: str) -> str | None:
+    """The preset of the model ``name`` names (a Hugging Face repo id or a variant of a preset's name):
+    its key equals the preset's name or its checkpoint's (``_name_or_path``) key; None when none does."""
+    key = _model_key(name)
+    for preset in list_presets():
+        checkpoint = str(_read_json(PRESET_DIR / f"{preset}.json").get("_name_or_path") or "")
+        if key in (preset, _model_key(checkpoint) if checkpoint else None):
+            return preset
+    return None
+
+
+def _from_repo_id(text: str) -> ModelSpec | None:
+    """A Hugging Face repo id: its config.json in the local cache, else the preset of the same model."""
+    if not is_repo_id(text):
+        return None
+    cached = cached_config(text)
+    if cached is not None:
+        spec = spec_from_config(_read_json(cached), name=text)
+        return dataclasses.replace(spec, source=f"config.json of {text} in the local Hugging Face cache ({cached})")
+    preset = preset_for(text)
+    if preset is None:
+        return None
+    checkpoint = str(_read_json(PRESET_DIR / f"{preset}.json").get("_name_or_path") or preset)
+    spec = spec_from_config(_read_json(PRESET_DIR / f"{preset}.json"), name=text)
+    return dataclasses.replace(spec, source=f"preset {preset} (config.json of {checkpoint}; {text} is not in the "
+                                            f"Hugging Face cache {hub_cache_dir()})")
+
+
 def load_model_spec(model: "str | os.PathLike | Mapping[str, Any] | ModelSpec") -> ModelSpec:
-    """Load a ModelSpec from a preset name, a config.json path, a folder holding one, or an HF config dict.
+    """Load a ModelSpec from a preset name, a config.json path, a folder holding one, a Hugging Face repo id,
+    or an HF config dict.
+
+    A repo id (``meta-llama/Llama-3.1-70B-Instruct``, as ``vllm serve`` takes it) reads the repo's
+    config.json from the local Hugging Face cache when it was downloaded, else the preset of the same model
+    (case, organisation and variant words such as -Instruct, -chat, -hf, -it ignored); the network is never
+    used. ``spec.source`` says which was read.
 
     Raises
     ------
@@ -395,14 +451,14 @@ def load_model_spec(model: "str | os.PathLike | Mapping[str, Any] | ModelSpec") 
     if isinstance(model, ModelSpec):
         return model
     if isinstance(model, Mapping):
-        return spec_from_config(model)
+        return dataclasses.replace(spec_from_config(model), source="config dict")
     if not isinstance(model, (str, os.PathLike)):
         raise ConfigError(f"model must be a preset name, a path or a config dict, got {type(model).__name__}")
     text = os.fspath(model)
     key = text.strip().lower()
     preset = PRESET_DIR / f"{key}.json"
     if "/" not in key and os.sep not in key and preset.is_file():
-        return spec_from_config(_read_json(preset), name=key)
+        return dataclasses.replace(spec_from_config(_read_json(preset), name=key), source=f"preset {key}")
     path = Path(text).expanduser()
     if path.is_dir():
         path = path / "config.json"
@@ -410,8 +466,13 @@ def load_model_spec(model: "str | os.PathLike | Mapping[str, Any] | ModelSpec") 
             raise ConfigError(f"folder {text!r} holds no config.json; point at the checkpoint folder or a config.json file")
     if path.is_file():
         cfg = _read_json(path)
-        return spec_from_config(cfg, name=str(cfg.get("_name_or_path") or path.parent.name or path.stem))
+        spec = spec_from_config(cfg, name=str(cfg.get("_name_or_path") or path.parent.name or path.stem))
+        return dataclasses.replace(spec, source=f"config.json at {path.resolve()}")
+    spec = _from_repo_id(text.strip())
+    if spec is not None:
+        return spec
     names = list_presets()
-    close = difflib.get_close_matches(key, names, n=4, cutoff=0.5)
+    close = difflib.get_close_matches(_model_key(key) if is_repo_id(key) else key, names, n=4, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"known presets: {', '.join(names)}"
-    raise ConfigError(f"unknown model {text!r}: not a preset and not a config.json path; {hint}")
+    cache = f", nor a repo in the local Hugging Face cache {hub_cache_dir()}" if is_repo_id(text.strip()) else ""
+    raise ConfigError(f"unknown model {text!r}: not a preset, not a config.json path{cache}; {hint}")
