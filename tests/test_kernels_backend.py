@@ -1,4 +1,5 @@
 """Backend switch (KVPOOL_KERNELS), debug range checks (KVPOOL_DEBUG) and argument errors."""
+import numpy as np
 import pytest
 import torch
 from kernels_util import FP8, INTERPRET
@@ -144,3 +145,72 @@ def test_fp8_scale_errors(monkeypatch):
         paged_decode(q, k, v, table, lens, 0.125, k_scale=torch.ones(2).half(), v_scale=torch.ones(2).half())
     out = paged_decode(q, k, v, table, lens, 0.125, k_scale=torch.ones(2), v_scale=torch.ones(2))
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+# (paged_decode keyword arguments, error pattern): bools are not numbers here, floats not window lengths
+BAD_DECODE_SCALARS = [
+    pytest.param({"sliding_window": True}, r"sliding_window must be a positive int or None, got True",
+                 id="window-bool"),
+    pytest.param({"sliding_window": False}, r"sliding_window must be a positive int or None, got False",
+                 id="window-false"),
+    pytest.param({"sliding_window": 4.0}, r"sliding_window must be a positive int or None, got 4\.0",
+                 id="window-float"),
+    pytest.param({"sliding_window": torch.tensor(True)}, r"sliding_window must be a positive int",
+                 id="window-bool-tensor"),
+    pytest.param({"scale": True}, r"scale must be a finite float, got True", id="scale-bool"),
+    pytest.param({"logit_soft_cap": True}, r"logit_soft_cap must be a finite float, got True", id="cap-bool"),
+    pytest.param({"scale": float("nan")}, r"scale must be a finite float", id="scale-nan"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kwargs,pattern", BAD_DECODE_SCALARS)
+def test_paged_decode_refuses_bool_and_float_scalars(monkeypatch, backend, kwargs, pattern):
+    """Regression (issue 9 item 10): sliding_window=True was taken as a window of 1 token."""
+    if backend == "triton" and not INTERPRET:
+        pytest.skip("CPU Triton needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("KVPOOL_KERNELS", backend)
+    q, k, v, table, lens = _small()
+    args = {"scale": 0.125, **kwargs}
+    with pytest.raises(KernelError, match=pattern):
+        paged_decode(q, k, v, table, lens, **args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_paged_decode_window_past_int32_is_no_window(monkeypatch, backend):
+    """A window wider than any sequence (even past int32, or a numpy int) changes nothing."""
+    if backend == "triton" and not INTERPRET:
+        pytest.skip("CPU Triton needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("KVPOOL_KERNELS", backend)
+    q, k, v, table, lens = _small()
+    full = paged_decode(q, k, v, table, lens, 0.125)
+    for window in (2 ** 40, 2 ** 70, np.int64(16)):
+        assert torch.equal(paged_decode(q, k, v, table, lens, 0.125, sliding_window=window), full)
+
+
+def _expanded_targets():
+    """(name, call) pairs whose written tensor is an expand()-ed view: elements sharing memory."""
+    key = torch.randn(3, 2, 64)
+    slots = torch.tensor([0, 1, 2], dtype=torch.int32)
+    shared = torch.zeros(1, 8, 2, 64).expand(4, 8, 2, 64)
+    fp8 = torch.zeros(4, 8, 2, 64).to(FP8)
+    one_scale = torch.ones(1, 1, 1).expand(4, 8, 2)
+    q, k, v, table, lens = _small(torch.float32)
+    return [
+        ("k_cache", lambda: write_kv(key, key, shared, shared, slots)),
+        ("k_scale", lambda: write_kv(key, key, fp8, fp8.clone(), slots, one_scale, one_scale)),
+        (r"caches\[1\]", lambda: copy_blocks([k, torch.zeros(8, 2, 64).expand(4, 8, 2, 64)], [0], [1])),
+        ("out", lambda: paged_decode(q, k, v, table, lens, 0.125, out=torch.zeros(1, 4, 64).expand(2, 4, 64))),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", range(4), ids=["write-cache", "write-scale", "copy", "decode-out"])
+def test_expanded_write_targets_are_refused(monkeypatch, backend, case):
+    """A kernel never writes through a stride-0 view (Triton raced, torch warned or raised RuntimeError)."""
+    if backend == "triton" and not INTERPRET:
+        pytest.skip("CPU Triton needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("KVPOOL_KERNELS", backend)
+    name, call = _expanded_targets()[case]
+    with pytest.raises(KernelError, match=rf"{name} is written but has stride 0"):
+        call()

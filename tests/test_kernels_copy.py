@@ -1,9 +1,11 @@
 """copy_blocks (Triton) against its torch reference: all layers of one allocation, fp8 scales, HND views."""
+import numpy as np
 import pytest
 import torch
-from kernels_util import DEVICES, FP8, device_cases, same_bits
+from kernels_util import DEVICES, FP8, INTERPRET, device_cases, same_bits
 from kernels_util import triton_backend  # noqa: F401  (fixture)
 
+from kvpool.errors import BlockIndexError, KernelError
 from kvpool.kernels import copy_blocks, reference
 
 
@@ -86,3 +88,49 @@ def test_copy_blocks_offset_cache_keys_on_dtype(triton_backend, device):
     changed = (buf != guard).nonzero().flatten()
     assert changed.numel() == 0 or all(3 * 256 <= int(i) % half for i in changed)  # only block 3 of each
 
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_copy_blocks_any_rank(triton_backend, device):
+    """Regression (issue 9 item 10): 5-D tensors raised 'too many values to unpack'; collapsible or not, they copy."""
+    gen = torch.Generator().manual_seed(34)
+    contiguous = torch.randn(6, 2, 4, 2, 16, generator=gen).to(device)       # collapses to one row per block
+    sliced = torch.randn(6, 3, 5, 7, 32, generator=gen).to(device)[:, :2, :3, :4, :16]  # 4 strided dims
+    one_d = torch.randn(6, generator=gen).to(device)
+    caches = [contiguous, sliced, one_d]
+    expect = [t.clone() for t in caches]
+    copy_blocks(caches, [0, 4], [5, 1])
+    reference.copy_blocks_reference(expect, torch.tensor([0, 4]), torch.tensor([5, 1]))
+    for got, want in zip(caches, expect):
+        assert torch.equal(got, want)
+    assert torch.equal(sliced[5], sliced[0]) and not torch.equal(sliced[5], sliced[2])
+
+
+# (src, dst, error class, message pattern) on a 4-block cache
+BAD_IDS = [
+    pytest.param([0.5], [1], KernelError, r"src must hold integer block ids.*0\.5", id="float"),
+    pytest.param([0], [1.0], KernelError, r"dst must hold integer block ids.*1\.0", id="integral-float"),
+    pytest.param([True], [2], KernelError, r"src must hold integer block ids.*True", id="bool"),
+    pytest.param(np.array([0.0]), [1], KernelError, r"src must hold integer block ids", id="numpy-float"),
+    pytest.param([0], ["1"], KernelError, r"dst must hold integer block ids.*'1'", id="string"),
+    pytest.param([0], [2 ** 70], BlockIndexError, r"dst\[0\]=1180591620717411303424 is outside \[0, 4\)",
+                 id="huge"),
+    pytest.param([-1], [2], BlockIndexError, r"src\[0\]=-1 is outside \[0, 4\)", id="negative"),
+    pytest.param([0], [4], BlockIndexError, r"dst\[0\]=4 is outside \[0, 4\)", id="past-end"),
+    pytest.param([0, 1], [2, 2], BlockIndexError, r"repeated", id="repeated-dst"),
+    pytest.param(torch.tensor([True]), [2], KernelError, r"int32/int64", id="bool-tensor"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("src,dst,error,pattern", BAD_IDS)
+def test_copy_blocks_refuses_bad_ids(monkeypatch, backend, src, dst, error, pattern):
+    """Regression (issue 9 item 10): [0.5] was truncated to block 0; host lists are range-checked without a sync."""
+    if backend == "triton" and not INTERPRET:
+        pytest.skip("CPU Triton needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("KVPOOL_KERNELS", backend)
+    monkeypatch.delenv("KVPOOL_DEBUG", raising=False)
+    t = torch.arange(4 * 8, dtype=torch.float32).view(4, 8)
+    before = t.clone()
+    with pytest.raises(error, match=pattern):
+        copy_blocks([t], src, dst)
+    assert torch.equal(t, before)

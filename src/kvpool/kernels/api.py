@@ -9,11 +9,13 @@ import math
 import operator
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ..errors import KernelError
 from . import backend as _b
 from . import reference as _ref
+from .ids import as_block_ids, check_copy_pairs
 
 
 def _check_new_tokens(key, value, k_cache, slot_mapping) -> None:
@@ -35,6 +37,14 @@ def _check_new_tokens(key, value, k_cache, slot_mapping) -> None:
     _b.check_index("slot_mapping", slot_mapping, 1)
     if slot_mapping.shape[0] != key.shape[0]:
         raise KernelError(f"slot_mapping has {slot_mapping.shape[0]} slots for {key.shape[0]} tokens: one each")
+
+
+def _check_writable(name: str, t: torch.Tensor) -> None:
+    """A tensor a kernel writes: no two elements may share memory (an ``expand``-ed view would race)."""
+    if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
+        raise KernelError(f"{name} is written but has stride 0 on a dimension of size > 1 (shape "
+                          f"{tuple(t.shape)}, strides {t.stride()}): pass a tensor whose elements own their "
+                          "memory, e.g. .clone() of the expanded view")
 
 
 def write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
@@ -59,6 +69,9 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=N
     _b.check_scales(k_cache, k_scale, v_scale)
     _b.same_device({"key": key, "value": value, "k_cache": k_cache, "slot_mapping": slot_mapping})
     _b.check_slots(slot_mapping, k_cache.shape[0] * k_cache.shape[1])
+    _check_writable("k_cache", k_cache)  # v_cache shares its strides
+    if k_scale is not None and k_scale.dim() == 3:  # per-token scales are computed and stored
+        _check_writable("k_scale", k_scale)
     if _b.use_triton(key, k_cache):
         from .write import write_kv_triton
         write_kv_triton(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
@@ -150,7 +163,7 @@ def _gather_rows(seq_lens, total_tokens, out) -> int | None:
     """
     rows = None
     if total_tokens is not None:
-        rows = _non_negative_int("total_tokens", total_tokens)
+        rows = _int_at_least("total_tokens", total_tokens, 0, "a non-negative int")
         total_tokens = rows
     if out is not None:
         if rows is not None and rows != out[0].shape[0]:
@@ -166,27 +179,31 @@ def _gather_rows(seq_lens, total_tokens, out) -> int | None:
     return actual
 
 
-def _non_negative_int(name, value) -> int:
-    """``value`` as an int >= 0; bools, floats and other non-integers raise :class:`KernelError`."""
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
-        raise KernelError(f"{name} must be a non-negative int, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise KernelError(f"{name} must be a non-negative int, got {value!r}") from None
-    if value < 0:
-        raise KernelError(f"{name} must be a non-negative int, got {value!r}")
-    return value
+def _is_bool(value) -> bool:
+    return isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+
+
+def _int_at_least(name, value, low: int, expected: str) -> int:
+    """``value`` as an int >= ``low``; bools (``True`` is no count), floats and the rest raise :class:`KernelError`."""
+    if not _is_bool(value):
+        try:
+            number = operator.index(value)
+        except TypeError:
+            number = None
+        if number is not None and number >= low:
+            return number
+    raise KernelError(f"{name} must be {expected}, got {value!r}")
 
 
 def _finite_float(name, value) -> float:
+    """``value`` as a finite float; bools (``True`` is no scale) raise :class:`KernelError`."""
     try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise KernelError(f"{name} must be a finite float, got {value!r}") from None
-    if not math.isfinite(value):
+        number = None if _is_bool(value) else float(value)
+    except (TypeError, ValueError, RuntimeError):
+        number = None
+    if number is None or not math.isfinite(number):
         raise KernelError(f"{name} must be a finite float, got {value!r}")
-    return value
+    return number
 
 
 def _check_gather_out(out, out_dtype, kv_heads, head_dim, device) -> None:
@@ -202,15 +219,6 @@ def _check_gather_out(out, out_dtype, kv_heads, head_dim, device) -> None:
         raise KernelError(f"out tensors must be contiguous and on {device}")
 
 
-def _as_ids(name, ids, device) -> torch.Tensor:
-    if not isinstance(ids, torch.Tensor):
-        ids = torch.as_tensor(list(ids), dtype=torch.int64)
-    if ids.dim() != 1 or ids.dtype not in _b.INDEX_DTYPES:
-        raise KernelError(f"{name} must be a 1-D int32/int64 tensor (or a list of ints), got "
-                          f"{tuple(ids.shape)} {ids.dtype}")
-    return ids.to(device).contiguous()
-
-
 def copy_blocks(caches: Sequence[torch.Tensor], src, dst) -> None:
     """Copy whole blocks ``src[i] -> dst[i]`` in every tensor of ``caches`` (copy-on-write), in place.
 
@@ -219,9 +227,13 @@ def copy_blocks(caches: Sequence[torch.Tensor], src, dst) -> None:
     caches : sequence of torch.Tensor
         Tensors indexed by block id on dim 0: the K and V pages of every layer ``[num_blocks,
         block_size, kv_heads, head_dim]`` and, for fp8, their per-token scales ``[num_blocks,
-        block_size, kv_heads]``. Tensors of one shape/strides/element size are copied in one launch.
+        block_size, kv_heads]``; any rank >= 1 (a 5-D ``[num_blocks, 2, ...]`` works). Tensors of one
+        shape/strides/element size are copied in one launch.
     src, dst : torch.Tensor or sequence of int
         ``[num_pairs]`` block ids; each ``dst`` distinct and not a ``src`` (fresh copy-on-write blocks).
+        int32/int64 tensors or sequences of ints (floats and bools raise :class:`KernelError`). Ids on
+        the host (sequences, CPU tensors) are always range-checked (:class:`BlockIndexError`); ids on a
+        GPU only with ``KVPOOL_DEBUG=1``.
     """
     if isinstance(caches, torch.Tensor) or not caches:
         raise KernelError("caches must be a non-empty list of tensors (e.g. every layer's K and V pages)")
@@ -236,11 +248,14 @@ def copy_blocks(caches: Sequence[torch.Tensor], src, dst) -> None:
             raise KernelError(f"caches[{i}] must be contiguous along its last dimension, strides {t.stride()}")
         if t.device != first.device:
             raise KernelError(f"caches[{i}] is on {t.device} but caches[0] on {first.device}")
-    src = _as_ids("src", src, first.device)
-    dst = _as_ids("dst", dst, first.device)
+        _check_writable(f"caches[{i}]", t)
+    src = as_block_ids("src", src, first.shape[0])
+    dst = as_block_ids("dst", dst, first.shape[0])
     if src.shape != dst.shape:
         raise KernelError(f"src ({src.numel()} ids) and dst ({dst.numel()} ids) must pair up one to one")
-    _b.check_copy_ids(src, dst, first.shape[0])
+    if _b.debug_checks() or not (src.is_cuda or dst.is_cuda):  # host-side ids: checking costs no sync
+        check_copy_pairs(src, dst, first.shape[0])
+    src, dst = src.to(first.device).contiguous(), dst.to(first.device).contiguous()
     if not _b.use_triton(*caches):
         _ref.copy_blocks_reference(caches, src, dst)
         return
@@ -249,7 +264,8 @@ def copy_blocks(caches: Sequence[torch.Tensor], src, dst) -> None:
     for t in caches:
         groups.setdefault((tuple(t.shape), t.stride(), t.element_size()), []).append(t)
     for tensors in groups.values():
-        copy_blocks_group_triton(tensors, src, dst)
+        if not copy_blocks_group_triton(tensors, src, dst):  # a layout the kernel cannot express
+            _ref.copy_blocks_reference(tensors, src, dst)
 
 
 def paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window=None, logit_soft_cap=None,
@@ -306,12 +322,8 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_wind
     _b.same_device({"q": q, "k_cache": k_cache, "block_table": block_table, "seq_lens": seq_lens})
     scale = _finite_float("scale", scale)
     if sliding_window is not None:
-        try:
-            sliding_window = operator.index(sliding_window)
-        except TypeError:
-            raise KernelError(f"sliding_window must be a positive int or None, got {sliding_window!r}") from None
-        if sliding_window < 1:
-            raise KernelError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
+        sliding_window = _int_at_least("sliding_window", sliding_window, 1, "a positive int or None")
+        sliding_window = min(sliding_window, 2 ** 31 - 1)  # wider than any int32 seq_len: same result, int32 arg
     if logit_soft_cap is not None:
         logit_soft_cap = _finite_float("logit_soft_cap", logit_soft_cap)
         if logit_soft_cap <= 0:
@@ -319,6 +331,8 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_wind
     if out is not None and (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype
                             or out.device != q.device or out.stride(-1) != 1):
         raise KernelError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, head_dim contiguous")
+    if out is not None:
+        _check_writable("out", out)
     if _b.use_triton(q, k_cache):
         from .decode import paged_decode_triton
         return paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window,

@@ -207,21 +207,3 @@ def check_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
         i = int(bad.nonzero()[0, 0])
         raise BlockIndexError(f"slot_mapping[{i}]={int(s[i])} is outside [-1, {num_slots}) "
                               "(slot = block_id * block_size + offset, -1 skips a padding token)")
-
-
-def check_copy_ids(src: torch.Tensor, dst: torch.Tensor, num_blocks: int) -> None:
-    """With ``KVPOOL_DEBUG=1``: ids in range, destinations distinct and never a source."""
-    if not debug_checks() or src.numel() == 0:
-        return
-    for name, ids in (("src", src), ("dst", dst)):
-        i64 = ids.to(torch.int64)
-        bad = (i64 < 0) | (i64 >= num_blocks)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise BlockIndexError(f"{name}[{i}]={int(i64[i])} is outside [0, {num_blocks})")
-    d = dst.to(torch.int64)
-    if d.unique().numel() != d.numel():
-        raise BlockIndexError(f"dst holds repeated block ids {d.tolist()}: each destination is written once")
-    if bool(torch.isin(d, src.to(torch.int64)).any()):
-        raise BlockIndexError("a dst block is also a src block: the copies would race; copy-on-write "
-                              "targets freshly allocated blocks")

@@ -6,7 +6,7 @@ first one (in units of 16 elements, so the compiler still knows every row is 16-
 uses 16-byte vector accesses) and the program ``(pair, tensor, chunk)`` copies one chunk of block
 ``src[pair]`` to ``dst[pair]`` in tensor ``tensor``. The copy is bitwise (fp8 pages and float32
 scale tensors included). Tensors with another shape (the fp8 scales) form their own group: one
-launch per group.
+launch per group. Tensors above 4-D have their middle dims collapsed where the strides allow.
 """
 from __future__ import annotations
 
@@ -48,8 +48,27 @@ def _copy_blocks_kernel(
 
 
 def _normalised(t: torch.Tensor):
-    """View ``t`` ``[num_blocks, ...]`` as 4-D ``[num_blocks, A, M, C]``: (shape, strides) of that view."""
+    """View ``t`` ``[num_blocks, ...]`` as 4-D ``[num_blocks, A, M, C]``: (shape, strides) of that view.
+
+    Up to 4-D, ``t``'s own dims (padded in front). Above, the dims between the block dim and the
+    last (``C``, stride 1) are collapsed where their strides allow (a contiguous ``[num_blocks, 2,
+    block_size, kv_heads, head_dim]`` gives ``M = 2 * block_size * kv_heads``); ``None`` when more
+    than two of them remain.
+    """
     shape, strides = list(t.shape[1:]), list(t.stride()[1:])
+    if len(shape) > 3:
+        outer = []  # (size, stride), outermost first, size-1 dims dropped
+        for size, stride in zip(shape[:-1], strides[:-1]):
+            if size == 1:
+                continue
+            if outer and outer[-1][1] == size * stride:
+                outer[-1] = (outer[-1][0] * size, stride)
+            else:
+                outer.append((size, stride))
+        if len(outer) > 2:
+            return None
+        outer = [(1, 0)] * (2 - len(outer)) + outer
+        shape, strides = [d[0] for d in outer] + shape[-1:], [d[1] for d in outer] + strides[-1:]
     while len(shape) < 3:
         shape.insert(0, 1)
         strides.insert(0, 0)
@@ -74,11 +93,18 @@ def _offset_table(tensors, device):
     return cached
 
 
-def copy_blocks_group_triton(tensors, src: torch.Tensor, dst: torch.Tensor) -> None:
-    """Copy blocks ``src -> dst`` in tensors of one shape/strides/element size (checked by the caller)."""
-    if src.numel() == 0 or not tensors:
-        return
-    (_, a, m, c), (stride_b, stride_a, stride_m, _) = _normalised(tensors[0])
+def copy_blocks_group_triton(tensors, src: torch.Tensor, dst: torch.Tensor) -> bool:
+    """Copy blocks ``src -> dst`` in tensors of one shape/strides/element size (checked by the caller).
+
+    Returns False, copying nothing, when the layout does not fit ``[num_blocks, A, M, C]`` (see
+    :func:`_normalised`): the caller copies those with torch indexing.
+    """
+    if src.numel() == 0 or not tensors or tensors[0].numel() == 0:
+        return True
+    normalised = _normalised(tensors[0])
+    if normalised is None:
+        return False
+    (_, a, m, c), (stride_b, stride_a, stride_m, _) = normalised
     bits = _BITS_DTYPE[tensors[0].element_size()]
     like = tensors[0].view(bits)  # bitwise copy: fp8/bf16/fp32 all move as integers
     block_c = triton.next_power_of_2(c)
@@ -90,6 +116,7 @@ def copy_blocks_group_triton(tensors, src: torch.Tensor, dst: torch.Tensor) -> N
         stride_b, stride_a, stride_m,
         A=a, M=m, C=c, UNIT=unit, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
+    return True
 
 
 __all__ = ["copy_blocks_group_triton"]
