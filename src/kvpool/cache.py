@@ -32,7 +32,7 @@ _DTYPE_ALIASES = {
     "fp8": "fp8", "fp8_e4m3": "fp8", "float8_e4m3fn": "fp8",
 }
 LAYOUTS = ("NHD", "HND")
-FP8_SCALES = ("per_token_head", "per_head")
+FP8_SCALES = ("per_token_head", "per_head", "per_tensor")
 _SCALE_DTYPE = torch.float32
 
 
@@ -73,6 +73,8 @@ class PagedKVCache:
         float32 inside the pool, written by ``write_kv`` (amax / 448 per token and head).
         ``fp8_scales="per_head"``: ``[kv_heads]`` float32, a tiny tensor outside the pool, initialised
         to 1.0; set it from calibration (``cache.k_scales[layer].copy_(...)``) before writing.
+        ``fp8_scales="per_tensor"``: one float32 per layer and tensor (vLLM's ``k_scale``), outside the
+        pool, seen as ``[kv_heads]`` with stride 0; set it with ``cache.k_scales[layer][:1].fill_(s)``.
         MLA: ``v_scales[layer]`` is ``None``.
     kv_head_ids : list of int
         Global KV head indices this shard holds (for MLA ``[0]``: the latent is replicated).
@@ -127,7 +129,7 @@ class PagedKVCache:
         layout : str
             ``"NHD"`` or ``"HND"`` page layout.
         fp8_scales : str
-            ``"per_token_head"`` (scales in the pool) or ``"per_head"`` (scales outside it).
+            ``"per_token_head"`` (scales in the pool), ``"per_head"`` or ``"per_tensor"`` (scales outside it).
 
         Raises
         ------
@@ -150,7 +152,8 @@ class PagedKVCache:
         if layout not in LAYOUTS:
             raise InvalidArgumentError(f"layout={layout!r} is not supported; use 'NHD' or 'HND'")
         if fp8_scales not in FP8_SCALES:
-            raise InvalidArgumentError(f"fp8_scales={fp8_scales!r} is not supported; use 'per_token_head' or 'per_head'")
+            raise InvalidArgumentError(f"fp8_scales={fp8_scales!r} is not supported; use 'per_token_head', 'per_head' "
+                                       "or 'per_tensor'")
         total_heads = 1 if spec.is_mla else int(spec.num_kv_heads)
         if not spec.is_mla:
             if tp_size <= total_heads and total_heads % tp_size:
@@ -227,7 +230,9 @@ class PagedKVCache:
                         dest.append(carve(offset, s_bytes, _SCALE_DTYPE, (num_blocks, block_size, heads)))
                         offset += s_bytes
             else:
-                per_head = torch.ones(nl, n_scaled, heads, dtype=_SCALE_DTYPE, device=device)
+                # per_tensor (vLLM's k_scale/v_scale): one float32 per layer and tensor, seen as [heads] (stride 0)
+                shared = 1 if fp8_scales == "per_tensor" else heads
+                per_head = torch.ones(nl, n_scaled, shared, dtype=_SCALE_DTYPE, device=device).expand(nl, n_scaled, heads)
                 k_scales = [per_head[i, 0] for i in range(nl)]
                 v_scales = [per_head[i, 1] for i in range(nl)] if vhd else []
             if not vhd:

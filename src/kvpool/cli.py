@@ -39,7 +39,7 @@ def _add_model_args(p: argparse.ArgumentParser, gpu_default: str = "h100-sxm") -
     p.add_argument("--pp", "--pipeline-parallel-size", "-pp", dest="pp", type=int, default=1, help="pipeline parallel degree")
     p.add_argument("--dtype", default=None, help="auto | fp16 | bf16 | fp32 (default: the checkpoint's; fp32 served as bf16)")
     p.add_argument("--kv-dtype", "--kv-cache-dtype", dest="kv_dtype", default="auto", help="auto | fp16 | bf16 | fp8")
-    p.add_argument("--fp8-scales", default="per_token_head", choices=("per_token_head", "per_head", "none"))
+    p.add_argument("--fp8-scales", default="per_token_head", choices=("per_token_head", "per_head", "per_tensor", "none"))
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-batched-tokens", "--max-num-batched-tokens", dest="max_batched_tokens", type=int,

@@ -92,6 +92,8 @@ def render_plan(plan, spec, plot=None) -> None:
     else:
         shape = f"{lay['num_layers']} layers × {lay['kv_heads']} KV heads × ({lay['head_dim']}{v_part})"
     kv_t.add_row("bytes / token / GPU", f"{kv['bytes_per_token_per_gpu']:,}", f"{shape} × {lay['dtype_bytes']} B{scale}")
+    if lay.get("fp8_scales"):
+        kv_t.add_row("fp8 scales", f"{lay['scale_bytes_per_token']:,} B/token", lay["scale_layout"])
     kv_t.add_row("bytes / block / GPU", f"{kv['bytes_per_block_per_gpu']:,}", f"block_size {kv['block_size']}")
     kv_t.add_row("blocks", f"{kv['num_blocks']:,}", f"{g['kv_cache_gib']:.2f} GiB ÷ block bytes (rounded down)")
     kv_t.add_row("tokens", f"{kv['tokens']:,}", f"blocks × {kv['block_size']} ({kv['tokens_unpaged']:,} without block rounding)")

@@ -18,7 +18,8 @@ KV_DTYPE_ALIASES = {
     "auto": "auto", "fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "half": "fp16",
     "bf16": "bf16", "bfloat16": "bf16", "fp8": "fp8", "fp8_e4m3": "fp8", "fp8_e5m2": "fp8",
 }
-FP8_SCALE_MODES = ("per_token_head", "per_head", "none")
+FP8_SCALE_MODES = ("per_token_head", "per_head", "per_tensor", "none")
+SCALE_BYTES = 4  # every fp8 scale is one float32
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class KVShardLayout:
     scale_bytes : int
         Scale bytes per token, per head, per stored tensor (4: one float32, for fp8 with per-token-head
         scales; else 0).
+    fp8_scales : str or None
+        Where fp8 scales live (None unless ``kv_dtype`` is fp8): "per_token_head" (in the pool, written
+        with each token: no calibration needed, 4 B per 128-element head row, 3%), "per_head" or
+        "per_tensor" (vLLM's layout: one float32 per layer and K/V tensor, set from calibration or 1.0),
+        both outside the pool, or "none".
     """
 
     num_layers: int
@@ -51,6 +57,7 @@ class KVShardLayout:
     kv_dtype: str
     dtype_bytes: int
     scale_bytes: int
+    fp8_scales: str | None = None
 
     @property
     def tensors_per_layer(self) -> int:
@@ -61,8 +68,35 @@ class KVShardLayout:
     def bytes_per_token(self) -> int:
         """KV bytes one token occupies on this shard, all layers and scales included."""
         data = self.num_layers * self.kv_heads * (self.head_dim + self.v_head_dim) * self.dtype_bytes
-        scales = self.num_layers * self.kv_heads * self.tensors_per_layer * self.scale_bytes
-        return data + scales
+        return data + self.scale_bytes_per_token
+
+    @property
+    def scale_bytes_per_token(self) -> int:
+        """fp8 scale bytes in the pool per token (per_token_head only), all layers."""
+        return self.num_layers * self.kv_heads * self.tensors_per_layer * self.scale_bytes
+
+    @property
+    def scale_bytes_outside_pool(self) -> int:
+        """fp8 scale bytes this shard keeps outside the pool, whatever its size (per_head, per_tensor)."""
+        per_tensor = {"per_head": self.kv_heads, "per_tensor": 1}.get(self.fp8_scales, 0)
+        return self.num_layers * self.tensors_per_layer * per_tensor * SCALE_BYTES
+
+    def scale_layout(self) -> str:
+        """One line on where the fp8 scales live and what they cost ("" unless fp8).
+
+        >>> # Llama-3.1-70B at tp=4, per_token_head: 1,280 B/token = 80 layers x 2 heads x 2 tensors x 4 B
+        """
+        n, h, t = self.num_layers, self.kv_heads, self.tensors_per_layer
+        if self.fp8_scales == "per_token_head":
+            return (f"float32 per token and head, in the pool ({n} × {h} × {t} × {SCALE_BYTES} B); "
+                    "vLLM's per-tensor layout: --fp8-scales per_tensor")
+        if self.fp8_scales == "per_head":
+            return (f"float32 per head, outside the pool: {n} × {h} × {t} × {SCALE_BYTES} B = "
+                    f"{self.scale_bytes_outside_pool:,} B in all")
+        if self.fp8_scales == "per_tensor":
+            return (f"float32 per tensor (vLLM's layout), outside the pool: {n} × {t} × {SCALE_BYTES} B = "
+                    f"{self.scale_bytes_outside_pool:,} B in all")
+        return "none (every scale 1.0)" if self.fp8_scales == "none" else ""
 
     def bytes_per_block(self, block_size: int) -> int:
         """Bytes of one block of ``block_size`` tokens on this shard."""
@@ -73,6 +107,8 @@ class KVShardLayout:
             "num_layers": self.num_layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
             "v_head_dim": self.v_head_dim, "kv_dtype": self.kv_dtype, "dtype_bytes": self.dtype_bytes,
             "scale_bytes": self.scale_bytes, "bytes_per_token": self.bytes_per_token,
+            "fp8_scales": self.fp8_scales, "scale_bytes_per_token": self.scale_bytes_per_token,
+            "scale_bytes_outside_pool": self.scale_bytes_outside_pool, "scale_layout": self.scale_layout(),
         }
 
 
@@ -141,7 +177,8 @@ def kv_shard_layout(spec, tp: int = 1, kv_dtype: str = "auto", fp8_scales: str =
         "auto" (the model's ``dtype``), "fp32", "fp16", "bf16" or "fp8".
     fp8_scales : str
         "per_token_head" (one float32 per token, head and tensor, stored in the pool), "per_head"
-        (a tiny separate tensor outside the pool) or "none". Only used for fp8.
+        (one float32 per head and tensor, outside the pool), "per_tensor" (one per layer and tensor, outside
+        the pool: vLLM's layout and figure) or "none". Only used for fp8.
     num_layers : int, optional
         Layers held by this shard (a pipeline stage); default all of the model's layers.
     """
@@ -156,8 +193,9 @@ def kv_shard_layout(spec, tp: int = 1, kv_dtype: str = "auto", fp8_scales: str =
         heads, k_dim, v_dim = 1, spec.kv_lora_rank + spec.qk_rope_head_dim, 0
     else:
         heads, k_dim, v_dim = max(1, spec.num_kv_heads // tp), spec.head_dim, spec.v_head_dim
-    scale = 4 if dtype == "fp8" and fp8_scales == "per_token_head" else 0
-    return KVShardLayout(layers, heads, k_dim, v_dim, dtype, KV_DTYPE_BYTES[dtype], scale)
+    scale = SCALE_BYTES if dtype == "fp8" and fp8_scales == "per_token_head" else 0
+    return KVShardLayout(layers, heads, k_dim, v_dim, dtype, KV_DTYPE_BYTES[dtype], scale,
+                         fp8_scales if dtype == "fp8" else None)
 
 
 def shard_kv_heads(num_kv_heads: int, tp: int, tp_rank: int) -> list[int]:
