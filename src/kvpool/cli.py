@@ -2,116 +2,16 @@
 
 Pure Python (no torch import): ``kvpool plan llama-3.1-70b --tp 4 --gpu a100-80gb`` answers in well
 under a second on a laptop. vLLM's flag names are accepted as aliases so a vLLM command line can be
-pasted. Errors print one line to stderr and exit with status 2, never a traceback.
+pasted. Errors print one line to stderr and exit with status 2, never a traceback. The parser is in
+``cli_args``, the tables in ``cli_render`` (fitted to the terminal by ``cli_layout``).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+from .cli_args import _UsageError, build_parser, strip_vllm_noise
 from .errors import KVPoolError
-
-# vLLM serve flags that do not change memory: accepted and ignored so a pasted command line works.
-_VLLM_IGNORED_WITH_VALUE = ("--port", "--host", "--served-model-name", "--api-key", "--seed", "--swap-space",
-                            "--download-dir", "--tokenizer", "--revision", "--load-format", "--uvicorn-log-level")
-_VLLM_IGNORED_FLAGS = ("--trust-remote-code", "--enable-prefix-caching", "--no-enable-prefix-caching",
-                       "--disable-log-requests", "--disable-log-stats", "--enable-chunked-prefill")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        raise _UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
-
-
-class _UsageError(Exception):
-    pass
-
-
-def _add_model_args(p: argparse.ArgumentParser, gpu_default: str = "h100-sxm") -> None:
-    p.add_argument("model_pos", nargs="?", metavar="MODEL", help="preset name (kvpool models) or config.json path/folder")
-    p.add_argument("gpu_pos", nargs="?", metavar="GPU", help="GPU preset (kvpool gpus)")
-    p.add_argument("--model", dest="model_flag", help="same as MODEL")
-    p.add_argument("--gpu", dest="gpu_flag", help=f"same as GPU (default {gpu_default})")
-    p.set_defaults(gpu_default=gpu_default)
-    p.add_argument("--gpu-mem-gib", type=float, help="override the GPU's memory (GiB)")
-    p.add_argument("--tp", "--tensor-parallel-size", "-tp", dest="tp", type=int, default=None, help="tensor parallel degree")
-    p.add_argument("--pp", "--pipeline-parallel-size", "-pp", dest="pp", type=int, default=1, help="pipeline parallel degree")
-    p.add_argument("--dtype", default=None, help="auto | fp16 | bf16 | fp32 (default: the checkpoint's; fp32 served as bf16)")
-    p.add_argument("--kv-dtype", "--kv-cache-dtype", dest="kv_dtype", default="auto", help="auto | fp16 | bf16 | fp8")
-    p.add_argument("--fp8-scales", default="per_token_head", choices=("per_token_head", "per_head", "per_tensor", "none"))
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--max-batched-tokens", "--max-num-batched-tokens", dest="max_batched_tokens", type=int,
-                   help="largest prefill step in tokens (default 8192)")
-    p.add_argument("--max-seqs", "--max-num-seqs", dest="max_seqs", type=int, help="sequences per step (default 256)")
-    p.add_argument("--mem-fraction", "--gpu-memory-utilization", dest="mem_fraction", type=float,
-                   help="fraction of GPU memory the server may use (vLLM semantics; default 0.9)")
-    p.add_argument("--weights-gib", type=float, help="reserve this for weights instead of the computed value")
-    p.add_argument("--activation-gib", type=float, help="reserve this for activations")
-    p.add_argument("--comm-gib", type=float, help="reserve this for communication buffers")
-    p.add_argument("--overhead-gib", type=float, help="reserve this for CUDA context / workspaces / graphs")
-    p.add_argument("--headroom", dest="headroom_gib", type=float, help="GiB kept free")
-    p.add_argument("--interconnect", help="nvlink3 | nvlink4 | nvlink5 | pcie4 | pcie5 | ib-hdr | ib-ndr")
-    p.add_argument("--pp-interconnect", help="link between pipeline stages (default ib-ndr beyond 8 GPUs)")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (vLLM flag)")
-    p.add_argument("--cuda-context-mib", type=int, help="measured CUDA context size")
-    p.add_argument("--nccl-buffsize", type=int, help="NCCL_BUFFSIZE in bytes (default: env or 4 MiB)")
-    p.add_argument("--nccl-channels", type=int, help="NCCL_MAX_NCHANNELS (default: env or 16 on NVLink, 2 on PCIe)")
-    p.add_argument("--nccl-proto", help="NCCL_PROTO (e.g. ^LL128)")
-    p.add_argument("--nvls", dest="nvls", action="store_true", default=None, help="count NVLS buffers")
-    p.add_argument("--no-nvls", dest="nvls", action="store_false", help="do not count NVLS buffers")
-    p.add_argument("--staging-layers", type=int, help="all-reduce staging buffers kept (1, or num layers)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--plot", metavar="FILE.png", help="draw a chart (matplotlib)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="kvpool", description="Plan, size and check a paged KV cache under tensor parallelism.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    plan = sub.add_parser("plan", help="per-GPU memory plan and KV capacity")
-    _add_model_args(plan)
-    plan.add_argument("--batch", type=int, help="target batch (with --seq-len)")
-    plan.add_argument("--seq-len", type=int, help="target sequence length (with --batch)")
-    scale = sub.add_parser("scale", help="memory, capacity and speed at TP = 1, 2, 4, 8")
-    _add_model_args(scale)
-    scale.add_argument("--tps", default="1,2,4,8", help="comma-separated TP degrees")
-    scale.add_argument("--seq-len", type=int, default=4096)
-    scale.add_argument("--batch", type=int, help="run this batch (default: the largest that fits, capped by max-seqs)")
-    comm = sub.add_parser("comm", help="NCCL buffers, all-reduce cost, interconnect comparison")
-    _add_model_args(comm)
-    comm.add_argument("--batch", type=int, default=32, help="decode batch")
-    comm.add_argument("--seq-len", type=int, default=4096)
-    comm.add_argument("--interconnects", default=None, help="comma-separated links to compare (default: all intra-node)")
-    diag = sub.add_parser("diagnose", help="name the problem in per-GPU memory snapshots")
-    diag.add_argument("file", help="JSON list of per-rank torch figures, or nvidia-smi CSV")
-    diag.add_argument("--model", dest="model_flag", help="also compare with this model's plan")
-    diag.add_argument("--gpu", dest="gpu_flag", default="h100-sxm")
-    diag.add_argument("--tp", type=int, default=None)
-    diag.add_argument("--pp", type=int, default=1)
-    diag.add_argument("--mem-fraction", "--gpu-memory-utilization", dest="mem_fraction", type=float)
-    diag.add_argument("--json", action="store_true")
-    models = sub.add_parser("models", help="built-in model presets")
-    models.add_argument("--json", action="store_true")
-    gpus = sub.add_parser("gpus", help="GPU and interconnect presets")
-    gpus.add_argument("--json", action="store_true")
-    return parser
-
-
-def _strip_vllm_noise(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name in _VLLM_IGNORED_FLAGS:
-            continue
-        if name in _VLLM_IGNORED_WITH_VALUE:
-            skip = "=" not in arg
-            continue
-        out.append(arg)
-    return out
 
 
 def _model_and_gpu(args) -> tuple[str, str]:
@@ -137,15 +37,15 @@ def _nccl(args):
     )
 
 
+_PLAN_FLAGS = ("gpu_mem_gib", "dtype", "kv_dtype", "fp8_scales", "block_size", "max_model_len", "max_batched_tokens",
+               "max_seqs", "mem_fraction", "weights_gib", "activation_gib", "comm_gib", "overhead_gib", "headroom_gib",
+               "pp_interconnect", "cuda_context_mib")
+
+
 def _plan_kwargs(args) -> dict:
-    return dict(
-        gpu_mem_gib=args.gpu_mem_gib, dtype=args.dtype, kv_dtype=args.kv_dtype, fp8_scales=args.fp8_scales,
-        block_size=args.block_size, max_model_len=args.max_model_len, max_batched_tokens=args.max_batched_tokens,
-        max_seqs=args.max_seqs, mem_fraction=args.mem_fraction, weights_gib=args.weights_gib,
-        activation_gib=args.activation_gib, comm_gib=args.comm_gib, overhead_gib=args.overhead_gib,
-        headroom_gib=args.headroom_gib, pp_interconnect=args.pp_interconnect, nccl=_nccl(args),
-        cuda_graphs=not args.enforce_eager, cuda_context_mib=args.cuda_context_mib,
-    )
+    """plan_memory's keyword arguments from the flags this subcommand has (a flag it lacks keeps the default)."""
+    kw = {name: getattr(args, name) for name in _PLAN_FLAGS if hasattr(args, name)}
+    return dict(kw, nccl=_nccl(args), cuda_graphs=not args.enforce_eager)
 
 
 def _print_json(obj) -> None:
@@ -156,7 +56,7 @@ def cmd_plan(args) -> int:
     from .plan.memory import plan_memory
 
     model, gpu = _model_and_gpu(args)
-    plan = plan_memory(model, args.tp or 1, args.pp, gpu, interconnect=args.interconnect, batch=args.batch,
+    plan = plan_memory(model, args.tp, args.pp, gpu, interconnect=args.interconnect, batch=args.batch,
                        seq_len=args.seq_len, **_plan_kwargs(args))
     if args.plot:
         from .cli_render import plot_plan
@@ -175,6 +75,10 @@ def cmd_plan(args) -> int:
 def cmd_scale(args) -> int:
     from .plan.scaling import scale
 
+    if args.tp_given is not None:
+        raise _UsageError(f"kvpool scale: --tp {args.tp_given} is not a scale option: scale compares the degrees of "
+                          f"--tps (default 1,2,4,8); use --tps {args.tp_given} for that degree alone, or "
+                          f"kvpool plan --tp {args.tp_given} for its memory plan")
     model, gpu = _model_and_gpu(args)
     try:
         tps = tuple(int(t) for t in args.tps.split(",") if t.strip())
@@ -182,8 +86,6 @@ def cmd_scale(args) -> int:
         raise _UsageError(f"kvpool: --tps must be comma-separated integers, got {args.tps!r}") from None
     if not tps or any(t < 1 for t in tps):
         raise _UsageError(f"kvpool: --tps must list positive integers, got {args.tps!r}")
-    if args.tp:
-        tps = tuple(sorted(set(tps) | {args.tp}))
     result = scale(model, gpu, tps, seq_len=args.seq_len, batch=args.batch, interconnect=args.interconnect,
                    pp=args.pp, **_plan_kwargs(args))
     if args.plot:
@@ -203,8 +105,12 @@ def cmd_comm(args) -> int:
     from .plan.comm_report import comm_report
 
     model, gpu = _model_and_gpu(args)
-    links = tuple(x.strip() for x in args.interconnects.split(",")) if args.interconnects else None
-    report = comm_report(model, gpu, args.tp or 4, batch=args.batch, seq_len=args.seq_len, links=links,
+    links = None
+    if args.interconnects is not None:
+        links = tuple(x.strip() for x in args.interconnects.split(",") if x.strip())
+        if not links:
+            raise _UsageError(f"kvpool: --interconnects must list links (kvpool gpus), got {args.interconnects!r}")
+    report = comm_report(model, gpu, args.tp, batch=args.batch, seq_len=args.seq_len, links=links,
                          interconnect=args.interconnect, **_plan_kwargs(args))
     if args.json:
         _print_json(report)
@@ -219,10 +125,15 @@ def cmd_diagnose(args) -> int:
     from .plan.diagnose import diagnose_file
 
     plan = None
+    plan_flags = {"--gpu": args.gpu_flag, "--tp": args.tp, "--pp": args.pp, "--mem-fraction": args.mem_fraction}
     if args.model_flag:
         from .plan.memory import plan_memory
 
-        plan = plan_memory(args.model_flag, args.tp or 1, args.pp, args.gpu_flag, mem_fraction=args.mem_fraction)
+        plan = plan_memory(args.model_flag, 1 if args.tp is None else args.tp, 1 if args.pp is None else args.pp,
+                           args.gpu_flag or "h100-sxm", mem_fraction=args.mem_fraction)
+    elif any(v is not None for v in plan_flags.values()):
+        given = ", ".join(k for k, v in plan_flags.items() if v is not None)
+        raise _UsageError(f"kvpool diagnose: {given} describe the plan to compare with; give --model too")
     snaps, findings = diagnose_file(args.file, plan)
     if args.json:
         _print_json({"ranks": [s.__dict__ for s in snaps], "findings": [f.to_dict() for f in findings]})
@@ -266,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        args = parser.parse_args(_strip_vllm_noise(argv))
+        try:
+            args = parser.parse_args(strip_vllm_noise(argv))
+        except SystemExit as exc:  # --help and --version print, then exit: return their status instead
+            return exc.code if isinstance(exc.code, int) else 0
         if args.command is None:
             parser.print_help()
             return 0

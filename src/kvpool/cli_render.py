@@ -1,20 +1,10 @@
-"""Human output of the ``kvpool`` command (rich tables) and its charts (matplotlib, imported lazily)."""
+"""Human output of the ``kvpool`` command (rich tables fitted to the terminal by ``cli_layout``) and its charts
+(matplotlib, imported lazily)."""
 from __future__ import annotations
 
-import shutil
-
-from rich import box
-from rich.console import Console
-from rich.table import Table
+from .cli_layout import Col, emit, fit_table, indented
 
 GIB = 1 << 30
-# a pipe or a narrow terminal would fold the tables into unreadable columns: draw at least 132 wide
-_console = Console(highlight=False, soft_wrap=False, width=max(132, shutil.get_terminal_size((132, 40)).columns))
-
-
-def _out(*items) -> None:
-    for item in items:
-        _console.print(item)
 
 
 def _describe_model(spec) -> str:
@@ -33,166 +23,194 @@ def _describe_model(spec) -> str:
     return ", ".join(parts)
 
 
-def render_plan(plan, spec, plot=None) -> None:
-    d = plan.to_dict()
-    par, g, kv, det = d["parallel"], d["per_gpu"], d["kv_cache"], d["details"]
-    _out(f"[bold]kvpool plan[/] · {plan.model} on {par['gpus']} × {plan.gpu} "
-         f"(tp={par['tp']}, pp={par['pp']}, {par['interconnect']})")
-    _out(f"  {_describe_model(spec)}; serving dtype {det['dtype']}, KV {kv['kv_dtype']}")
-    if spec.source:
-        _out(f"  model: {spec.source}")
-    if g["budget_mode"] == "mem_fraction":
-        budget = f"{g['mem_fraction']:g} × {g['total_gib']:.2f} GiB = {g['budget_gib']:.2f} GiB (vLLM gpu_memory_utilization)"
-    else:
-        budget = f"{g['total_gib']:.2f} GiB − headroom {g['headroom_gib']:.2f} GiB = {g['budget_gib']:.2f} GiB (explicit reservations)"
-    stage_note = f", tightest stage {par['tightest_stage']}" if par["pp"] > 1 else ""
-    t = Table(title=f"Per-GPU memory{stage_note} — budget {budget}", box=box.SIMPLE_HEAVY, title_justify="left")
-    t.add_column("term")
-    t.add_column("GiB", justify="right")
-    t.add_column("how it is computed")
-    over = set(det["overridden"])
-    a, c, o = det["activation_bytes"], det["comm_bytes"], det["overhead_bytes"]
-    tag = lambda key, text: f"[yellow]given[/] (computed {det['computed_gib'][key]:.2f})" if f"{key}_gib" in over else text
-    t.add_row("weights", f"{g['weights_gib']:.2f}", tag("weights",
-              f"1/{par['tp']} of {det['weights_total_gib']:.2f} GiB ("
-              + (f"{spec.quant_method} {spec.weight_bits}-bit linear layers, {det['dtype']} rest" if spec.quant_method
-                 else det["dtype"]) + ") + replicated norms"
-              + (", router" if spec.is_moe else "") + (", KV heads" if spec.num_kv_heads < par["tp"] and not spec.is_mla else "")
-              + (f", layers {d['stages'][par['tightest_stage']]['layers'][0]}–{d['stages'][par['tightest_stage']]['layers'][1] - 1}" if par["pp"] > 1 else "")))
-    t.add_row("activation peak", f"{g['activation_gib']:.2f}", tag("activation",
-              f"max(prefill of {det['max_batched_tokens']:,} tokens {a['forward_peak'] / GIB:.2f}, "
-              f"sampler for {det['max_seqs']} seqs × {spec.vocab_size:,} vocab {a['sampler'] / GIB:.2f} + hidden)"))
+def _title(text: str) -> str:
+    """A section title, after a blank line."""
+    return f"\n[bold]{text}[/]"
+
+
+def _weights_text(d: dict, spec) -> str:
+    par, det = d["parallel"], d["details"]
+    dtype = f"{spec.quant_method} {spec.weight_bits}-bit linear layers, {det['dtype']} rest" if spec.quant_method \
+        else det["dtype"]
+    text = f"1/{par['tp']} of {det['weights_total_gib']:.2f} GiB ({dtype}) + replicated norms"
+    text += (", router" if spec.is_moe else "") + (", KV heads" if spec.num_kv_heads < par["tp"] and not spec.is_mla else "")
+    if par["pp"] > 1:
+        first, stop = d["stages"][par["tightest_stage"]]["layers"]
+        text += f", layers {first}–{stop - 1}"
+    return text
+
+
+def _comm_text(d: dict) -> str:
+    det = d["details"]
+    c = det["comm_bytes"]
     nccl = c["nccl_tp"]
-    comm_text = (f"NCCL {nccl['channels']} channels × 2 peers × (LL+LL128+Simple) = {nccl['protocol_buffers'] / GIB:.2f}"
-                 + (f", NVLS {nccl['nvls'] / GIB:.2f}" if nccl["nvls"] else "")
-                 + f", staging {c['staging'] / GIB:.3f}") if par["tp"] > 1 else "no TP all-reduce (one GPU per stage)"
+    if d["parallel"]["tp"] > 1:
+        text = (f"NCCL {nccl['channels']} channels × 2 peers × (LL+LL128+Simple) = {nccl['protocol_buffers'] / GIB:.2f}"
+                + (f", NVLS {nccl['nvls'] / GIB:.2f}" if nccl["nvls"] else "") + f", staging {c['staging'] / GIB:.3f}")
+    else:
+        text = "no TP all-reduce (one GPU per stage)"
     if c["nccl_pp"]:
-        comm_text += f", pipeline send/recv {c['nccl_pp'] / GIB:.2f}"
-    t.add_row("communication", f"{g['comm_gib']:.2f}", tag("comm", comm_text))
-    t.add_row("CUDA context, workspaces, graphs", f"{g['overhead_gib']:.2f}", tag("overhead",
-              f"context {o['cuda_context'] / GIB:.2f} + cuBLAS {o['cublas_workspace'] / GIB:.2f} + graph pool "
-              f"{o['cuda_graphs'] / GIB:.2f}"))
-    t.add_row("[bold green]KV cache[/]", f"[bold green]{g['kv_cache_gib']:.2f}[/]", "what is left of the budget")
-    t.add_row("headroom (not used)", f"{g['headroom_gib']:.2f}", "total − budget")
-    t.add_row("total", f"{g['total_gib']:.2f}", "")
-    _out(t)
-    lay = det["layout"]
+        text += f", pipeline send/recv {c['nccl_pp'] / GIB:.2f}"
+    return text
+
+
+def _memory_rows(d: dict, spec) -> list[list[str]]:
+    g, det = d["per_gpu"], d["details"]
+    a, o = det["activation_bytes"], det["overhead_bytes"]
+    over = set(det["overridden"])
+
+    def tag(key, text):
+        return f"[yellow]given[/] (computed {det['computed_gib'][key]:.2f})" if f"{key}_gib" in over else text
+
+    return [
+        ["weights", f"{g['weights_gib']:.2f}", tag("weights", _weights_text(d, spec))],
+        ["activation peak", f"{g['activation_gib']:.2f}", tag("activation",
+         f"max(prefill of {det['max_batched_tokens']:,} tokens {a['forward_peak'] / GIB:.2f}, sampler for "
+         f"{det['max_seqs']} seqs × {spec.vocab_size:,} vocab {a['sampler'] / GIB:.2f} + hidden)")],
+        ["communication", f"{g['comm_gib']:.2f}", tag("comm", _comm_text(d))],
+        ["CUDA context, workspaces, graphs", f"{g['overhead_gib']:.2f}", tag("overhead",
+         f"context {o['cuda_context'] / GIB:.2f} + cuBLAS {o['cublas_workspace'] / GIB:.2f} + graph pool "
+         f"{o['cuda_graphs'] / GIB:.2f}")],
+        ["[bold green]KV cache[/]", f"[bold green]{g['kv_cache_gib']:.2f}[/]", "what is left of the budget"],
+        ["headroom (not used)", f"{g['headroom_gib']:.2f}", "total − budget"],
+        ["total", f"{g['total_gib']:.2f}", ""],
+    ]
+
+
+def _kv_rows(d: dict, spec) -> list[list[str]]:
+    g, kv, lay = d["per_gpu"], d["kv_cache"], d["details"]["layout"]
     tensors = 2 if lay["v_head_dim"] else 1
     scale = (f" + {lay['num_layers']} × {lay['kv_heads']} × {tensors} × {lay['scale_bytes']} B fp32 scales"
              if lay["scale_bytes"] else "")
-    kv_t = Table(title="KV cache (per replica: every TP rank holds the same blocks, its own heads)",
-                 box=box.SIMPLE_HEAVY, title_justify="left", show_header=False)
-    kv_t.add_column(justify="left")
-    kv_t.add_column(justify="right")
-    kv_t.add_column()
     v_part = f" + {lay['v_head_dim']}" if lay["v_head_dim"] else ""
     if spec.is_mla:
         shape = (f"{lay['num_layers']} layers × 1 latent (replicated on every rank) × ({spec.kv_lora_rank} + "
                  f"{spec.qk_rope_head_dim} rope)")
     else:
         shape = f"{lay['num_layers']} layers × {lay['kv_heads']} KV heads × ({lay['head_dim']}{v_part})"
-    kv_t.add_row("bytes / token / GPU", f"{kv['bytes_per_token_per_gpu']:,}", f"{shape} × {lay['dtype_bytes']} B{scale}")
+    rows = [
+        ["bytes / token / GPU", f"{kv['bytes_per_token_per_gpu']:,}", f"{shape} × {lay['dtype_bytes']} B{scale}"],
+        ["bytes / block / GPU", f"{kv['bytes_per_block_per_gpu']:,}", f"block_size {kv['block_size']}"],
+        ["blocks", f"{kv['num_blocks']:,}", f"{g['kv_cache_gib']:.2f} GiB ÷ block bytes (rounded down)"],
+        ["tokens", f"{kv['tokens']:,}", f"blocks × {kv['block_size']} ({kv['tokens_unpaged']:,} without block rounding)"],
+        ["max concurrency", f"{kv['max_concurrency']:,.2f}×", f"requests of max_model_len {kv['max_model_len']:,} tokens"],
+    ]
     if lay.get("fp8_scales"):
-        kv_t.add_row("fp8 scales", f"{lay['scale_bytes_per_token']:,} B/token", lay["scale_layout"])
-    kv_t.add_row("bytes / block / GPU", f"{kv['bytes_per_block_per_gpu']:,}", f"block_size {kv['block_size']}")
-    kv_t.add_row("blocks", f"{kv['num_blocks']:,}", f"{g['kv_cache_gib']:.2f} GiB ÷ block bytes (rounded down)")
-    kv_t.add_row("tokens", f"{kv['tokens']:,}", f"blocks × {kv['block_size']} ({kv['tokens_unpaged']:,} without block rounding)")
-    kv_t.add_row("max concurrency", f"{kv['max_concurrency']:,.2f}×", f"requests of max_model_len {kv['max_model_len']:,} tokens")
+        rows.insert(1, ["fp8 scales", f"{lay['scale_bytes_per_token']:,} B/token", lay["scale_layout"]])
     if kv["sliding_window_layers"]:
-        kv_t.add_row("window-aware concurrency", f"{kv['max_concurrency_window_aware']:,.2f}×",
-                     "if sliding-window layers kept only their window (per-layer-type pool; not kvpool's single pool)")
-    _out(kv_t)
-    if plan.workload:
-        w = plan.workload
-        verdict = "[bold green]fits[/]" if w["fits"] else "[bold red]does not fit[/]"
-        _out(f"[bold]Workload[/] batch {w['batch']} × {w['seq_len']:,} tokens: {verdict} — needs "
+        rows.append(["window-aware concurrency", f"{kv['max_concurrency_window_aware']:,.2f}×",
+                     "if sliding-window layers kept only their window (per-layer-type pool; not kvpool's single pool)"])
+    return rows
+
+
+def _workload(plan) -> list:
+    w, kv = plan.workload, plan.kv_cache
+    verdict = "[bold green]fits[/]" if w["fits"] else "[bold red]does not fit[/]"
+    items = [_title("Workload") + f" batch {w['batch']} × {w['seq_len']:,} tokens: {verdict} — needs "
              f"{w['blocks_needed']:,} blocks ({w['kv_needed_gib_per_gpu']:.2f} GiB/GPU) of {kv['num_blocks']:,}; "
              f"largest batch at this length {w['max_batch_at_seq_len']:,}; longest length at this batch "
-             f"{w['max_seq_len_at_batch']:,} ({w['tokens_per_request_unpaged']:,} without block rounding)")
-        for r in w["recommendations"]:
-            _out(f"  • {r}")
+             f"{w['max_seq_len_at_batch']:,} ({w['tokens_per_request_unpaged']:,} without block rounding)"]
+    return items + [indented(r, bullet="•") for r in w["recommendations"]]
+
+
+def _stages(d: dict) -> list:
+    cols = [Col(c) for c in ("stage", "layers", "weights", "activation", "KV GiB", "blocks")]
+    rows = [[str(s["stage"]), f"{s['layers'][0]}–{s['layers'][1] - 1}", f"{s['weights_gib']:.2f}",
+             f"{s['activation_gib']:.2f}", f"{s['kv_cache_gib']:.2f}", f"{s['num_blocks']:,}"] for s in d["stages"]]
+    return [_title("Pipeline stages (the tightest decides the block count)"), *fit_table(cols, rows)]
+
+
+def render_plan(plan, spec, plot=None) -> None:
+    d = plan.to_dict()
+    par, g, kv, det = d["parallel"], d["per_gpu"], d["kv_cache"], d["details"]
+    emit(f"[bold]kvpool plan[/] · {plan.model} on {par['gpus']} × {plan.gpu} "
+         f"(tp={par['tp']}, pp={par['pp']}, {par['interconnect']})",
+         indented(f"{_describe_model(spec)}; serving dtype {det['dtype']}, KV {kv['kv_dtype']}"),
+         *([indented(f"model: {spec.source}")] if spec.source else []))
+    if g["budget_mode"] == "mem_fraction":
+        budget = f"{g['mem_fraction']:g} × {g['total_gib']:.2f} GiB = {g['budget_gib']:.2f} GiB (vLLM gpu_memory_utilization)"
+    else:
+        budget = f"{g['total_gib']:.2f} GiB − headroom {g['headroom_gib']:.2f} GiB = {g['budget_gib']:.2f} GiB (explicit reservations)"
+    stage_note = f", tightest stage {par['tightest_stage']}" if par["pp"] > 1 else ""
+    emit(_title(f"Per-GPU memory{stage_note}") + f" — budget {budget}",
+         *fit_table([Col("term", "text"), Col("GiB"), Col("how it is computed", "text")], _memory_rows(d, spec)))
+    emit(_title("KV cache") + " (per replica: every TP rank holds the same blocks, its own heads)",
+         *fit_table([Col("", "key"), Col(""), Col("", "text")], _kv_rows(d, spec), show_header=False))
+    if plan.workload:
+        emit(*_workload(plan))
     if par["pp"] > 1:
-        st = Table(title="Pipeline stages (the tightest decides the block count)", box=box.SIMPLE, title_justify="left")
-        for col in ("stage", "layers", "weights", "activation", "KV GiB", "blocks"):
-            st.add_column(col, justify="right")
-        for s in d["stages"]:
-            st.add_row(str(s["stage"]), f"{s['layers'][0]}–{s['layers'][1] - 1}", f"{s['weights_gib']:.2f}",
-                       f"{s['activation_gib']:.2f}", f"{s['kv_cache_gib']:.2f}", f"{s['num_blocks']:,}")
-        _out(st)
-    for w in d["warnings"]:
-        _out(f"[yellow]note:[/] {w}")
+        emit(*_stages(d))
+    if d["warnings"]:
+        emit("", *(indented(w, indent=0, bullet="[yellow]note:[/]") for w in d["warnings"]))
     if plot:
-        _out(f"chart written to {plot}")
+        emit(f"chart written to {plot}")
+
+
+_SCALE_COLS = [Col("TP"), Col("GPUs"), Col("weights GiB/GPU"), Col("KV GiB/GPU"), Col("KV tokens"), Col("batch"),
+               Col("decode tok/s"), Col("token latency ms"), Col("prefill ms"), Col("comm share"), Col("speedup"),
+               Col("efficiency")]
+
+
+def _scale_row(r: dict) -> list[str]:
+    if not r.get("fits"):
+        return [str(r["tp"]), str(r["gpus"]), "[red]does not fit[/]", *(["—"] * 9)]  # the summary says why
+    return [str(r["tp"]), str(r["gpus"]), f"{r['weights_gib']:.1f}", f"{r['kv_cache_gib']:.1f}",
+            f"{r['kv_tokens']:,}", f"{r['batch']:,}", f"{r['decode_tokens_per_s']:,.0f}",
+            f"{r['token_latency_ms']:.2f}", f"{r['prefill_ms']:,.0f}", f"{100 * r['comm_share']:.1f}%",
+            f"{r['speedup']:.2f}×", f"{r['efficiency']:.2f}"]
 
 
 def render_scale(result, plot=None) -> None:
-    t = Table(title=f"kvpool scale · {result['model']} on {result['gpu']} over {result['interconnect']}, "
-                    f"sequences of {result['seq_len']:,} tokens (roofline: peak rates)",
-              box=box.SIMPLE_HEAVY, title_justify="left")
-    for col in ("TP", "GPUs", "weights GiB/GPU", "KV GiB/GPU", "KV tokens", "batch", "decode tok/s", "token latency ms",
-                "prefill ms", "comm share", "speedup", "efficiency"):
-        t.add_column(col, justify="right")
-    for r in result["rows"]:
-        if not r.get("fits"):
-            t.add_row(str(r["tp"]), str(r["gpus"]), *(["—"] * 9), "[red]does not fit[/]")
-            continue
-        t.add_row(str(r["tp"]), str(r["gpus"]), f"{r['weights_gib']:.1f}", f"{r['kv_cache_gib']:.1f}",
-                  f"{r['kv_tokens']:,}", f"{r['batch']:,}", f"{r['decode_tokens_per_s']:,.0f}",
-                  f"{r['token_latency_ms']:.2f}", f"{r['prefill_ms']:,.0f}", f"{100 * r['comm_share']:.1f}%",
-                  f"{r['speedup']:.2f}×", f"{r['efficiency']:.2f}")
-    _out(t)
-    for line in result["summary"]:
-        _out(f"  • {line}")
+    rows = [_scale_row(r) for r in result["rows"]]
+    cols = _SCALE_COLS
+    if all(r["gpus"] == r["tp"] for r in result["rows"]):  # no pipeline stages: the GPUs column repeats TP
+        cols, rows = cols[:1] + cols[2:], [r[:1] + r[2:] for r in rows]
+    emit(f"[bold]kvpool scale[/] · {result['model']} on {result['gpu']} over {result['interconnect']}, "
+         f"sequences of {result['seq_len']:,} tokens (roofline: peak rates)", *fit_table(cols, rows))
+    emit("", *(indented(line, bullet="•") for line in result["summary"]))
     if result["by_seq_len"]:
-        s = Table(title="Where TP pays most: throughput speedup of the largest TP over the smallest, by length",
-                  box=box.SIMPLE, title_justify="left")
         keys = [k for k in result["by_seq_len"][0] if k.endswith("tokens_per_s")]
-        s.add_column("seq_len", justify="right")
-        for k in keys:
-            s.add_column(k.replace("_tokens_per_s", " tok/s"), justify="right")
-        s.add_column("speedup", justify="right")
-        for r in result["by_seq_len"]:
-            speed = "—" if r["speedup"] is None else f"{r['speedup']:.2f}×"
-            s.add_row(f"{r['seq_len']:,}", *(f"{r[k]:,.0f}" for k in keys), speed)
-        _out(s)
+        cols = [Col("seq_len"), *(Col(k.replace("_tokens_per_s", " tok/s")) for k in keys), Col("speedup")]
+        rows = [[f"{r['seq_len']:,}", *(f"{r[k]:,.0f}" for k in keys),
+                 "—" if r["speedup"] is None else f"{r['speedup']:.2f}×"] for r in result["by_seq_len"]]
+        emit(_title("Where TP pays most") + ": throughput speedup of the largest TP over the smallest, by length",
+             *fit_table(cols, rows))
     if plot:
-        _out(f"chart written to {plot}")
+        emit(f"chart written to {plot}")
 
 
 def render_comm(rep) -> None:
     m = rep["memory"]
-    _out(f"[bold]kvpool comm[/] · {rep['model']} on {rep['tp']} × {rep['gpu']}: {rep['allreduces_per_forward']} "
-         f"all-reduces per forward pass (2 per layer + embedding)")
-    _out(f"  bytes per all-reduce: decode batch {rep['batch']} → {rep['bytes_per_allreduce_decode']:,} B; "
-         f"prefill step → {rep['bytes_per_allreduce_prefill']:,} B")
-    _out(f"  NCCL memory per GPU: {m['nccl_channels']} channels → protocol buffers "
-         f"{m['nccl_protocol_buffers_bytes'] / (1 << 20):,.1f} MiB, NVLS {m['nccl_nvls_bytes'] / (1 << 20):,.1f} MiB, "
-         f"staging {m['staging_bytes'] / (1 << 20):,.1f} MiB"
-         + (f", pipeline {m['nccl_pp_bytes'] / (1 << 20):,.1f} MiB" if m["nccl_pp_bytes"] else "")
-         + f" = {m['comm_gib']:.3f} GiB")
-    t = Table(title=f"Per interconnect (decode batch {rep['batch']} at {rep['seq_len']:,} tokens)",
-              box=box.SIMPLE_HEAVY, title_justify="left")
-    for col in ("link", "GB/s/dir", "all-reduce decode µs", "all-reduce prefill µs", "comm/step ms", "step ms",
-                "comm share", "decode tok/s", "vs first"):
-        t.add_column(col, justify="right")
-    for r in rep["rows"]:
-        t.add_row(r["name"], f"{r['gbps']:g}", f"{r['allreduce_decode_us']:.1f}", f"{r['allreduce_prefill_us']:,.0f}",
-                  f"{r['comm_per_decode_step_ms']:.2f}", f"{r['decode_step_ms']:.2f}", f"{100 * r['comm_share']:.1f}%",
-                  f"{r['decode_tokens_per_s']:,.0f}", f"{r['ratio_vs_first']:.2f}×")
-    _out(t)
+    emit(f"[bold]kvpool comm[/] · {rep['model']} on {rep['tp']} × {rep['gpu']}: {rep['allreduces_per_forward']} "
+         f"all-reduces per forward pass (2 per layer + embedding)",
+         indented(f"bytes per all-reduce: decode batch {rep['batch']} → {rep['bytes_per_allreduce_decode']:,} B; "
+                  f"prefill step → {rep['bytes_per_allreduce_prefill']:,} B"),
+         indented(f"NCCL memory per GPU: {m['nccl_channels']} channels → protocol buffers "
+                  f"{m['nccl_protocol_buffers_bytes'] / (1 << 20):,.1f} MiB, NVLS {m['nccl_nvls_bytes'] / (1 << 20):,.1f} "
+                  f"MiB, staging {m['staging_bytes'] / (1 << 20):,.1f} MiB"
+                  + (f", pipeline {m['nccl_pp_bytes'] / (1 << 20):,.1f} MiB" if m["nccl_pp_bytes"] else "")
+                  + f" = {m['comm_gib']:.3f} GiB"))
+    cols = [Col("link", "text"), Col("GB/s/dir"), Col("all-reduce decode µs"), Col("all-reduce prefill µs"),
+            Col("comm/step ms"), Col("step ms"), Col("comm share"), Col("decode tok/s"), Col("vs first")]
+    rows = [[r["name"], f"{r['gbps']:g}", f"{r['allreduce_decode_us']:.1f}", f"{r['allreduce_prefill_us']:,.0f}",
+             f"{r['comm_per_decode_step_ms']:.2f}", f"{r['decode_step_ms']:.2f}", f"{100 * r['comm_share']:.1f}%",
+             f"{r['decode_tokens_per_s']:,.0f}", f"{r['ratio_vs_first']:.2f}×"] for r in rep["rows"]]
+    if rep["batch"] < rep["batch_requested"]:
+        emit(indented(f"[yellow]note:[/] decode batch {rep['batch_requested']:,} capped at {rep['batch']:,}, the "
+                      f"sequences of {rep['seq_len']:,} tokens the KV pool holds"))
+    emit(_title("Per interconnect") + f" (decode batch {rep['batch']} at {rep['seq_len']:,} tokens)",
+         *fit_table(cols, rows))
 
 
 def render_diagnose(snaps, findings) -> None:
-    t = Table(title="GPU memory snapshots", box=box.SIMPLE, title_justify="left")
-    for col in ("rank", "used GiB", "total GiB", "allocated", "reserved", "peak"):
-        t.add_column(col, justify="right")
-    f = lambda v: "—" if v is None else f"{v / GIB:.2f}"
-    for s in snaps:
-        t.add_row(str(s.rank), f(s.used), f(s.total), f(s.allocated), f(s.reserved), f(s.peak))
-    _out(t)
+    f = lambda v: "—" if v is None else f"{v / GIB:.2f}"  # noqa: E731
+    cols = [Col(c) for c in ("rank", "used GiB", "total GiB", "allocated", "reserved", "peak")]
+    rows = [[str(s.rank), f(s.used), f(s.total), f(s.allocated), f(s.reserved), f(s.peak)] for s in snaps]
+    emit(_title("GPU memory snapshots"), *fit_table(cols, rows))
     colour = {"error": "red", "warning": "yellow", "ok": "green"}
     for x in findings:
-        _out(f"[{colour[x.severity]}]{x.severity}[/]: [bold]{x.title}[/]\n  figures: {x.evidence}\n  fix: {x.fix}")
+        emit(f"[{colour[x.severity]}]{x.severity}[/]: [bold]{x.title}[/]",
+             indented(x.evidence, bullet="figures:"), indented(x.fix, bullet="fix:"))
 
 
 def model_rows() -> list[dict]:
@@ -221,37 +239,27 @@ def model_rows() -> list[dict]:
 
 
 def render_models(rows) -> None:
-    t = Table(title="Model presets (config.json files; KV bytes/token at tp=1 in the serving dtype)",
-              box=box.SIMPLE_HEAVY, title_justify="left")
-    for col, j in (("preset", "left"), ("checkpoint", "left"), ("params", "right"), ("layers", "right"),
-                   ("heads/KV", "right"), ("head_dim", "right"), ("KV B/token", "right"), ("max len", "right"),
-                   ("notes", "left")):
-        t.add_column(col, justify=j)
-    for r in rows:
-        t.add_row(r["name"], r["source"], f"{r['params_b']:,.2f}B", str(r["layers"]), f"{r['heads']}/{r['kv_heads']}",
-                  str(r["head_dim"]), f"{r['kv_bytes_per_token']:,}", f"{r['max_len']:,}", r["notes"])
-    _out(t)
+    cols = [Col("preset", "key"), Col("params"), Col("layers"), Col("heads/KV"), Col("head_dim"), Col("KV B/token"),
+            Col("max len"), Col("checkpoint", "key"), Col("notes", "text")]
+    cells = [[r["name"], f"{r['params_b']:,.2f}B", str(r["layers"]), f"{r['heads']}/{r['kv_heads']}", str(r["head_dim"]),
+              f"{r['kv_bytes_per_token']:,}", f"{r['max_len']:,}", r["source"], r["notes"]] for r in rows]
+    emit(_title("Model presets") + " (config.json files; KV bytes/token at tp=1 in the serving dtype)",
+         *fit_table(cols, cells))
 
 
 def render_gpus() -> None:
     from .plan.hardware import GPUS, INTERCONNECTS
 
-    t = Table(title="GPU presets (memory as nvidia-smi reports it; dense bf16 rate)", box=box.SIMPLE_HEAVY,
-              title_justify="left")
-    for col, j in (("preset", "left"), ("name", "left"), ("memory GiB", "right"), ("HBM GB/s", "right"),
-                   ("bf16 TFLOPS", "right"), ("fp8 TFLOPS", "right"), ("link", "left")):
-        t.add_column(col, justify=j)
-    for k, g in GPUS.items():
-        t.add_row(k, g.name, f"{g.memory_mib / 1024:.2f}", f"{g.hbm_gbps:,.0f}", f"{g.bf16_tflops:,.1f}",
-                  f"{g.fp8_tflops:,.1f}" if g.fp8_tflops else "—", g.interconnect)
-    _out(t)
-    i = Table(title="Interconnect presets", box=box.SIMPLE_HEAVY, title_justify="left")
-    for col, j in (("preset", "left"), ("name", "left"), ("GB/s per direction", "right"), ("hop µs", "right"),
-                   ("base µs", "right"), ("cross-node", "left")):
-        i.add_column(col, justify=j)
-    for k, v in INTERCONNECTS.items():
-        i.add_row(k, v.name, f"{v.gbps:g}", f"{v.hop_latency_us:g}", f"{v.base_latency_us:g}", "yes" if v.cross_node else "no")
-    _out(i)
+    cols = [Col("preset", "key"), Col("name", "key"), Col("memory GiB"), Col("HBM GB/s"), Col("bf16 TFLOPS"),
+            Col("fp8 TFLOPS"), Col("link", "key")]
+    rows = [[k, g.name, f"{g.memory_mib / 1024:.2f}", f"{g.hbm_gbps:,.0f}", f"{g.bf16_tflops:,.1f}",
+             f"{g.fp8_tflops:,.1f}" if g.fp8_tflops else "—", g.interconnect] for k, g in GPUS.items()]
+    emit(_title("GPU presets") + " (memory as nvidia-smi reports it; dense bf16 rate)", *fit_table(cols, rows))
+    cols = [Col("preset", "key"), Col("name", "text"), Col("GB/s per direction"), Col("hop µs"), Col("base µs"),
+            Col("cross-node", "key")]
+    rows = [[k, v.name, f"{v.gbps:g}", f"{v.hop_latency_us:g}", f"{v.base_latency_us:g}", "yes" if v.cross_node else "no"]
+            for k, v in INTERCONNECTS.items()]
+    emit(_title("Interconnect presets"), *fit_table(cols, rows))
 
 
 # ------------------------------------------------------------------------------ charts

@@ -21,6 +21,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from ..errors import InvalidArgumentError
+from .checks import check_positive_int
 from .hardware import Interconnect
 
 NCCL_STEPS = 8
@@ -46,15 +47,33 @@ class NCCLSettings:
     peers: int = 2  # ring neighbours per channel (previous and next rank)
     staging_layers: int = 1  # 1: in-place all-reduce reuses one buffer; num_layers: a buffer per layer
 
+    def __post_init__(self):
+        # a negative or zero size would shrink the communication term and buy KV blocks that do not exist
+        for key, env in _ENV_NAMES.items():
+            value = getattr(self, key)
+            if key == "channels" and value is None:
+                continue
+            flag = f" (--{_FLAG_NAMES[key]})" if key in _FLAG_NAMES else ""
+            check_positive_int(f"nccl {key}", value, allow_none=False,
+                               fix=f"give {env}{flag} a value >= 1, or leave it unset for NCCL's default")
+        check_positive_int("nccl peers", self.peers, allow_none=False, fix="a ring has 2 (previous and next rank)")
+        check_positive_int("nccl staging_layers", self.staging_layers, allow_none=False,
+                           fix="--staging-layers is 1 (one reused buffer) or the number of layers")
+        if self.nvls is not None and not isinstance(self.nvls, bool):
+            raise InvalidArgumentError(f"nccl nvls must be True, False or None (NCCL's default), got {self.nvls!r}")
+        protocols = tuple(self.protocols) if isinstance(self.protocols, (tuple, list)) else None
+        if not protocols or any(p not in PROTOCOLS for p in protocols):
+            raise InvalidArgumentError(
+                f"nccl protocols must be a non-empty subset of {PROTOCOLS}, got {self.protocols!r}; "
+                "parse_protocols('^LL128') reads NCCL_PROTO syntax")
+
     @classmethod
     def from_env(cls, env: dict | None = None, **overrides) -> "NCCLSettings":
         """Read ``NCCL_BUFFSIZE``, ``NCCL_LL_BUFFSIZE``, ``NCCL_LL128_BUFFSIZE``, ``NCCL_PROTO``,
         ``NCCL_MAX_NCHANNELS``, ``NCCL_NVLS_ENABLE``, ``NCCL_NVLS_NCHANNELS``, ``NCCL_NVLS_CHUNKSIZE``."""
         env = os.environ if env is None else env
         values: dict = {}
-        for key, name in (("buffsize", "NCCL_BUFFSIZE"), ("ll_buffsize", "NCCL_LL_BUFFSIZE"),
-                          ("ll128_buffsize", "NCCL_LL128_BUFFSIZE"), ("channels", "NCCL_MAX_NCHANNELS"),
-                          ("nvls_channels", "NCCL_NVLS_NCHANNELS"), ("nvls_chunksize", "NCCL_NVLS_CHUNKSIZE")):
+        for key, name in _ENV_NAMES.items():
             if env.get(name):
                 values[key] = _positive_int(env[name], name)
         if env.get("NCCL_NVLS_ENABLE"):
@@ -68,6 +87,12 @@ class NCCLSettings:
         d = asdict(self)
         d["protocols"] = list(self.protocols)
         return d
+
+
+_ENV_NAMES = {"buffsize": "NCCL_BUFFSIZE", "ll_buffsize": "NCCL_LL_BUFFSIZE", "ll128_buffsize": "NCCL_LL128_BUFFSIZE",
+              "channels": "NCCL_MAX_NCHANNELS", "nvls_channels": "NCCL_NVLS_NCHANNELS",
+              "nvls_chunksize": "NCCL_NVLS_CHUNKSIZE"}
+_FLAG_NAMES = {"buffsize": "nccl-buffsize", "channels": "nccl-channels"}  # the two with a kvpool flag
 
 
 def _positive_int(text, name: str) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 from ..errors import PlanError
+from .checks import check_names, check_positive_int
 from .comm import allreduce_seconds, allreduces_per_forward
 from .hardware import INTERCONNECTS, get_gpu, get_interconnect
 from .memory import plan_memory
@@ -16,6 +17,11 @@ def comm_report(model, gpu="h100-sxm", tp: int = 4, *, batch: int = 32, seq_len:
                 interconnect=None, **plan_kwargs) -> dict:
     """NCCL buffer memory, all-reduces per forward pass, and per interconnect: time per all-reduce,
     communication per decode step, its share of the step, decode tokens/s and the ratio to the first link."""
+    check_positive_int("tp", tp, allow_none=False)
+    batch = check_positive_int("batch", batch, allow_none=False, fix="give the decode batch")
+    seq_len = check_positive_int("seq_len", seq_len, allow_none=False, fix="give a sequence length in tokens")
+    if links is not None:
+        links = check_names("links", links, "('nvlink4', 'pcie5')")
     spec = load_model_spec(model)
     gpu_preset = get_gpu(gpu)
     if tp < 2:
@@ -46,7 +52,7 @@ def comm_report(model, gpu="h100-sxm", tp: int = 4, *, batch: int = 32, seq_len:
     for r in rows:
         r["ratio_vs_first"] = r["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"]
     return {
-        "model": spec.name, "gpu": gpu_preset.name, "tp": tp, "batch": b, "seq_len": seq_len,
+        "model": spec.name, "gpu": gpu_preset.name, "tp": tp, "batch": b, "batch_requested": batch, "seq_len": seq_len,
         "allreduces_per_forward": allreduces_per_forward(spec, tp),
         "bytes_per_allreduce_decode": b * spec.hidden_size * elem,
         "bytes_per_allreduce_prefill": chunk * spec.hidden_size * elem,

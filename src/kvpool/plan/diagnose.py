@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,8 +51,8 @@ def _bytes(entry: dict, name: str, where: str) -> int | None:
         key = name + suffix
         if key in entry and entry[key] is not None:
             value = entry[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise InvalidArgumentError(f"{where}: {key!r} must be a non-negative number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise InvalidArgumentError(f"{where}: {key!r} must be a finite non-negative number, got {value!r}")
             return int(value * scale)
     return None
 
@@ -79,21 +80,50 @@ def parse_snapshots(text: str, source: str = "input") -> list[Snapshot]:
             free, used = _bytes(entry, "free", where), _bytes(entry, "used", where)
             if total is None or (free is None and used is None):
                 raise InvalidArgumentError(f"{where} needs 'total' and 'free' (or 'used'), as torch.cuda.mem_get_info gives")
+            _check_total(total, used, free, where)
             used = used if used is not None else total - free
-            if used > total:
-                raise InvalidArgumentError(f"{where}: used {used} is above total {total}")
-            out.append(Snapshot(int(entry.get("rank", i)), total, used, _bytes(entry, "allocated", where),
+            out.append(Snapshot(_rank(entry.get("rank", i), where), total, used, _bytes(entry, "allocated", where),
                                 _bytes(entry, "reserved", where), _bytes(entry, "peak", where)))
-        return out
-    return _parse_csv(stripped, source)
+        return _unique_ranks(out, source)
+    return _unique_ranks(_parse_csv(stripped, source), source)
+
+
+def _check_total(total: int, used: int | None, free: int | None, where: str) -> None:
+    """A GPU's figures must be possible: total > 0, used and free each within total."""
+    if total <= 0:
+        raise InvalidArgumentError(f"{where}: 'total' must be above 0 bytes, got {total}; give the GPU's memory "
+                                   "as torch.cuda.mem_get_info()[1] reports it")
+    if free is not None and free > total:
+        raise InvalidArgumentError(f"{where}: free {free} is above total {total}; the two figures belong together "
+                                   "(free, total = torch.cuda.mem_get_info())")
+    if used is not None and used > total:
+        raise InvalidArgumentError(f"{where}: used {used} is above total {total}")
+
+
+def _rank(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgumentError(f"{where}: 'rank' must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _unique_ranks(snaps: list[Snapshot], source: str) -> list[Snapshot]:
+    seen: set[int] = set()
+    for s in snaps:
+        if s.rank in seen:
+            raise InvalidArgumentError(f"{source}: rank {s.rank} appears twice; give one snapshot per rank")
+        seen.add(s.rank)
+    return snaps
 
 
 def _mib(cell: str, where: str) -> int:
     text = cell.strip().replace("MiB", "").strip()
     try:
-        return int(float(text) * MIB)
+        value = float(text)
     except ValueError:
         raise InvalidArgumentError(f"{where}: cannot read {cell!r} as MiB") from None
+    if not math.isfinite(value) or value < 0:
+        raise InvalidArgumentError(f"{where}: {cell.strip()!r} is not a finite non-negative number of MiB")
+    return int(value * MIB)
 
 
 def _parse_csv(text: str, source: str) -> list[Snapshot]:
@@ -115,7 +145,13 @@ def _parse_csv(text: str, source: str) -> list[Snapshot]:
         where = f"{source} line {n}"
         if len(row) <= max(i_idx, i_used, i_total):
             raise InvalidArgumentError(f"{where}: expected {len(header)} columns, got {len(row)}")
-        out.append(Snapshot(int(row[i_idx].strip()), _mib(row[i_total], where), _mib(row[i_used], where)))
+        try:
+            index = int(row[i_idx].strip())
+        except ValueError:
+            raise InvalidArgumentError(f"{where}: the GPU index {row[i_idx].strip()!r} is not an integer") from None
+        total, used = _mib(row[i_total], where), _mib(row[i_used], where)
+        _check_total(total, used, None, where)
+        out.append(Snapshot(_rank(index, where), total, used))
     if not out:
         raise InvalidArgumentError(f"{source}: the CSV has a header but no GPU rows")
     return out

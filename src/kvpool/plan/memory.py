@@ -13,11 +13,12 @@ block table for the whole model), so the tightest stage decides.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from ..errors import InvalidArgumentError, PlanError
 from .activation import activation_bytes
+from .checks import check_gib as _check_gib
+from .checks import check_positive_int as _check_pos_int
 from .comm import NCCLSettings, nccl_buffer_bytes, staging_bytes
 from .hardware import GIB, MIB, get_gpu, get_interconnect
 from .kv import check_block_size, check_tp, kv_shard_layout, resolve_kv_dtype, serving_dtype
@@ -70,24 +71,6 @@ def _gib(nbytes: float) -> float:
 
 def _g(nbytes: float) -> str:
     return f"{nbytes / GIB:.2f} GiB"
-
-
-def _check_pos_int(name: str, value, allow_none: bool = True):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _check_gib(name: str, value, strictly_positive: bool = False):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidArgumentError(f"{name} must be a number of GiB, got {value!r}")
-    if value < 0 or (strictly_positive and value == 0):
-        raise InvalidArgumentError(f"{name} must be {'> 0' if strictly_positive else '>= 0'} GiB, got {value!r}")
-    return float(value)
 
 
 def stage_layers(num_layers: int, pp: int) -> list[range]:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 
-from ..errors import KVPoolError, PlanError
+from ..errors import PlanError
+from .checks import check_names, check_positive_int, check_tp_degrees
 from .comm import allreduce_seconds, allreduces_per_forward
 from .hardware import get_gpu, get_interconnect
 from .kv import check_tp
@@ -81,9 +82,18 @@ def scale(model, gpu="h100-sxm", tps=(1, 2, 4, 8), *, seq_len: int = 4096, batch
     speedup and efficiency (speedup / GPUs relative to the smallest degree that fits).
 
     ``batch``: the batch to run (default: the largest that fits at ``seq_len``, capped by max_seqs).
+    ``tps`` are taken in ascending order, each once. A degree the model cannot use (``tp`` not dividing
+    its heads) or that does not fit becomes a row with its reason; a bad value (``tp=0``, ``seq_len=0``,
+    ``block_size=12``, ...) raises ``InvalidArgumentError``.
     """
+    tps = check_tp_degrees(tps)
+    seq_len = check_positive_int("seq_len", seq_len, allow_none=False, fix="give a sequence length in tokens")
+    batch = check_positive_int("batch", batch, fix="leave it unset for the largest batch that fits")
+    pp = check_positive_int("pp", pp, allow_none=False)
     spec = load_model_spec(model)
     gpu_preset = get_gpu(gpu)
+    if pp > spec.num_layers:
+        raise PlanError(f"pp={pp} is larger than the {spec.num_layers} layers of {spec.name}; use pp <= {spec.num_layers}")
     link = get_interconnect(interconnect or gpu_preset.interconnect)
     max_seqs = plan_kwargs.get("max_seqs") or 256
     chunk = plan_kwargs.get("max_batched_tokens") or 8192
@@ -94,7 +104,7 @@ def scale(model, gpu="h100-sxm", tps=(1, 2, 4, 8), *, seq_len: int = 4096, batch
             check_tp(spec, tp)
             plan = plan_memory(spec, tp, pp, gpu_preset, interconnect=_link_key(link),
                                **plan_kwargs)
-        except KVPoolError as exc:
+        except PlanError as exc:  # this degree does not suit the model or does not fit; bad values propagate
             row.update({"fits": False, "reason": str(exc)})
             rows.append(row)
             continue
@@ -102,7 +112,8 @@ def scale(model, gpu="h100-sxm", tps=(1, 2, 4, 8), *, seq_len: int = 4096, batch
         capacity_batch = plan.num_blocks // blocks_per_seq
         b = min(capacity_batch, max_seqs) if batch is None else min(batch, capacity_batch)
         row.update({"fits": b > 0, "weights_gib": plan.per_gpu["weights_gib"], "kv_cache_gib": plan.per_gpu["kv_cache_gib"],
-                    "kv_tokens": plan.kv_cache["tokens"], "max_batch_at_seq_len": capacity_batch, "batch": b})
+                    "kv_tokens": plan.kv_cache["tokens"], "max_batch_at_seq_len": capacity_batch, "batch": b,
+                    "batch_requested": batch})
         if b <= 0:
             row["reason"] = f"no sequence of {seq_len:,} tokens fits in the KV pool"
             rows.append(row)
@@ -144,6 +155,9 @@ def _summary(rows) -> list[str]:
     for r in rows:
         if not r.get("fits"):
             out.append(f"tp={r['tp']}: {r.get('reason', 'does not fit')}")
+        elif r["batch_requested"] is not None and r["batch"] < r["batch_requested"]:
+            out.append(f"tp={r['tp']}: batch {r['batch_requested']:,} capped at {r['batch']:,}, the sequences of this "
+                       "length the KV pool holds")
     if len(ok) < 2:
         return out
     stop = _stop_point(ok, "decode_tokens_per_s", True)
@@ -203,6 +217,10 @@ def _link_key(link) -> str:
 def compare_interconnects(model, gpu="h100-sxm", tp: int = 4, links=("nvlink4", "pcie5"), *, seq_len: int = 4096,
                           batch: int = 32, **plan_kwargs) -> dict:
     """The same deployment over different links: communication share of a decode step, decode rate, ratio."""
+    check_positive_int("tp", tp, allow_none=False)
+    seq_len = check_positive_int("seq_len", seq_len, allow_none=False, fix="give a sequence length in tokens")
+    batch = check_positive_int("batch", batch, allow_none=False, fix="give the decode batch")
+    links = check_names("links", links, "('nvlink4', 'pcie5')")
     spec = load_model_spec(model)
     gpu_preset = get_gpu(gpu)
     rows = []
