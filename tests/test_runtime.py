@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,6 +137,14 @@ def test_cpu_without_device_memory_says_what_to_pass():
     (dict(headroom=-1), "headroom"),
     (dict(headroom=1.5), "headroom"),
     (dict(headroom=True), "headroom"),
+    (dict(headroom=float("nan")), "headroom must be finite, got nan"),
+    (dict(headroom=float("inf")), "headroom must be finite, got inf"),
+    (dict(block_size=16.0), "block_size must be an integer"),
+    (dict(block_size=True), "block_size must be an integer"),
+    (dict(max_seqs=256.0), "max_seqs must be an integer"),
+    (dict(device_memory_bytes=2**90), f"device_memory_bytes={2**90} is more than"),
+    (dict(in_use_bytes=2**63), "in_use_bytes"),
+    (dict(headroom=2**64), "headroom"),
     (dict(profile_fn=3), "profile_fn must be callable"),
     (dict(activation_bytes=-5), "activation_bytes must be a non-negative"),
     (dict(device_memory_bytes=0), "device_memory_bytes must be a positive"),
@@ -147,6 +157,71 @@ def test_bad_arguments_are_clear_errors(kw, match):
     kw.setdefault("device_memory_bytes", 80 * GiB)
     with pytest.raises(InvalidArgumentError, match=match):
         _cpu(**kw)
+
+
+class _Sixteen:
+    """Any object with ``__index__`` is an integer (as ``range`` and numpy take it)."""
+
+    def __index__(self) -> int:
+        return 16
+
+
+@pytest.mark.parametrize("block_size", [np.int64(16), np.uint8(16), np.int32(16), _Sixteen()],
+                         ids=["int64", "uint8", "int32", "__index__"])
+def test_integer_types_are_integers(block_size):
+    size = _cpu(device_memory_bytes=np.int64(80 * GiB), block_size=block_size, max_batched_tokens=np.int32(8192),
+                max_seqs=np.int64(256), tp_size=np.int64(2), tp_rank=np.int16(1), in_use_bytes=np.uint64(GiB),
+                headroom=np.int64(0))
+    plain = _cpu(device_memory_bytes=80 * GiB, tp_size=2, tp_rank=1, in_use_bytes=GiB)
+    assert type(size.block_size) is int and type(size.num_blocks) is int and size.block_size == 16
+    assert size.digest == plain.digest and size.num_blocks == plain.num_blocks
+
+
+def test_equal_settings_written_differently_have_one_digest():
+    base = _cpu(device_memory_bytes=80 * GiB, headroom=0, kv_dtype="fp8")
+    for kw in (dict(headroom=0.0), dict(headroom=-0.0), dict(headroom=np.float64(0.0)), dict(kv_dtype="FP8"),
+               dict(kv_dtype="fp8_e4m3"), dict(mem_fraction=np.float64(0.9))):
+        other = _cpu(device_memory_bytes=80 * GiB, **{"headroom": 0, "kv_dtype": "fp8", **kw})
+        assert other.digest == base.digest, kw
+        assert other.kv_dtype == "fp8" and other.headroom_bytes == 0
+    auto = _cpu(device_memory_bytes=80 * GiB, kv_dtype="auto")  # llama-3.1-8b is a bf16 checkpoint
+    assert auto.kv_dtype == "bf16" and auto.digest == _cpu(device_memory_bytes=80 * GiB, kv_dtype="BF16").digest
+    assert _cpu(device_memory_bytes=80 * GiB, headroom=0.05).digest != base.digest  # a real difference stays one
+
+
+def test_the_hash_key_is_128_random_bits_kept_out_of_logs():
+    a, b = (_cpu(device_memory_bytes=80 * GiB) for _ in range(2))
+    assert all(isinstance(k, int) and 0 <= k < 2**128 for k in (a.hash_key, b.hash_key))
+    assert a.hash_key != b.hash_key
+    assert str(a.hash_key) not in repr(a) and "hash_key" not in a.to_dict()
+
+
+def test_a_keyboard_interrupt_in_profile_fn_is_re_raised_as_itself():
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _cpu(device_memory_bytes=80 * GiB, profile_fn=interrupted)
+
+
+@pytest.mark.parametrize("tp_ranks, tp_size, problem", [
+    ([0, 1, 2, 3], 4, None),
+    ([3, 1, 0, 2], 4, None),  # any order
+    ([0, 1, 0, 1], 2, None),  # two replicas of tp=2
+    ([3], 4, None),  # one process sizing one shard
+    ([0, 0], 2, "tp_rank 0 is held by ranks 0 and 1, no rank holds tp_rank 1"),
+    ([0, 1], 4, "no rank holds tp_rank 2 and 3"),
+    ([0, 1, 1], 2, "3 ranks cannot hold each of the 2 tp_ranks equally often"),
+    ([0, 0, 0, 1], 2, "tp_rank 0 is held by ranks 0, 1 and 2"),
+])
+def test_the_tp_ranks_of_a_group_must_cover_each_shard_equally(tp_ranks, tp_size, problem):
+    from kvpool.runtime.tp_ranks import check_tp_ranks
+
+    if problem is None:
+        check_tp_ranks(tp_ranks, tp_size)
+        return
+    with pytest.raises(InvalidArgumentError, match=re.escape(problem)):
+        check_tp_ranks(tp_ranks, tp_size)
 
 
 def test_tp_not_dividing_the_heads_is_the_planners_error():

@@ -1,24 +1,21 @@
 """size_kv_pool over real gloo groups of 2 and 4 processes (torch.multiprocessing, spawn).
 
-Each world size is spawned once (module fixture); every rank runs all scenarios in order on the same
-group and writes what each returned or raised to a JSON file, which the tests below check. A rank
-that hangs or dies fails the fixture after a bounded wait instead of blocking the suite.
+Each world size is spawned once (module fixture, harness in gloo_util.py); every rank runs all scenarios
+in order on the same group and writes what each returned or raised to a JSON file, which the tests below
+check. A rank that hangs or dies fails the fixture after a bounded wait instead of blocking the suite.
+Item 11/12 failures (normalised settings, one-sided errors, tp_rank sets) are in test_runtime_agreement.py.
 """
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import traceback
 
 import pytest
-import torch.multiprocessing as mp
+from gloo_util import run_group
 
 # about 4 s (2 ranks) and 6 s (4 ranks) here, mostly the ranks importing torch
 pytestmark = pytest.mark.slow
 
 GiB = 1024**3
-JOIN_TIMEOUT_S = 120  # generous: four ranks importing torch on a loaded 2-core machine
 # per-rank device memory (GiB) in the "budgets" scenario: the smallest is on the last rank
 BUDGETS_GIB = [24, 22, 26, 21]
 IN_USE = 15 * GiB  # llama-3.1-8b's bf16 weights, about
@@ -52,58 +49,10 @@ def _scenarios(rank: int, world: int):
     yield "after_errors", dict(base, kv_dtype="fp8")  # the group still works after every failure above
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    import kvpool
-    from kvpool.runtime import size_kv_pool
-
-    results = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
-        for name, kwargs in _scenarios(rank, world):
-            spec = kwargs.pop("spec")
-            try:
-                size = size_kv_pool(spec, **kwargs)
-                results[name] = {"ok": size.to_dict()}
-            except kvpool.KVPoolError as exc:
-                results[name] = {"error": type(exc).__name__, "message": str(exc)}
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - reported to the parent through the file
-        results["crash"] = traceback.format_exc()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-
-
-def _run(world: int, tmp_path) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    init_file = str(tmp_path / "init")
-    procs = [ctx.Process(target=_worker, args=(r, world, init_file, str(tmp_path))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(JOIN_TIMEOUT_S)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for r in hung:
-        procs[r].kill()
-        procs[r].join(5)
-    assert not hung, f"ranks {hung} of {world} did not finish within {JOIN_TIMEOUT_S} s (a hang)"
-    out = []
-    for r, p in enumerate(procs):
-        path = tmp_path / f"rank{r}.json"
-        assert path.exists(), f"rank {r} exited with code {p.exitcode} and wrote no result"
-        res = json.loads(path.read_text())
-        assert "crash" not in res, f"rank {r} crashed:\n{res['crash']}"
-        out.append(res)
-    return out
-
-
 @pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
 def world_results(request, tmp_path_factory):
     world = request.param
-    return world, _run(world, tmp_path_factory.mktemp(f"gloo{world}"))
+    return world, run_group(world, tmp_path_factory.mktemp(f"gloo{world}"), _scenarios)
 
 
 def _expected_blocks(total: int, bytes_per_block: int) -> int:
@@ -185,3 +134,12 @@ def test_the_group_keeps_working_after_the_errors(world_results):
     # fp8 halves the data and adds one float32 scale per token, head and tensor
     assert sizes[0]["bytes_per_block"] == 32 * (8 // world) * 2 * (128 + 4) * 16
     assert sizes[0]["deciding_rank"] == world - 1
+
+
+def test_every_rank_gets_the_same_fresh_prefix_cache_hash_key(world_results):
+    _, results = world_results
+    keys = {name: [r[name]["hash_key"] for r in results] for name in ("budgets", "after_errors")}
+    for name, per_rank in keys.items():
+        assert isinstance(per_rank[0], int) and 0 <= per_rank[0] < 2**128, (name, per_rank[0])
+        assert len(set(per_rank)) == 1, (name, per_rank)  # broadcast from TP rank 0
+    assert keys["budgets"][0] != keys["after_errors"][0]  # a fresh draw per call

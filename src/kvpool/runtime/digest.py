@@ -3,7 +3,9 @@
 Ranks of one tensor-parallel group that disagree on the model or the block size would build pools of
 different shapes and corrupt each other's memory on the first collective. The settings that must
 agree are hashed (sha256 of their canonical JSON) and exchanged with ``all_gather_object``; on a
-mismatch every rank learns which ranks differ and on which fields.
+mismatch every rank learns which ranks differ and on which fields. The caller brings each value to one
+canonical form first (``prepare``), so equal settings written differently (``0`` / ``0.0``, "FP8" /
+"fp8", numpy integers) hash alike.
 """
 from __future__ import annotations
 
@@ -72,6 +74,6 @@ def describe_mismatch(per_rank: Sequence[Mapping[str, Any]], global_ranks: Seque
     return (
         f"the ranks of the group disagree on the model or the pool settings ({'; '.join(parts)}); "
         f"{', '.join(agree)} agree. Every rank of a tensor-parallel group must call size_kv_pool with the "
-        "same model spec, block_size, kv_dtype, fp8_scales, tp_size, mem_fraction, headroom and "
-        "max_batched_tokens"
+        "same model spec, block_size, kv_dtype, fp8_scales, tp_size, mem_fraction, headroom, "
+        "max_batched_tokens and max_seqs"
     )

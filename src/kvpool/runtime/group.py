@@ -2,12 +2,14 @@
 
 Everything that crosses ranks goes through ``torch.distributed`` (NCCL on GPUs, gloo on CPU). A rank
 that fails locally must still take part in every collective the other ranks enter, or they hang: so
-each step that can fail exchanges a status over the group, and every rank raises together.
+each step that can fail runs through ``gather_step``, which exchanges its status (and its result) over
+the group, and every rank raises together. Only ``all_gather_object`` is used: the MIN block count is
+taken over the gathered Python ints, which cannot overflow.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -75,15 +77,6 @@ def all_gather(group: Group, obj: Any) -> list:
     return out
 
 
-def all_reduce_min(group: Group, value: int) -> int:
-    """The smallest ``value`` over the group (``all_reduce(op=ReduceOp.MIN)`` on an int64 tensor)."""
-    if not group.distributed:
-        return int(value)
-    t = torch.tensor([int(value)], dtype=torch.int64, device=group.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group.handle)
-    return int(t.item())
-
-
 @dataclasses.dataclass(frozen=True)
 class Status:
     """What one rank reports after a step that may fail: ``None`` error means it succeeded."""
@@ -95,6 +88,8 @@ class Status:
     def of(cls, exc: Optional[BaseException]) -> "Status":
         if exc is None:
             return cls()
+        if isinstance(exc, KeyboardInterrupt):
+            return cls(type(exc).__name__, "the process was interrupted (Ctrl-C or SIGINT) and stops there")
         return cls(type(exc).__name__, str(exc) or repr(exc))
 
 
@@ -132,10 +127,51 @@ def raise_if_any_failed(
     raise cls(msg) from own_error
 
 
-def exchange_status(group: Group, exc: Optional[BaseException], step: str, default: type) -> None:
-    """Tell every rank whether this rank's ``step`` failed, and raise on all of them if any did."""
-    statuses = all_gather(group, Status.of(exc))
-    raise_if_any_failed(statuses, exc, step, default, global_ranks(group))
+def gather_step(
+    group: Group, step: str, default: type, run: Callable[[], Any], share: Optional[Callable[[Any], Any]] = None,
+) -> tuple[Any, list]:
+    """Run ``run()`` on this rank, tell every rank how it went, and raise on all of them if it failed on any.
+
+    One ``all_gather_object`` carries each rank's status and, on success, ``share(result)``: a step
+    whose result the other ranks need costs no collective beyond the one that shares it.
+
+    Parameters
+    ----------
+    group : Group
+    step : str
+        What the step does, for the message ("profile_fn (the server's profile forward)").
+    default : type
+        The ``KVPoolError`` class raised for a failure that is not a kvpool error.
+    run : callable
+        The local work; any exception it raises (``KeyboardInterrupt`` included) is exchanged.
+    share : callable, optional
+        Maps ``run()``'s result to what the other ranks receive (default: nothing, ``None``).
+
+    Returns
+    -------
+    (object, list)
+        This rank's ``run()`` result and every rank's shared value, in group-rank order.
+
+    Raises
+    ------
+    KVPoolError
+        ``default`` (or the failed rank's kvpool error class) on every rank when any rank failed.
+    BaseException
+        On the rank where ``run()`` was interrupted (``KeyboardInterrupt``, ``SystemExit``): that
+        exception itself, re-raised after the other ranks were told.
+    """
+    exc: Optional[BaseException] = None
+    result = shared = None
+    try:
+        result = run()
+        shared = None if share is None else share(result)
+    except BaseException as caught:  # noqa: BLE001 - exchanged below so that no peer waits on this rank
+        exc = caught
+    gathered = all_gather(group, (Status.of(exc), shared))
+    if exc is not None and not isinstance(exc, Exception):
+        raise exc  # the peers know now; an interrupt stops this process as its user asked
+    raise_if_any_failed([status for status, _ in gathered], exc, step, default, global_ranks(group))
+    return result, [value for _, value in gathered]
 
 
 def global_ranks(group: Group) -> list[int]:

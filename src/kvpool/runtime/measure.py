@@ -54,18 +54,27 @@ def cuda_snapshot(device: torch.device, release_cache: bool = False) -> Snapshot
     )
 
 
-def warm_up_all_reduce(group_handle, device: torch.device, nbytes: int, dtype: torch.dtype) -> None:
-    """One all-reduce of ``nbytes`` over the group, so NCCL sets up what its largest message needs.
+def warm_up_message(device: torch.device, nbytes: int, dtype: torch.dtype) -> list:
+    """The warm-up all-reduce's message: ``[nbytes // itemsize]`` zeros of ``dtype`` on ``device``, in a list.
 
-    The message is ``[nbytes // itemsize]`` of ``dtype`` on ``device``; freed afterwards (torch keeps it
-    cached, which the snapshot counts as torch's, not NCCL's).
+    Allocated apart from the collective, so a rank that cannot allocate it says so before any rank enters
+    the all-reduce; the list lets ``warm_up_all_reduce`` drop the last reference.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return [torch.zeros(max(1, nbytes // itemsize), dtype=dtype, device=device)]
+
+
+def warm_up_all_reduce(group_handle, message: list) -> None:
+    """One all-reduce of ``message[0]`` over the group, so NCCL sets up what its largest message needs.
+
+    The tensor is freed afterwards (torch keeps it cached, which the snapshot counts as torch's, not NCCL's).
     """
     import torch.distributed as dist
 
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    buf = torch.zeros(max(1, nbytes // itemsize), dtype=dtype, device=device)
+    buf = message.pop()
     dist.all_reduce(buf, group=group_handle)
-    torch.cuda.synchronize(device)
+    if buf.is_cuda:
+        torch.cuda.synchronize(buf.device)
     del buf
 
 

@@ -73,6 +73,13 @@ class PoolSize:
         Group rank whose budget gave the fewest blocks (the lowest such rank on a tie).
     ranks : tuple of RankFigures
         Every rank's own figures, in group-rank order.
+    digest : str
+        sha256 of the settings every rank agreed on.
+    hash_key : int
+        128 random bits in ``[0, 2**128)``, drawn on TP rank 0 by this call and the same on every rank:
+        pass it to ``BlockAllocator(..., hash_key=pool.hash_key)`` on every rank so their prefix-cache
+        block hashes agree. A fresh key per call; left out of ``repr()`` and ``to_dict()`` so logs and
+        reports do not reveal it.
     predicted : dict or None
         The planner's figures for the same model and settings (``kvpool.plan.plan_memory``), in
         bytes: ``weights_bytes, activation_bytes, comm_bytes, overhead_bytes, non_torch_bytes,
@@ -102,6 +109,7 @@ class PoolSize:
     deciding_rank: int
     ranks: tuple
     digest: str
+    hash_key: int = dataclasses.field(repr=False)
     predicted: Optional[dict] = None
     prediction_error: Optional[str] = None
 
@@ -150,8 +158,8 @@ class PoolSize:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        """JSON-able dict of every field, with ``ranks`` as a list of dicts and the comparison rows."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "ranks"}
+        """JSON-able dict of every field but ``hash_key``, with ``ranks`` as a list of dicts and the comparison rows."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("ranks", "hash_key")}
         d["ranks"] = [r.to_dict() for r in self.ranks]
         d["comparison"] = self.comparison()
         return d

@@ -1,24 +1,25 @@
 """``size_kv_pool``: the call a tensor-parallel server makes on every rank after loading its weights.
 
 Order of the steps (each rank runs the same collectives in the same order, and every step that can
-fail on one rank exchanges a status first, so a failure raises on every rank instead of hanging):
+fail on one rank runs through ``group.gather_step``, which exchanges its status, so a failure raises
+the same ``KVPoolError`` on every rank instead of hanging):
 
-1. check the arguments, load the spec, take the first memory snapshot (before any collective, so the
-   NCCL communicator's memory shows up in the difference);
-2. exchange the settings digest (``all_gather_object``): any mismatch raises ``RankMismatchError`` everywhere;
+1. check the arguments (canonical types), load the spec, take the first memory snapshot (before any
+   collective, so the NCCL communicator's memory shows up in the difference);
+2. exchange the settings digest, the ``tp_rank`` and TP rank 0's random prefix-cache hash key
+   (``all_gather_object``): a mismatch raises ``RankMismatchError`` everywhere, duplicate or missing
+   ``tp_rank`` values ``InvalidArgumentError`` everywhere;
 3. NCCL groups: one warm-up all-reduce of the largest message (``max_batched_tokens x hidden x dtype``);
 4. run ``profile_fn`` under ``reset_peak_memory_stats`` (failure: ``ProfileError`` everywhere);
-5. measure, compute this rank's block count, take the MIN over the group (``all_reduce(op=MIN)``)
-   and gather every rank's figures (``all_gather_object``);
+5. measure, compute this rank's block count and gather every rank's figures (``all_gather_object``);
+   the pool is the MIN over them;
 6. compare with the planner and log the table at INFO on logger ``kvpool.runtime``.
 """
 from __future__ import annotations
 
 import logging
-import numbers
+import secrets
 from typing import Any, Callable, Optional
-
-import torch
 
 from .. import errors
 from . import digest as _digest
@@ -26,10 +27,10 @@ from . import group as _group
 from . import measure as _measure
 from .pool_size import GiB, PoolSize, RankFigures
 from .predict import predict
+from .prepare import Prepared, prepare
+from .tp_ranks import check_tp_ranks
 
 logger = logging.getLogger("kvpool.runtime")
-
-_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def size_kv_pool(
@@ -56,7 +57,10 @@ def size_kv_pool(
 
     Call it on every rank of ``group`` (collectively), after the weights are loaded and before the KV
     pool is allocated. Then ``PagedKVCache.for_shard(spec, size.num_blocks, size.block_size, ...)``
-    and ``BlockAllocator(size.num_blocks, size.block_size)``.
+    and ``BlockAllocator(size.num_blocks, size.block_size, hash_key=size.hash_key)``.
+
+    Integer arguments take any integer type (numpy integers, anything with ``__index__``) but not
+    ``bool`` or ``float``; string settings are case-blind.
 
     Parameters
     ----------
@@ -82,7 +86,8 @@ def size_kv_pool(
         fraction of the device's total memory.
     tp_rank, tp_size : int, optional
         This rank's shard and the TP degree the pool is laid out for; default the rank in and the
-        size of the group.
+        size of the group. Over a group of more than one rank, each ``tp_rank`` in ``[0, tp_size)``
+        must be held by exactly one rank (or by ``k`` ranks when the group spans ``k`` replicas).
     device : torch.device or str, optional
         The device whose memory is sized. Default: the current CUDA device for an NCCL group or
         when CUDA is available and ``device_memory_bytes`` is not given, else the CPU.
@@ -108,106 +113,140 @@ def size_kv_pool(
     Returns
     -------
     PoolSize
-        Equal on every rank of the group.
+        Equal on every rank of the group (``hash_key`` included).
 
     Raises
     ------
     InvalidArgumentError
-        A bad argument (on every rank when raised on one).
+        A bad argument (on every rank when raised on one), or duplicate / missing ``tp_rank`` values.
     RankMismatchError
         The ranks disagree on the model or the settings (on every rank, naming who and what).
     ProfileError
         ``profile_fn`` failed on some rank (on every rank).
     PlanError
         The budget leaves no block on some rank (on every rank, with the figures).
+    KVPoolError
+        Any other failure on some rank (a CUDA error while measuring, ...): on every rank, naming it.
+    KeyboardInterrupt
+        On the rank interrupted during the call, after telling the others (which raise a
+        ``KVPoolError`` naming that rank; ``ProfileError`` when it happened inside ``profile_fn``).
     """
     grp = _group.resolve_group(group)
     granks = _group.global_ranks(grp)
 
-    # -- 1. local preparation: any failure is exchanged in step 2 so no rank waits forever
-    prep_error: Optional[BaseException] = None
-    prep: dict = {}
-    try:
-        prep = _prepare(
-            spec, block_size, grp, mem_fraction, profile_fn, kv_dtype, headroom, tp_rank, tp_size,
-            device, device_memory_bytes, activation_bytes, in_use_bytes, fp8_scales, max_batched_tokens, max_seqs,
-        )
-    except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-        prep_error = exc
-
-    # -- 2. settings digest
-    mine = {
-        "status": _group.Status.of(prep_error),
-        "digest": prep.get("digest", ""),
-        "settings": prep.get("settings", {}),
-    }
-    everyone = _group.all_gather(grp, mine)
-    _group.raise_if_any_failed(
-        [e["status"] for e in everyone], prep_error, "checking the arguments of size_kv_pool",
-        errors.InvalidArgumentError, granks,
+    # -- 1 + 2. local checks; then the digest, tp_rank and hash key go round (with any failure's status)
+    prep, everyone = _group.gather_step(
+        grp, "checking the arguments of size_kv_pool", errors.InvalidArgumentError,
+        lambda: prepare(
+            spec, grp, device=device, kv_dtype=kv_dtype, profile_fn=profile_fn, block_size=block_size,
+            mem_fraction=mem_fraction, headroom=headroom, tp_rank=tp_rank, tp_size=tp_size,
+            device_memory_bytes=device_memory_bytes, activation_bytes=activation_bytes, in_use_bytes=in_use_bytes,
+            fp8_scales=fp8_scales, max_batched_tokens=max_batched_tokens, max_seqs=max_seqs,
+        ),
+        lambda p: _shared_settings(p, grp),
     )
     mismatch = _digest.describe_mismatch(everyone, granks)
     if mismatch is not None:
         raise errors.RankMismatchError(mismatch)
+    check_tp_ranks([e["tp_rank"] for e in everyone], prep.tp_size)
+    hash_key = next(e["hash_key"] for e in everyone if e["hash_key"] is not None)
 
-    dev: torch.device = prep["device"]
-    on_cuda = dev.type == "cuda"
-
-    # -- 3. NCCL warm-up with the largest message
-    if grp.backend == "nccl":
-        err = None
-        try:
-            _measure.warm_up_all_reduce(grp.handle, grp.device, prep["warmup_bytes"], prep["torch_dtype"])
-        except Exception as exc:  # noqa: BLE001 - an error here is local (the collective itself either runs everywhere or hangs)
-            err = exc
-        _group.exchange_status(grp, err, "the NCCL warm-up all-reduce", errors.KVPoolError)
-    after_comm = _measure.cuda_snapshot(dev) if on_cuda else None
+    # -- 3. NCCL warm-up with the largest message (allocated first: a rank short of memory tells the
+    #       others before anyone enters the all-reduce), then the snapshot NCCL's share is read from
+    message: list = []
+    if _needs_warm_up(grp):
+        message, _ = _group.gather_step(
+            grp, "allocating the NCCL warm-up message", errors.KVPoolError,
+            lambda: _measure.warm_up_message(grp.device, prep.warmup_bytes, prep.torch_dtype),
+        )
+    after_comm, _ = _group.gather_step(
+        grp, "the NCCL warm-up all-reduce and the memory snapshot after it", errors.KVPoolError,
+        lambda: _warm_up_and_snapshot(grp, prep, message),
+    )
 
     # -- 4. activation peak
-    err = None
-    activation = 0
-    try:
-        if on_cuda and profile_fn is not None:
-            activation = _measure.cuda_activation_peak(profile_fn, dev)
-        else:
-            _measure.run_profile(profile_fn)
-    except Exception as exc:  # noqa: BLE001 - re-raised as ProfileError on every rank
-        err = exc
-    _group.exchange_status(grp, err, "profile_fn (the server's profile forward)", errors.ProfileError)
-    if activation_bytes is not None:
-        activation = int(activation_bytes)
-    elif on_cuda and profile_fn is None:
-        logger.warning(
-            "size_kv_pool on %s without profile_fn or activation_bytes: the activation peak is taken as 0, "
-            "so the pool may leave no room for the largest forward step", dev,
-        )
+    activation, _ = _group.gather_step(
+        grp, "profile_fn (the server's profile forward)", errors.ProfileError,
+        lambda: _activation_peak(prep, profile_fn),
+    )
 
-    # -- 5. this rank's figures, the MIN over the group, everyone's figures
-    own = _rank_figures(prep, grp, granks, dev, after_comm, activation)
-    num_blocks = _group.all_reduce_min(grp, own.num_blocks)
-    ranks = tuple(_group.all_gather(grp, own))
+    # -- 5. every rank's figures; the pool is the smallest block count (Python ints: no overflow)
+    _, ranks = _group.gather_step(
+        grp, "measuring this rank's memory", errors.KVPoolError,
+        lambda: _rank_figures(prep, grp, granks, after_comm, activation), share=lambda figures: figures,
+    )
+    num_blocks = min(r.num_blocks for r in ranks)
     deciding = min(r.rank for r in ranks if r.num_blocks == num_blocks)
     if num_blocks <= 0:
         raise errors.PlanError(_no_block_message(ranks[deciding], prep, grp.size))
 
     # -- 6. the plan beside the measurement (deterministic: the same on every rank)
+    size = _pool_size(prep, tuple(ranks), deciding, hash_key, gpu)
+    logger.info("%s", size.format_comparison())
+    return size
+
+
+# ----------------------------------------------------------------------------- steps
+def _shared_settings(prep: Prepared, grp: _group.Group) -> dict:
+    """What step 2 sends every rank: the digest and settings, this rank's tp_rank, and (TP rank 0) a hash key."""
+    draws_key = prep.tp_rank == 0 or grp.size == 1
+    return {
+        "digest": prep.digest,
+        "settings": prep.settings,
+        "tp_rank": prep.tp_rank,
+        # 128 random bits keying the prefix cache's block hashes: one draw, used by every rank's allocator
+        "hash_key": secrets.randbits(128) if draws_key else None,
+    }
+
+
+def _needs_warm_up(grp: _group.Group) -> bool:
+    """NCCL sets up its buffers on first use: only an NCCL group gets the warm-up all-reduce."""
+    return grp.backend == "nccl"
+
+
+def _warm_up_and_snapshot(grp: _group.Group, prep: Prepared, message: list) -> Optional[_measure.Snapshot]:
+    if message:
+        _measure.warm_up_all_reduce(grp.handle, message)
+    return _measure.cuda_snapshot(prep.device) if prep.device.type == "cuda" else None
+
+
+def _activation_peak(prep: Prepared, profile_fn: Optional[Callable[[], object]]) -> int:
+    """Measured on CUDA with a ``profile_fn``; declared otherwise (``profile_fn`` still has to run)."""
+    on_cuda = prep.device.type == "cuda"
+    measured = 0
+    if on_cuda and profile_fn is not None:
+        measured = _measure.cuda_activation_peak(profile_fn, prep.device)
+    else:
+        _measure.run_profile(profile_fn)
+    if prep.activation_bytes is not None:
+        return prep.activation_bytes
+    if on_cuda and profile_fn is None:
+        logger.warning(
+            "size_kv_pool on %s without profile_fn or activation_bytes: the activation peak is taken as 0, "
+            "so the pool may leave no room for the largest forward step", prep.device,
+        )
+    return measured
+
+
+def _pool_size(prep: Prepared, ranks: tuple, deciding: int, hash_key: int, gpu: str) -> PoolSize:
     d = ranks[deciding]
+    num_blocks = d.num_blocks
     predicted, prediction_error = predict(
-        prep["spec"], tp=prep["tp_size"], total_bytes=d.total_bytes, mem_fraction=float(mem_fraction),
-        headroom_bytes=d.headroom_bytes, kv_dtype=kv_dtype, fp8_scales=fp8_scales, block_size=block_size,
-        max_batched_tokens=max_batched_tokens, max_seqs=max_seqs, gpu=gpu,
+        prep.spec, tp=prep.tp_size, total_bytes=d.total_bytes, mem_fraction=prep.mem_fraction,
+        headroom_bytes=d.headroom_bytes, kv_dtype=prep.kv_dtype, fp8_scales=prep.fp8_scales,
+        block_size=prep.block_size, max_batched_tokens=prep.max_batched_tokens, max_seqs=prep.max_seqs, gpu=gpu,
     )
-    size = PoolSize(
+    return PoolSize(
         num_blocks=num_blocks,
-        block_size=block_size,
-        bytes_per_block=prep["bytes_per_block"],
-        num_tokens=num_blocks * block_size,
-        kv_bytes=num_blocks * prep["bytes_per_block"],
-        tp_size=prep["tp_size"],
-        kv_dtype=kv_dtype,
-        fp8_scales=fp8_scales,
-        mem_fraction=float(mem_fraction),
-        device=dev.type,
+        block_size=prep.block_size,
+        bytes_per_block=prep.bytes_per_block,
+        num_tokens=num_blocks * prep.block_size,
+        kv_bytes=num_blocks * prep.bytes_per_block,
+        tp_size=prep.tp_size,
+        kv_dtype=prep.kv_dtype,
+        fp8_scales=prep.fp8_scales,
+        mem_fraction=prep.mem_fraction,
+        device=prep.device.type,
         measured=d.measured,
         total_bytes=d.total_bytes,
         budget_bytes=d.budget_bytes,
@@ -219,158 +258,36 @@ def size_kv_pool(
         kv_budget_bytes=d.kv_budget_bytes,
         deciding_rank=deciding,
         ranks=ranks,
-        digest=prep["digest"],
+        digest=prep.digest,
+        hash_key=hash_key,
         predicted=predicted,
         prediction_error=prediction_error,
     )
-    logger.info("%s", size.format_comparison())
-    return size
 
 
-# ----------------------------------------------------------------------------- helpers
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _check_nonneg_int(name: str, value: Any, positive: bool = False) -> None:
-    if value is None:
-        return
-    if not _is_int(value) or value < (1 if positive else 0):
-        need = "a positive" if positive else "a non-negative"
-        raise errors.InvalidArgumentError(f"{name} must be {need} integer number of bytes, got {value!r}")
-
-
-def _resolve_device(device: Any, grp: _group.Group, device_memory_bytes: Optional[int]) -> torch.device:
-    if device is not None:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise errors.InvalidArgumentError(f"device={device!r} is not a torch device ({exc}); pass 'cuda', 'cuda:1' or 'cpu'")
-    elif grp.backend == "nccl":
-        dev = grp.device
-    elif device_memory_bytes is None and torch.cuda.is_available():
-        dev = torch.device("cuda", torch.cuda.current_device())
-    else:
-        dev = torch.device("cpu")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise errors.InvalidArgumentError(
-                f"device={dev} but CUDA is not available here; pass device='cpu' with device_memory_bytes="
-            )
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    elif dev.type != "cpu":
-        raise errors.InvalidArgumentError(f"device={dev} is not supported; size a 'cuda' or a 'cpu' device")
-    return dev
-
-
-def _prepare(spec, block_size, grp, mem_fraction, profile_fn, kv_dtype, headroom, tp_rank, tp_size,
-             device, device_memory_bytes, activation_bytes, in_use_bytes, fp8_scales, max_batched_tokens,
-             max_seqs) -> dict:
-    """Validate the arguments, load the spec, compute the layout and digest, take the first snapshot."""
-    from ..plan.model import load_model_spec
-    from ..plan.kv import kv_shard_layout
-
-    if not _is_int(block_size) or block_size <= 0 or block_size & (block_size - 1):
-        raise errors.InvalidArgumentError(f"block_size must be a positive power of two, got {block_size!r}")
-    if isinstance(mem_fraction, bool) or not isinstance(mem_fraction, numbers.Real) or not 0 < mem_fraction <= 1:
-        raise errors.InvalidArgumentError(f"mem_fraction must be in (0, 1], got {mem_fraction!r}")
-    if profile_fn is not None and not callable(profile_fn):
-        raise errors.InvalidArgumentError(f"profile_fn must be callable (no arguments), got {profile_fn!r}")
-    if isinstance(headroom, bool) or not isinstance(headroom, numbers.Real) or headroom < 0 or (
-        not _is_int(headroom) and headroom >= 1
-    ):
-        raise errors.InvalidArgumentError(
-            f"headroom must be an int number of bytes >= 0 or a float fraction of total memory in [0, 1), got {headroom!r}"
-        )
-    _check_nonneg_int("device_memory_bytes", device_memory_bytes, positive=True)
-    _check_nonneg_int("activation_bytes", activation_bytes)
-    _check_nonneg_int("in_use_bytes", in_use_bytes)
-    for name, value in (("max_batched_tokens", max_batched_tokens), ("max_seqs", max_seqs)):
-        if not _is_int(value) or value <= 0:
-            raise errors.InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
-    if tp_size is None:
-        tp_size = grp.size
-    if not _is_int(tp_size) or tp_size <= 0:
-        raise errors.InvalidArgumentError(f"tp_size must be a positive integer, got {tp_size!r}")
-    if tp_rank is None:
-        tp_rank = grp.rank % tp_size
-    if not _is_int(tp_rank) or not 0 <= tp_rank < tp_size:
-        raise errors.InvalidArgumentError(f"tp_rank must be in [0, tp_size={tp_size}), got {tp_rank!r}")
-
-    dev = _resolve_device(device, grp, device_memory_bytes)
-    if dev.type == "cpu" and device_memory_bytes is None:
-        raise errors.InvalidArgumentError(
-            "size_kv_pool on the CPU needs device_memory_bytes= (the memory the pool's device has, in bytes): "
-            "memory cannot be measured there; pass e.g. device_memory_bytes=64 * 2**30"
-        )
-    if dev.type == "cuda" and in_use_bytes is not None:
-        raise errors.InvalidArgumentError(
-            "in_use_bytes is for the CPU only: on CUDA torch's memory in use is measured; drop in_use_bytes="
-        )
-    if dev.type == "cuda" and activation_bytes is not None and profile_fn is not None:
-        raise errors.InvalidArgumentError(
-            "on CUDA give either profile_fn (the activation peak is measured) or activation_bytes (declared), not both"
-        )
-
-    spec = load_model_spec(spec)
-    layout = kv_shard_layout(spec, tp=tp_size, kv_dtype=kv_dtype, fp8_scales=fp8_scales)
-    bytes_per_block = int(layout.bytes_per_block(block_size))
-    torch_dtype = _TORCH_DTYPES.get(spec.dtype, torch.bfloat16)
-    dtype_bytes = torch.empty((), dtype=torch_dtype).element_size()
-
-    settings = _digest.settings(
-        spec, block_size=block_size, kv_dtype=kv_dtype, fp8_scales=fp8_scales, tp_size=tp_size,
-        mem_fraction=float(mem_fraction), headroom=headroom, max_batched_tokens=max_batched_tokens,
-        max_seqs=max_seqs,
-    )
-    first = _measure.cuda_snapshot(dev) if dev.type == "cuda" else None
-    if first is not None and device_memory_bytes is not None and device_memory_bytes > first.total:
-        raise errors.InvalidArgumentError(
-            f"device_memory_bytes={device_memory_bytes} is more than {dev} has ({first.total} bytes); "
-            "give at most the device's total, or leave it out to use the measured total"
-        )
-    return {
-        "spec": spec,
-        "tp_size": tp_size,
-        "tp_rank": tp_rank,
-        "device": dev,
-        "bytes_per_block": bytes_per_block,
-        "torch_dtype": torch_dtype,
-        "warmup_bytes": max_batched_tokens * spec.hidden_size * dtype_bytes,
-        "settings": settings,
-        "digest": _digest.digest(settings),
-        "first": first,
-        "device_memory_bytes": device_memory_bytes,
-        "in_use_bytes": in_use_bytes or 0,
-        "headroom": headroom,
-        "mem_fraction": float(mem_fraction),
-    }
-
-
-def _rank_figures(prep, grp, granks, dev, after_comm, activation) -> RankFigures:
+def _rank_figures(prep: Prepared, grp, granks, after_comm, activation: int) -> RankFigures:
     """This rank's terms; on CUDA read after the profile with torch's cached blocks released."""
+    dev = prep.device
     if dev.type == "cuda":
         last = _measure.cuda_snapshot(dev, release_cache=True)
-        total = prep["device_memory_bytes"] or last.total
+        total = prep.device_memory_bytes or last.total
         # device_memory_bytes (if given) lowers the total; everything measured still counts in full
         in_use, reserved, non_torch, free = last.allocated, last.reserved, last.non_torch, last.free
-        nccl = max(0, after_comm.non_torch - prep["first"].non_torch)
+        nccl = max(0, after_comm.non_torch - prep.first.non_torch)
         measured = True
     else:
-        total = prep["device_memory_bytes"]
-        in_use = reserved = prep["in_use_bytes"]
+        total = prep.device_memory_bytes
+        in_use = reserved = prep.in_use_bytes
         non_torch = nccl = 0
         free = total - in_use
         measured = False
-    headroom = prep["headroom"]
-    headroom_bytes = int(headroom) if _is_int(headroom) else int(headroom * total)
-    budget = int(prep["mem_fraction"] * total)
+    headroom_bytes = prep.headroom if isinstance(prep.headroom, int) else int(prep.headroom * total)
+    budget = int(prep.mem_fraction * total)
     kv_budget = budget - in_use - non_torch - activation - headroom_bytes
     return RankFigures(
         rank=grp.rank,
         global_rank=granks[grp.rank],
-        tp_rank=prep["tp_rank"],
+        tp_rank=prep.tp_rank,
         device=str(dev),
         measured=measured,
         total_bytes=int(total),
@@ -383,21 +300,21 @@ def _rank_figures(prep, grp, granks, dev, after_comm, activation) -> RankFigures
         activation_peak_bytes=int(activation),
         headroom_bytes=headroom_bytes,
         kv_budget_bytes=int(kv_budget),
-        num_blocks=max(0, kv_budget) // prep["bytes_per_block"],
+        num_blocks=max(0, kv_budget) // prep.bytes_per_block,
     )
 
 
-def _no_block_message(d: RankFigures, prep: dict, world: int) -> str:
+def _no_block_message(d: RankFigures, prep: Prepared, world: int) -> str:
     def g(x: int) -> str:
         return f"{x / GiB:.2f} GiB"
 
-    short = prep["bytes_per_block"] - d.kv_budget_bytes
+    short = prep.bytes_per_block - d.kv_budget_bytes
     where = f"rank {d.rank} of {world}" if world > 1 else "this device"
     return (
-        f"the memory budget leaves no KV block on {where}: {prep['mem_fraction']} x {g(d.total_bytes)} total "
+        f"the memory budget leaves no KV block on {where}: {prep.mem_fraction} x {g(d.total_bytes)} total "
         f"= {g(d.budget_bytes)} budget - {g(d.torch_in_use_bytes)} torch in use (weights) - "
         f"{g(d.non_torch_bytes)} non-torch - {g(d.activation_peak_bytes)} activation peak - "
         f"{g(d.headroom_bytes)} headroom = {g(d.kv_budget_bytes)} for KV, and one block takes "
-        f"{prep['bytes_per_block']} bytes (short by {short} bytes). Raise mem_fraction, lower headroom or "
+        f"{prep.bytes_per_block} bytes (short by {short} bytes). Raise mem_fraction, lower headroom or "
         "max_batched_tokens, use more tensor-parallel ranks, kv_dtype='fp8' or a smaller block_size"
     )
