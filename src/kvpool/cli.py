@@ -59,7 +59,7 @@ def cmd_plan(args) -> int:
     plan = plan_memory(model, args.tp, args.pp, gpu, interconnect=args.interconnect, batch=args.batch,
                        seq_len=args.seq_len, **_plan_kwargs(args))
     if args.plot:
-        from .cli_render import plot_plan
+        from .cli_plots import plot_plan
 
         plot_plan(plan, args.plot)
     if args.json:
@@ -89,7 +89,7 @@ def cmd_scale(args) -> int:
     result = scale(model, gpu, tps, seq_len=args.seq_len, batch=args.batch, interconnect=args.interconnect,
                    pp=args.pp, **_plan_kwargs(args))
     if args.plot:
-        from .cli_render import plot_scale
+        from .cli_plots import plot_scale
 
         plot_scale(result, args.plot)
     if args.json:

@@ -1,5 +1,5 @@
-"""Human output of the ``kvpool`` command (rich tables fitted to the terminal by ``cli_layout``) and its charts
-(matplotlib, imported lazily)."""
+"""Human output of the ``kvpool`` command (rich tables fitted to the terminal by ``cli_layout``); its charts
+are in ``cli_plots``."""
 from __future__ import annotations
 
 from .cli_layout import Col, emit, fit_table, indented
@@ -261,72 +261,3 @@ def render_gpus() -> None:
             for k, v in INTERCONNECTS.items()]
     emit(_title("Interconnect presets"), *fit_table(cols, rows))
 
-
-# ------------------------------------------------------------------------------ charts
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path) -> None:
-    from .errors import InvalidArgumentError
-
-    try:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    except (OSError, ValueError) as exc:
-        raise InvalidArgumentError(f"cannot write the chart to {path!r}: {exc}") from None
-
-
-def plot_plan(plan, path) -> None:
-    """Stacked bars: one per GPU of the deployment (all TP ranks of each PP stage)."""
-    plt = _pyplot()
-    d = plan.to_dict()
-    stages = d["stages"]
-    total = d["per_gpu"]["total_gib"]
-    budget = d["per_gpu"]["budget_gib"]
-    tp = d["parallel"]["tp"]
-    labels, bars = [], []
-    for s in stages:
-        for r in range(tp):
-            labels.append(f"s{s['stage']}/r{r}" if len(stages) > 1 else f"GPU {r}")
-            bars.append([s["weights_gib"], s["activation_gib"], s["comm_gib"], s["overhead_gib"],
-                         max(0.0, s["kv_cache_gib"]), total - budget])
-    names = ["weights", "activation", "communication", "context/graphs", "KV cache", "headroom"]
-    colours = ["#4c72b0", "#dd8452", "#c44e52", "#8172b3", "#55a868", "#cccccc"]
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(labels) + 3), 4.5))
-    bottom = [0.0] * len(labels)
-    for i, (name, colour) in enumerate(zip(names, colours)):
-        vals = [b[i] for b in bars]
-        ax.bar(labels, vals, bottom=bottom, label=name, color=colour)
-        bottom = [x + y for x, y in zip(bottom, vals)]
-    ax.axhline(total, color="black", linewidth=0.8, linestyle="--")
-    ax.set_ylabel("GiB")
-    ax.set_title(f"{d['model']} · {d['parallel']['gpus']} × {d['gpu']}")
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
-    _save(fig, path)
-    plt.close(fig)
-
-
-def plot_scale(result, path) -> None:
-    plt = _pyplot()
-    ok = [r for r in result["rows"] if r.get("fits")]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    if ok:
-        ax.plot([r["tp"] for r in ok], [r["decode_tokens_per_s"] for r in ok], "o-", label="decode tokens/s")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([r["tp"] for r in ok], [str(r["tp"]) for r in ok])
-        ax2 = ax.twinx()
-        ax2.plot([r["tp"] for r in ok], [r["efficiency"] for r in ok], "s--", color="#c44e52", label="efficiency")
-        ax2.set_ylabel("efficiency (speedup / GPUs)")
-        ax2.set_ylim(0, 1.1)
-        ax2.legend(loc="lower right")
-    ax.set_xlabel("tensor parallel degree")
-    ax.set_ylabel("decode tokens/s (roofline)")
-    ax.set_title(f"{result['model']} on {result['gpu']}, {result['seq_len']:,}-token sequences")
-    ax.legend(loc="upper left")
-    _save(fig, path)
-    plt.close(fig)
