@@ -14,22 +14,31 @@ from kvpool import BlockAllocator, KVPoolError
 from kvpool._reference import ReferenceBlockAllocator
 
 HASHES = st.integers(0, 12)  # few distinct hashes: collisions, hits and conflicts happen often
+TOKENS = st.integers(0, 1)  # two token values: equal and colliding block contents both happen
+KEY = 0x5EED_0000_0000_0000_0000_0000_0000_0001  # one key for both, as every TP rank shares one
+
+
+def plain(out):
+    """A result as plain Python values (arrays as lists, tuples element by element)."""
+    if isinstance(out, tuple):
+        return tuple(plain(x) for x in out)
+    return out.tolist() if isinstance(out, np.ndarray) else out
 
 
 class AllocatorVsReference(RuleBasedStateMachine):
     @initialize(num_blocks=st.integers(1, 12), caching=st.booleans())
     def build(self, num_blocks, caching):
-        self.cpp = BlockAllocator(num_blocks, block_size=4, enable_prefix_caching=caching)
-        self.ref = ReferenceBlockAllocator(num_blocks, block_size=4, enable_prefix_caching=caching)
+        self.cpp = BlockAllocator(num_blocks, block_size=4, enable_prefix_caching=caching, hash_key=KEY)
+        self.ref = ReferenceBlockAllocator(num_blocks, block_size=4, enable_prefix_caching=caching, hash_key=KEY)
         self.held = []  # one entry per reference the test owns
+        self.chains = [0]  # chain values returned so far (parents for cache_blocks_verified)
 
     def both(self, method, *args):
         """Call both; they must return equal arrays or raise the same error class."""
         results = []
         for impl in (self.cpp, self.ref):
             try:
-                out = getattr(impl, method)(*args)
-                results.append(("ok", None if out is None else out.tolist()))
+                results.append(("ok", plain(getattr(impl, method)(*args))))
             except KVPoolError as e:
                 results.append(("error", type(e)))
         assert results[0] == results[1], (method, args, results)
@@ -79,6 +88,35 @@ class AllocatorVsReference(RuleBasedStateMachine):
         assert status == "ok"
         self.held.extend(hit)
 
+    @rule(n=st.integers(-1, 8), data=st.data())
+    def allocate_with_prefix(self, n, data):
+        k = data.draw(st.integers(0, 3))
+        hashes = data.draw(st.lists(HASHES, min_size=k, max_size=k))
+        n_tokens = data.draw(st.sampled_from([4 * k, 4 * k, 4 * k + 1]))
+        tokens = data.draw(st.lists(TOKENS, min_size=n_tokens, max_size=n_tokens))
+        context = data.draw(st.sampled_from([0, 0, 5]))
+        status, out = self.both("allocate_with_prefix", n, hashes, tokens, context)
+        if status == "ok":
+            ids, hits, chain = out
+            assert 0 <= hits <= min(n, k) and len(ids) == n
+            self.held.extend(ids)
+            self.chains.append(chain)
+
+    @rule(data=st.data())
+    def cache_verified(self, data):
+        if self.held and data.draw(st.booleans()):
+            ids = data.draw(st.lists(st.sampled_from(self.held), min_size=1, max_size=3))
+        else:
+            ids = data.draw(st.lists(st.integers(-1, 13), max_size=3))
+        hashes = data.draw(st.lists(HASHES, min_size=len(ids), max_size=len(ids)))
+        n_tokens = data.draw(st.sampled_from([4 * len(ids), 4 * len(ids), 4 * len(ids) - 1]))
+        tokens = data.draw(st.lists(TOKENS, min_size=max(n_tokens, 0), max_size=max(n_tokens, 0)))
+        parent = data.draw(st.sampled_from(self.chains + [2**64 - 1]))
+        context = data.draw(st.sampled_from([0, 5]))
+        status, chain = self.both("cache_blocks_verified", ids, hashes, tokens, context, parent)
+        if status == "ok":
+            self.chains.append(chain)
+
     @invariant()
     def agree_and_consistent(self):
         if not hasattr(self, "cpp"):
@@ -99,5 +137,5 @@ class AllocatorVsReference(RuleBasedStateMachine):
         ref.check_invariants()
 
 
-AllocatorVsReference.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+AllocatorVsReference.TestCase.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
 TestAllocatorVsReference = AllocatorVsReference.TestCase
