@@ -73,6 +73,18 @@ def test_observe_allocator_reads_a_real_allocator():
     assert s["kvpool_prefix_hit_blocks_total"] == 2
 
 
+def test_hash_collisions_are_exported():
+    from kvpool.allocator import BlockAllocator
+
+    alloc = BlockAllocator(8, block_size=2)
+    ids, _, _ = alloc.allocate_with_prefix(1, [7], [1, 2])
+    alloc.cache_blocks_verified(ids, [7], [1, 2])
+    alloc.allocate_with_prefix(1, [7], [3, 4])  # same (injected) hash, other tokens: a collision
+    m = PoolMetrics()
+    m.observe_allocator(alloc)
+    assert samples(m)["kvpool_prefix_hash_collisions_total"] == 1
+
+
 def test_serve_binds_loopback_only_and_serves_the_registry():
     m = PoolMetrics()
     m.observe_pool(16, 10, 3)

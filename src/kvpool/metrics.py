@@ -3,7 +3,8 @@
 Gauges: ``kvpool_blocks_total``, ``kvpool_free_blocks`` (allocatable now, evictable cached blocks
 included), ``kvpool_used_blocks`` (referenced by a live sequence), ``kvpool_cached_blocks`` (holding a
 prefix hash, in use or evictable). Counters: ``kvpool_prefix_hit_blocks_total``,
-``kvpool_prefix_lookup_blocks_total``, ``kvpool_evictions_total``, ``kvpool_preemptions_total``,
+``kvpool_prefix_lookup_blocks_total``, ``kvpool_prefix_hash_collisions_total`` (a block hash matched a
+cached block holding other tokens: refused, counted), ``kvpool_evictions_total``, ``kvpool_preemptions_total``,
 ``kvpool_requests_finished_total``, ``kvpool_requests_rejected_total``.
 
 Metrics live in a caller-supplied ``CollectorRegistry`` (or a private one), never in the global
@@ -41,6 +42,9 @@ class PoolMetrics:
                                    namespace=ns, registry=r)
         self.prefix_lookups = Counter("prefix_lookup_blocks", "Full prompt blocks looked up in the prefix cache",
                                       namespace=ns, registry=r)
+        self.hash_collisions = Counter(
+            "prefix_hash_collisions", "Prefix-cache lookups whose hash matched a block holding other tokens "
+            "(verified, refused, counted)", namespace=ns, registry=r)
         self.evictions = Counter("evictions", "Cached blocks evicted to make room", namespace=ns, registry=r)
         self.preemptions = Counter("preemptions", "Sequences preempted (blocks freed, recomputed later)",
                                    namespace=ns, registry=r)
@@ -56,10 +60,10 @@ class PoolMetrics:
 
     def observe_pool(self, num_blocks: int, num_free_blocks: int, num_cached_blocks: int,
                      evictions: int | None = None, prefix_hit_blocks: int | None = None,
-                     prefix_query_blocks: int | None = None) -> None:
+                     prefix_query_blocks: int | None = None, hash_collisions: int | None = None) -> None:
         """Set the gauges from a pool snapshot.
 
-        ``evictions``, ``prefix_hit_blocks`` and ``prefix_query_blocks`` are the pool's running totals
+        ``evictions``, ``prefix_hit_blocks``, ``prefix_query_blocks`` and ``hash_collisions`` are the pool's running totals
         (as ``BlockAllocator.stats()`` keeps them); the counters advance to them.
         """
         if not 0 <= num_free_blocks <= num_blocks or not 0 <= num_cached_blocks <= num_blocks:
@@ -74,13 +78,15 @@ class PoolMetrics:
         self._advance(self.evictions, "evictions", evictions)
         self._advance(self.prefix_hits, "prefix_hit_blocks", prefix_hit_blocks)
         self._advance(self.prefix_lookups, "prefix_query_blocks", prefix_query_blocks)
+        self._advance(self.hash_collisions, "hash_collisions", hash_collisions)
 
     def observe_allocator(self, allocator) -> None:
         """Set the gauges from a :class:`kvpool.allocator.BlockAllocator` (or its reference twin)."""
         stats = allocator.stats()
         self.observe_pool(allocator.num_blocks, allocator.num_free_blocks, allocator.num_cached_blocks,
                           evictions=stats.get("evictions"), prefix_hit_blocks=stats.get("prefix_hit_blocks"),
-                          prefix_query_blocks=stats.get("prefix_query_blocks"))
+                          prefix_query_blocks=stats.get("prefix_query_blocks"),
+                          hash_collisions=stats.get("hash_collisions"))
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format (what ``/metrics`` serves)."""
