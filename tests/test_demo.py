@@ -176,6 +176,25 @@ def test_cli_prints_the_summary(capsys):
     assert "metrics       were served on http://127.0.0.1:" in out
 
 
+@pytest.mark.parametrize("salted", [True, False])
+def test_tenants_share_cached_blocks_only_when_unsalted(config, hf, salted):
+    prompt = list(range(40))  # two full blocks of 16 can be served from the cache
+    salt = (lambda t: f"tenant-{t}") if salted else (lambda t: None)
+    requests = [Request(0, prompt, 4, 0, salt(0)), Request(1, prompt, 4, 8, salt(1)),
+                Request(2, prompt, 4, 16, salt(0))]
+    report = serve(requests)
+    cached = [report.summary.results[i].num_cached_prompt_tokens for i in range(3)]
+    assert cached == ([0, 0, 32] if salted else [0, 32, 32])  # tenant 1 never reads tenant 0's KV
+    assert_matches_hf(hf, requests, report)
+
+
+def test_cli_prints_hits_per_tenant(capsys):
+    from kvpool.demo.__main__ import main
+
+    assert main(["--requests", "8", "--no-progress", "--tenants", "2"]) == 0
+    assert "tenants       2, each with its own cache salt" in capsys.readouterr().out
+
+
 def test_cli_refuses_a_tp_that_does_not_split_the_model(capsys):
     from kvpool.demo.__main__ import main
 

@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on 127.0.0.1:PORT while the demo runs (0 = any free port)")
     p.add_argument("--mean-gap", type=float, default=1.5, help="mean steps between arrivals")
+    p.add_argument("--tenants", type=int, default=0,
+                   help="split requests between N tenants, each with its own prefix-cache salt (0: no salt); "
+                        "the same prompts then share cached blocks only within a tenant")
     p.add_argument("--bad-requests", action="store_true",
                    help="add an empty prompt, an out-of-vocabulary token and a too-long request")
     p.add_argument("--check-hf", action="store_true",
@@ -59,6 +62,11 @@ def format_summary(report, opts: DemoOptions) -> str:
         f"  prefix cache  {100 * s.prefix_hit_rate:.1f}% of prompt tokens hit",
         f"  preemptions   {s.preemptions}",
     ]
+    if opts.tenants > 0:
+        hits = [sum(r.num_cached_prompt_tokens for rid, r in s.results.items() if rid % opts.tenants == t)
+                for t in range(opts.tenants)]
+        lines.append(f"  tenants       {opts.tenants}, each with its own cache salt; prompt tokens hit per tenant: "
+                     f"{hits} (a tenant never reads another's cached KV)")
     for rid, r in sorted(s.results.items()):
         if r.error is not None:
             lines.append(f"  refused #{rid}: {r.error}")
@@ -84,9 +92,12 @@ def main(argv=None) -> int:
                        kv_mib=args.kv_mib, max_batch_tokens=args.max_batch_tokens, max_running=args.max_running,
                        prefix_caching=not args.no_prefix_caching, device=args.device,
                        metrics_port=args.metrics_port, progress=not args.no_progress,
-                       bad_requests=args.bad_requests, mean_gap=args.mean_gap, threads=args.threads)
+                       bad_requests=args.bad_requests, mean_gap=args.mean_gap, threads=args.threads,
+                       tenants=args.tenants)
     if args.threads < 1:
         raise SystemExit(f"--threads {args.threads}: need at least 1")
+    if args.tenants < 0:
+        raise SystemExit(f"--tenants {args.tenants}: need 0 (no cache salt) or more")
     try:
         require("torch", "python -m kvpool.demo", extra="demo")
         if args.check_hf:  # refuse before serving, not after

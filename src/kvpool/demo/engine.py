@@ -116,7 +116,10 @@ class Engine:
             raise RankMismatchError(
                 f"rank {tp_rank}: the KV cache holds heads {list(self.cache.kv_head_ids)} but the model shard "
                 f"computes heads {self.model.kv_head_ids}; both must split KV heads the same way")
-        self.allocator = BlockAllocator(self.num_blocks, self.block_size, enable_prefix_caching=enable_prefix_caching)
+        # One hash key on every rank (drawn on rank 0 by size_kv_pool): the ranks' prefix caches
+        # then make the same decisions and hand out the same block ids.
+        self.allocator = BlockAllocator(self.num_blocks, self.block_size, enable_prefix_caching=enable_prefix_caching,
+                                        hash_key=self.pool.hash_key)
         self.tables = BlockTables(self.allocator, self.block_size, self.device, max_seqs=max_running)
         self.metrics = metrics
         self.scheduler = Scheduler(self.tables, self.model.vocab_size,

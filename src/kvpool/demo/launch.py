@@ -33,6 +33,7 @@ class DemoOptions:
     progress: bool = True
     bad_requests: bool = False
     mean_gap: float = 1.5
+    tenants: int = 0  # > 0: requests alternate between tenants, each with its own cache salt
     threads: int = 1  # torch CPU threads per rank: the tiny model's matmuls only lose from more
     requests: list[Request] | None = None  # explicit requests instead of the seeded workload
     extra_requests: list[Request] = field(default_factory=list)  # appended to the seeded workload
@@ -56,7 +57,8 @@ def build_requests(opts: DemoOptions, vocab_size: int) -> list[Request]:
     if opts.requests is not None:
         requests = list(opts.requests)
     else:
-        requests = make_workload(opts.num_requests, vocab_size, seed=opts.seed, mean_gap=opts.mean_gap)
+        requests = make_workload(opts.num_requests, vocab_size, seed=opts.seed, mean_gap=opts.mean_gap,
+                                 tenants=opts.tenants)
     requests += list(opts.extra_requests)
     if opts.bad_requests:
         n = max([r.req_id for r in requests], default=-1) + 1

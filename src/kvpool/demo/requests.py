@@ -22,12 +22,16 @@ class Request:
         Tokens to generate (no EOS: the tiny random model has none).
     arrival_step : int
         Engine step at which the request arrives.
+    cache_salt : str, optional
+        Per-tenant prefix-cache salt (vLLM's ``cache_salt``): requests share cached blocks only
+        with requests of the same salt. None: no salt.
     """
 
     req_id: int
     prompt: list[int]
     max_new_tokens: int
     arrival_step: int = 0
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -46,11 +50,13 @@ class RequestResult:
 
 def make_workload(num_requests: int, vocab_size: int, seed: int = 0, *, num_prefixes: int = 3,
                   prefix_len: tuple[int, int] = (16, 48), suffix_len: tuple[int, int] = (1, 24),
-                  new_tokens: tuple[int, int] = (4, 24), mean_gap: float = 1.5) -> list[Request]:
+                  new_tokens: tuple[int, int] = (4, 24), mean_gap: float = 1.5, tenants: int = 0) -> list[Request]:
     """Seeded requests arriving over time, many sharing one of a few "system prompt" prefixes.
 
     Arrival gaps are exponential (mean ``mean_gap`` steps, rounded down), so bursts and quiet
     stretches both occur; prompt and output lengths are uniform in the given inclusive ranges.
+    With ``tenants > 0`` request ``i`` belongs to tenant ``i % tenants`` and carries its cache salt
+    (``"tenant-<t>"``): the tenants send the same prompts but never share cached blocks.
     """
     rng = random.Random(seed)
     prefixes = [[rng.randrange(vocab_size) for _ in range(rng.randint(*prefix_len))] for _ in range(num_prefixes)]
@@ -59,5 +65,6 @@ def make_workload(num_requests: int, vocab_size: int, seed: int = 0, *, num_pref
         clock += rng.expovariate(1.0 / mean_gap) if mean_gap > 0 else 0.0
         suffix = [rng.randrange(vocab_size) for _ in range(rng.randint(*suffix_len))]
         prompt = (rng.choice(prefixes) if prefixes and rng.random() < 0.75 else []) + suffix
-        requests.append(Request(i, prompt, rng.randint(*new_tokens), int(clock)))
+        salt = f"tenant-{i % tenants}" if tenants > 0 else None
+        requests.append(Request(i, prompt, rng.randint(*new_tokens), int(clock), salt))
     return requests

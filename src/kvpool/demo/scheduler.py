@@ -182,7 +182,7 @@ class Scheduler:
             if len(seq.tokens) > budget and (plan.entries or prefills):
                 break
             try:
-                cached = self.tables.add(seq.seq_id, seq.tokens)
+                cached = self.tables.add(seq.seq_id, seq.tokens, extra=seq.request.cache_salt)
             except OutOfBlocksError:
                 break
             self.waiting.popleft()
