@@ -195,6 +195,14 @@ def test_block_tables_refuse_geometry_past_int32_slots():
         BlockTables(_WideAllocator(), 16)
 
 
+def test_paged_kv_cache_refuses_geometry_past_int32_slots():
+    from kvpool.cache import PagedKVCache
+
+    # refused before any page is allocated (the pool would be 4 TiB)
+    with pytest.raises(InvalidArgumentError, match="2147483648"):
+        PagedKVCache.for_shard("llama-3.1-8b", 2**27 + 1, 16, 0, 1, "cpu")
+
+
 def test_append_errors_leave_the_sequence_unchanged(make):
     a = make(4, block_size=4)
     bt = BlockTables(a, 4, max_seqs=4)

@@ -14,15 +14,21 @@ _Hashes = Union[npt.NDArray[np.unsignedinteger], npt.NDArray[np.integer], Sequen
 
 ROOT_HASH: int
 """Parent hash of a sequence's first block when the caller gives none."""
+CHAIN_ROOT: int
+"""``parent`` of a sequence's first block in ``cache_blocks_verified`` (0)."""
 
-def hash_extra(tag: int, data: bytes) -> int:
-    """64-bit digest of ``extra`` bytes under a type tag (1 bytes, 2 str as UTF-8, 3 int)."""
+def hash_extra(tag: int, data: bytes, k0: int = 0, k1: int = 0) -> int:
+    """64-bit digest of ``extra`` bytes under a type tag (1 bytes, 2 str as UTF-8, 3 int) and a key."""
 
-def hash_block_tokens(token_ids: _Ids, block_size: int, parent_hash: int, extra_key: int) -> npt.NDArray[np.uint64]:
-    """``[n // block_size] uint64`` chained hashes of the full blocks of ``[n] int32`` tokens."""
+def hash_block_tokens(token_ids: _Ids, block_size: int, parent_hash: int, extra_key: int, k0: int = 0,
+                      k1: int = 0) -> npt.NDArray[np.uint64]:
+    """``[n // block_size] uint64`` chained hashes of the full blocks of ``[n] int32`` tokens under key (k0, k1)."""
 
 class BlockAllocator:
-    def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True) -> None: ...
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, k0: int, k1: int) -> None: ...
+    @property
+    def hash_key(self) -> int:
+        """The 128-bit prefix-cache hash key."""
     @property
     def num_blocks(self) -> int: ...
     @property
@@ -46,9 +52,17 @@ class BlockAllocator:
     def cache_blocks(self, ids: _Ids, hashes: _Hashes) -> None:
         """Map ``[k] uint64`` hashes to ``[k]`` held blocks (first writer wins per hash)."""
     def match_prefix(self, hashes: _Hashes) -> npt.NDArray[np.int32]:
-        """``[h] int32`` blocks of the longest cached prefix of ``[k] uint64`` hashes, one reference taken on each."""
+        """``[h] int32`` blocks of the longest cached prefix of ``[k] uint64`` hashes, one reference taken on each
+        (hash-only: no verification)."""
+    def allocate_with_prefix(self, n: int, hashes: _Hashes, token_ids: _Ids,
+                             context: int = 0) -> tuple[npt.NDArray[np.int32], int, int]:
+        """``([n] int32 ids, h verified hits first, chain)``; all or nothing."""
+    def cache_blocks_verified(self, ids: _Ids, hashes: _Hashes, token_ids: _Ids, context: int = 0,
+                              parent: int = 0) -> int:
+        """Cache consecutive blocks of one sequence with their tokens; returns the chain value after them."""
     def stats(self) -> dict[str, int]:
         """Counters: allocations, frees, increfs, prefix_queries, prefix_query_blocks, prefix_hit_blocks,
-        cached_blocks_added, evictions, high_water_mark, num_blocks, free_blocks, used_blocks, cached_blocks."""
+        cached_blocks_added, evictions, hash_collisions, high_water_mark, num_blocks, free_blocks, used_blocks,
+        cached_blocks, prefix_entry_bytes."""
     def check_invariants(self) -> None:
         """O(num_blocks) self-check; raises AssertionError naming a broken invariant."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ._arrays import check_geometry
 from ._device_check import checked_device
 from .errors import InvalidArgumentError
 
@@ -145,6 +146,7 @@ class PagedKVCache:
         block_size = _positive_int(block_size, "block_size", "use a power of two such as 16")
         if block_size & (block_size - 1):
             raise InvalidArgumentError(f"block_size={block_size} is not a power of two; use 8, 16, 32, ...")
+        check_geometry(num_blocks, block_size, "PagedKVCache")  # slot ids must fit in int32
         tp_size = _positive_int(tp_size, "tp_size", "pass the tensor-parallel degree (1 without TP)")
         if isinstance(tp_rank, bool) or not hasattr(tp_rank, "__index__") or not 0 <= int(tp_rank) < tp_size:
             raise InvalidArgumentError(f"tp_rank={tp_rank!r} must be an int in [0, {tp_size}) for tp_size={tp_size}")
