@@ -11,17 +11,7 @@ from kvpool import BlockAllocator, BlockIndexError, InvalidArgumentError, KVPool
 from kvpool._reference import ReferenceBlockAllocator
 from kvpool.block_table import BlockTables
 
-IMPLS = [BlockAllocator, ReferenceBlockAllocator]
-
-
-@pytest.fixture(params=IMPLS, ids=["cpp", "reference"])
-def make(request):
-    return request.param
-
-
-def snapshot(a):
-    everything = np.arange(a.num_blocks, dtype=np.int32)
-    return a.num_free_blocks, a.num_cached_blocks, a.refcounts(everything).tolist(), a.stats()
+from allocator_util import IMPLS, make, snapshot  # noqa: F401 (make is a fixture)
 
 
 def outcome(fn, *args):
