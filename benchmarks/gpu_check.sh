@@ -95,7 +95,11 @@ if [[ -f benchmarks/gpu_validate.py && "${KVPOOL_SKIP_VALIDATE:-0}" != 1 ]]; the
   stage gpu_validate 75 5 "$PY" benchmarks/gpu_validate.py
 fi
 
-# 6. report: JSON + table, the table printed last
+# 6. the demo at --tp 2 on this one GPU: two ranks share it over gloo (NCCL refuses two ranks on one
+#    device), CUDA pages and Triton kernels on both, every request compared with transformers
+stage demo_tp2_one_gpu 40 40 "$PY" -m kvpool.demo --tp 2 --device cuda --backend gloo --check-hf --no-progress
+
+# 7. report: JSON + table, the table printed last
 log "report"
 "$PY" benchmarks/gpu_report.py --out-dir "$OUT" --rows "$KVPOOL_BENCH_ROWS" \
   --bench-json "$OUT/bench_memory.json" "$OUT/bench_decode.json" --sanitizer "$OUT/sanitizer.json" \

@@ -11,7 +11,7 @@ from kvpool.demo.launch import DemoOptions, run_rank
 from kvpool.demo.model import (TinyLlama, check_tp_fits, dense_causal_attention, random_llama_weights,
                                tiny_llama_config)
 from kvpool.demo.requests import Request, make_workload
-from kvpool.errors import ConfigError
+from kvpool.errors import ConfigError, InvalidArgumentError
 
 SEED = 0
 BYTES_PER_BLOCK_TP1 = 4 * 2 * (32 + 32) * 4 * 16  # layers x kv heads x (K + V dims) x fp32 x block_size
@@ -193,6 +193,26 @@ def test_cli_prints_hits_per_tenant(capsys):
 
     assert main(["--requests", "8", "--no-progress", "--tenants", "2"]) == 0
     assert "tenants       2, each with its own cache salt" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device, backend, gpus, want", [
+    ("cpu", None, 0, "gloo"),
+    ("cuda", None, 2, "nccl"),
+    ("cuda", None, 1, "gloo"),  # two ranks on the one GPU: NCCL would refuse, gloo carries the tensors
+    ("cuda", "gloo", 2, "gloo"),
+    ("cuda", "nccl", 1, InvalidArgumentError),
+    ("cpu", "nccl", 0, InvalidArgumentError),
+    ("cpu", "mpi", 0, InvalidArgumentError),
+])
+def test_process_group_backend(device, backend, gpus, want):
+    from kvpool.demo.launch import process_group_backend
+
+    opts = DemoOptions(tp=2, device=device, backend=backend)
+    if isinstance(want, str):
+        assert process_group_backend(opts, gpus) == want
+    else:
+        with pytest.raises(want, match="backend"):
+            process_group_backend(opts, gpus)
 
 
 def test_cli_refuses_a_tp_that_does_not_split_the_model(capsys):

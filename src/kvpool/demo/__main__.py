@@ -32,6 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-running", type=int, default=16, help="most sequences in flight")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix sharing")
     p.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (Triton kernels, NCCL for --tp > 1)")
+    p.add_argument("--backend", choices=("nccl", "gloo"), default=None,
+                   help="torch.distributed backend for --tp > 1 (default: nccl with one GPU per rank, else gloo; "
+                        "gloo lets two ranks share one GPU)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on 127.0.0.1:PORT while the demo runs (0 = any free port)")
     p.add_argument("--mean-gap", type=float, default=1.5, help="mean steps between arrivals")
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
                        prefix_caching=not args.no_prefix_caching, device=args.device,
                        metrics_port=args.metrics_port, progress=not args.no_progress,
                        bad_requests=args.bad_requests, mean_gap=args.mean_gap, threads=args.threads,
-                       tenants=args.tenants)
+                       tenants=args.tenants, backend=args.backend)
     if args.threads < 1:
         raise SystemExit(f"--threads {args.threads}: need at least 1")
     if args.tenants < 0:

@@ -236,7 +236,9 @@ class Engine:
             return
         import torch.distributed as dist
 
-        mine = torch.tensor([crc], dtype=torch.int64, device=self.device)
+        # gloo all-gathers host tensors only (its CUDA support covers broadcast and all-reduce)
+        where = "cpu" if dist.get_backend(self.group) == "gloo" else self.device
+        mine = torch.tensor([crc], dtype=torch.int64, device=where)
         every = [torch.empty_like(mine) for _ in range(self.tp_size)]
         dist.all_gather(every, mine, group=self.group)
         values = [int(t) for t in every]

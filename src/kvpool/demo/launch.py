@@ -8,11 +8,13 @@ ranks agreed.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import traceback
 from dataclasses import dataclass, field
 
+from ..errors import InvalidArgumentError
 from .requests import Request, make_workload
 
 
@@ -34,6 +36,7 @@ class DemoOptions:
     bad_requests: bool = False
     mean_gap: float = 1.5
     tenants: int = 0  # > 0: requests alternate between tenants, each with its own cache salt
+    backend: str | None = None  # torch.distributed backend for --tp > 1; None: see process_group_backend
     threads: int = 1  # torch CPU threads per rank: the tiny model's matmuls only lose from more
     requests: list[Request] | None = None  # explicit requests instead of the seeded workload
     extra_requests: list[Request] = field(default_factory=list)  # appended to the seeded workload
@@ -107,19 +110,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_group_backend(opts: DemoOptions, num_gpus: int) -> str:
+    """The backend of a ``--tp > 1`` run: ``opts.backend``, else NCCL when every rank has a GPU of its own,
+    else gloo (on CPU, or with every rank's CUDA tensors on the GPUs there are: NCCL refuses two ranks
+    on one device, gloo carries the tensors through host memory)."""
+    cuda = opts.device.startswith("cuda")
+    backend = opts.backend or ("nccl" if cuda and num_gpus >= opts.tp else "gloo")
+    if backend not in ("nccl", "gloo"):
+        raise InvalidArgumentError(f"backend={backend!r}: use 'nccl' (one GPU per rank) or 'gloo'")
+    if backend == "nccl" and (not cuda or num_gpus < opts.tp):
+        raise InvalidArgumentError(
+            f"backend 'nccl' needs one CUDA device per rank: --tp {opts.tp} on device {opts.device!r} with "
+            f"{num_gpus} GPU(s); use --backend gloo (ranks may then share a GPU) or fewer ranks")
+    return backend
+
+
 def _worker(tp_rank: int, opts: DemoOptions, port: int, queue) -> None:
     import torch
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    backend = "nccl" if opts.device.startswith("cuda") else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(tp_rank)
-        opts.device = f"cuda:{tp_rank}"
+    if opts.device.startswith("cuda"):
+        gpu = tp_rank % torch.cuda.device_count()  # gloo may put several ranks on one GPU
+        torch.cuda.set_device(gpu)
+        opts.device = f"cuda:{gpu}"
     else:
         torch.set_num_threads(opts.threads)
     try:
-        dist.init_process_group(backend, rank=tp_rank, world_size=opts.tp)
+        dist.init_process_group(opts.backend, rank=tp_rank, world_size=opts.tp)
         report = run_rank(tp_rank, opts)
         queue.put((tp_rank, report, None))
     except BaseException as err:  # hand the error to the parent instead of dying silently
@@ -145,6 +163,8 @@ def run_demo(opts: DemoOptions, timeout_s: float = 300.0) -> list[RankReport]:
         return [run_rank(0, opts)]
     import torch.multiprocessing as mp
 
+    num_gpus = torch.cuda.device_count() if opts.device.startswith("cuda") else 0
+    opts = dataclasses.replace(opts, backend=process_group_backend(opts, num_gpus))
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
