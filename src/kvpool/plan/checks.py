@@ -1,4 +1,4 @@
-"""The planner's argument validators: one home for "a positive count", "GiB", "a list of TP degrees".
+"""The planner's argument validators: one home for "a positive count", "a block size", "GiB", "a list of TP degrees".
 
 Every public planner function (``plan_memory``, ``scale``, ``comm_report``, ``compare_interconnects``,
 ``NCCLSettings``) checks its numbers here, so a bad value is refused whatever the caller (the command
@@ -23,6 +23,19 @@ def check_positive_int(name: str, value, allow_none: bool = True, fix: str = "")
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}" + (f"; {fix}" if fix else ""))
+    return int(value)
+
+
+def check_block_size(value) -> int:
+    """``value`` as an ``int`` if it is a positive power of two (8, 16, 32, ...): tokens per KV block.
+
+    The one home of the rule: the planner and ``size_kv_pool`` (after its own integer check) call it.
+
+    >>> check_block_size(16)
+    16
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0 or value & (value - 1):
+        raise InvalidArgumentError(f"block_size must be a positive power of two (8, 16, 32, ...), got {value!r}")
     return int(value)
 
 
@@ -58,4 +71,4 @@ def check_names(name: str, values, example: str) -> tuple[str, ...]:
     return values
 
 
-__all__ = ["check_positive_int", "check_gib", "check_tp_degrees", "check_names"]
+__all__ = ["check_positive_int", "check_block_size", "check_gib", "check_tp_degrees", "check_names"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import InvalidArgumentError, PlanError
+from .checks import check_block_size, check_positive_int
 
 KV_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
 KV_DTYPE_ALIASES = {
@@ -112,14 +113,6 @@ class KVShardLayout:
         }
 
 
-def check_block_size(block_size) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0 or block_size & (block_size - 1):
-        raise InvalidArgumentError(
-            f"block_size must be a positive power of two (8, 16, 32, ...), got {block_size!r}"
-        )
-    return block_size
-
-
 def resolve_kv_dtype(kv_dtype: str, model_dtype: str) -> str:
     """Canonical KV dtype name; "auto" means `model_dtype` (the serving dtype)."""
     key = KV_DTYPE_ALIASES.get(str(kv_dtype).lower())
@@ -144,8 +137,7 @@ def serving_dtype(spec, dtype: str | None) -> str:
 
 def check_tp(spec, tp) -> int:
     """Validate the TP degree against the model's heads (the rule vLLM applies)."""
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise InvalidArgumentError(f"tp must be a positive integer, got {tp!r}")
+    tp = check_positive_int("tp", tp, allow_none=False)
     heads = spec.num_attention_heads
     if heads % tp:
         divisors = [d for d in range(1, heads + 1) if heads % d == 0 and d <= 64]

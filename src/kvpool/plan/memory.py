@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 
 from ..errors import InvalidArgumentError, PlanError
 from .activation import activation_bytes
+from .checks import check_block_size
 from .checks import check_gib as _check_gib
 from .checks import check_positive_int as _check_pos_int
 from .comm import NCCLSettings, nccl_buffer_bytes, staging_bytes
 from .hardware import GIB, MIB, get_gpu, get_interconnect
-from .kv import check_block_size, check_tp, kv_shard_layout, resolve_kv_dtype, serving_dtype
+from .kv import check_tp, kv_shard_layout, resolve_kv_dtype, serving_dtype
 from .model import ModelSpec, load_model_spec
 from .weights import DTYPE_BYTES, shard_weight_bytes
 
@@ -157,15 +158,16 @@ def plan_memory(
     """
     spec = load_model_spec(model)
     gpu_preset = get_gpu(gpu)
-    check_tp(spec, tp)
-    _check_pos_int("pp", pp, allow_none=False)
+    # each count as a plain int: a numpy integer is accepted, and never leaks into to_dict() (not JSON-able)
+    tp = check_tp(spec, tp)
+    pp = _check_pos_int("pp", pp, allow_none=False)
     if pp > spec.num_layers:
         raise PlanError(f"pp={pp} is larger than the {spec.num_layers} layers of {spec.name}; use pp <= {spec.num_layers}")
-    check_block_size(block_size)
-    for name, value in (("max_model_len", max_model_len), ("max_batched_tokens", max_batched_tokens),
-                        ("max_seqs", max_seqs), ("batch", batch), ("seq_len", seq_len),
-                        ("cuda_context_mib", cuda_context_mib)):
-        _check_pos_int(name, value)
+    block_size = check_block_size(block_size)
+    max_model_len, max_batched_tokens, max_seqs, batch, seq_len, cuda_context_mib = (
+        _check_pos_int(name, value) for name, value in (
+            ("max_model_len", max_model_len), ("max_batched_tokens", max_batched_tokens), ("max_seqs", max_seqs),
+            ("batch", batch), ("seq_len", seq_len), ("cuda_context_mib", cuda_context_mib)))
     if (batch is None) != (seq_len is None):
         raise InvalidArgumentError("give both batch and seq_len for a target workload, or neither")
     if mem_fraction is not None:

@@ -11,8 +11,9 @@ import math
 from dataclasses import asdict, dataclass
 
 from ..errors import InvalidArgumentError, PlanError
+from .checks import check_block_size
 from .hardware import GIB
-from .kv import check_block_size, check_tp, kv_shard_layout
+from .kv import check_tp, kv_shard_layout
 from .model import load_model_spec
 
 
@@ -64,7 +65,7 @@ class TPKVCachePlanner:
         self.kv_dtype = kv_dtype
         self.fp8_scales = fp8_scales
         self.block_size = check_block_size(block_size)
-        self.layout = kv_shard_layout(self.spec, tp, kv_dtype, fp8_scales)
+        self.layout = kv_shard_layout(self.spec, self.tp, kv_dtype, fp8_scales)
 
     @property
     def bytes_per_token_per_gpu(self) -> int:

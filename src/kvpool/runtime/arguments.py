@@ -12,6 +12,7 @@ import operator
 from typing import Any, Optional, Union
 
 from .. import errors
+from ..plan.checks import check_block_size
 
 #: Largest integer a byte count or a token count may be: what an int64 collective tensor holds, and far
 #: beyond any device.
@@ -54,10 +55,8 @@ def as_optional_bytes(name: str, value: Any, *, positive: bool = False) -> Optio
 
 
 def as_block_size(value: Any) -> int:
-    block_size = as_int("block_size", value, minimum=1)
-    if block_size & (block_size - 1):
-        raise errors.InvalidArgumentError(f"block_size must be a positive power of two (8, 16, 32, ...), got {value!r}")
-    return block_size
+    """Any integer type (``as_int``'s rule and messages), then the planner's power-of-two rule."""
+    return check_block_size(as_int("block_size", value, minimum=1))
 
 
 def _as_finite_real(name: str, value: Any, expected: str) -> float:
