@@ -6,16 +6,14 @@ modules are imported on first use, so the torch backend works where Triton is no
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from ..errors import KernelError
 from . import backend as _b
 from . import reference as _ref
-from .ids import as_block_ids, check_copy_pairs
+from .ids import as_block_ids, check_copy_pairs, exact_int, is_bool
 
 
 def _check_new_tokens(key, value, k_cache, slot_mapping) -> None:
@@ -179,26 +177,18 @@ def _gather_rows(seq_lens, total_tokens, out) -> int | None:
     return actual
 
 
-def _is_bool(value) -> bool:
-    return isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
-
-
 def _int_at_least(name, value, low: int, expected: str) -> int:
     """``value`` as an int >= ``low``; bools (``True`` is no count), floats and the rest raise :class:`KernelError`."""
-    if not _is_bool(value):
-        try:
-            number = operator.index(value)
-        except TypeError:
-            number = None
-        if number is not None and number >= low:
-            return number
+    number = exact_int(value)
+    if number is not None and number >= low:
+        return number
     raise KernelError(f"{name} must be {expected}, got {value!r}")
 
 
 def _finite_float(name, value) -> float:
     """``value`` as a finite float; bools (``True`` is no scale) raise :class:`KernelError`."""
     try:
-        number = None if _is_bool(value) else float(value)
+        number = None if is_bool(value) else float(value)
     except (TypeError, ValueError, RuntimeError):
         number = None
     if number is None or not math.isfinite(number):

@@ -2,6 +2,7 @@
 
 Ids given as a Python/numpy sequence or a CPU tensor are known to the host, so checking them costs no
 device sync: they are always checked. Ids already on the GPU are checked only with ``KVPOOL_DEBUG=1``.
+``exact_int`` is the kernels' one integer rule, for ids and scalar arguments alike.
 """
 from __future__ import annotations
 
@@ -14,21 +15,36 @@ from ..errors import BlockIndexError, KernelError
 from .backend import INDEX_DTYPES
 
 
+def is_bool(value) -> bool:
+    """A Python, numpy or torch bool: never a count, an id or a scale (``True`` would read as 1)."""
+    return isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+
+
+def exact_int(value) -> int | None:
+    """``value`` as an int when it is an integer (Python, numpy, integer tensor of one element), else None.
+
+    Bools and floats give None, integral or not (``1.0``): nothing is truncated.
+    """
+    if is_bool(value):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _parse_list(name: str, ids, num_blocks: int) -> torch.Tensor:
     """Integers in ``[0, num_blocks)`` as an int64 CPU tensor; ``[0.5]``, ``[1.0]``, ``[True]`` raise: no truncation."""
     if isinstance(ids, np.ndarray):
         if ids.ndim != 1 or ids.dtype.kind not in "iu":
             raise KernelError(f"{name} must hold integer block ids in a 1-D array, got {ids.ndim}-D {ids.dtype}")
         ids = ids.tolist()
-    values = []
-    for i, x in enumerate(ids):
-        try:
-            if isinstance(x, (bool, np.bool_)):
-                raise TypeError
-            values.append(operator.index(x))
-        except TypeError:
+    ids = list(ids)  # one pass over an iterator
+    values = [exact_int(x) for x in ids]
+    for i, (x, v) in enumerate(zip(ids, values)):
+        if v is None:
             raise KernelError(f"{name} must hold integer block ids, got {name}[{i}]={x!r}: pass ints "
-                              "(round floats yourself)") from None
+                              "(round floats yourself)")
     for i, v in enumerate(values):  # before torch.tensor: 2**70 must be a range error, not an overflow
         if not 0 <= v < num_blocks:
             raise BlockIndexError(f"{name}[{i}]={v} is outside [0, {num_blocks}): the cache has {num_blocks} blocks")
@@ -75,4 +91,4 @@ def check_copy_pairs(src: torch.Tensor, dst: torch.Tensor, num_blocks: int) -> N
                               "targets freshly allocated blocks")
 
 
-__all__ = ["as_block_ids", "check_copy_pairs"]
+__all__ = ["as_block_ids", "check_copy_pairs", "exact_int", "is_bool"]
