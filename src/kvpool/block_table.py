@@ -19,73 +19,15 @@ Lifecycle of one sequence (the server calls these):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from ._device_check import checked_device
 from ._arrays import as_int, check_geometry
+from ._device_check import checked_device
+from .batch_tables import BLOCK_TABLE_PAD, SLOT_PAD, BatchTables  # noqa: F401 (re-exported)
 from .errors import BlockIndexError, InvalidArgumentError, OutOfBlocksError
-
-# Value of block_table entries past a sequence's last block. 0 is always a valid block id, so a
-# kernel that reads a padded entry by mistake still stays inside the pool; kernels bound their reads
-# by seq_lens and never use it.
-BLOCK_TABLE_PAD = 0
-# Value of slot_mapping entries for padding tokens: write_kv skips them.
-SLOT_PAD = -1
-
-
-@dataclass(frozen=True)
-class BatchTables:
-    """The int32 tensors describing one batch of sequences, on the cache's device.
-
-    The tensors are views of buffers that `BlockTables` reuses: they stay valid until the next call of
-    `BlockTables.batch` / `BlockTables.decode_batch` (work queued on the same CUDA stream before that
-    call is safe).
-
-    Attributes
-    ----------
-    seq_ids : tuple
-        The sequences, in row order.
-    block_table : torch.Tensor
-        ``[batch, max_blocks] int32``: row ``i`` holds the ids of sequence ``i``'s first
-        ``ceil(seq_lens[i] / block_size)`` blocks, then `BLOCK_TABLE_PAD` (0).
-    seq_lens : torch.Tensor
-        ``[batch] int32``: tokens each sequence attends to, this step's new tokens included.
-    kv_indptr : torch.Tensor
-        ``[batch + 1] int32``: CSR row pointer, ``kv_indptr[0] = 0``; sequence ``i``'s blocks are
-        ``kv_indices[kv_indptr[i]:kv_indptr[i + 1]]``.
-    kv_indices : torch.Tensor
-        ``[nnz] int32``: the block ids of all sequences, concatenated (``nnz = kv_indptr[-1]``).
-    kv_last_page_len : torch.Tensor
-        ``[batch] int32``: tokens in each sequence's last block, in ``1..block_size``;
-        ``seq_len = block_size * (n_blocks - 1) + last_page_len``.
-    slot_mapping : torch.Tensor
-        ``[num_new_tokens + padding] int32``: ``block_id * block_size + offset`` of every new token,
-        sequence by sequence in token order; `SLOT_PAD` (-1) for padding tokens.
-    query_start_loc : torch.Tensor
-        ``[batch + 1] int32``: cumulative new-token counts (``cu_seqlens_q`` of varlen attention).
-    seq_lens_host : np.ndarray
-        ``[batch] int32`` host copy of `seq_lens` (for `BlockTables.mark_computed` and schedulers).
-    num_new_tokens : int
-        New tokens in the batch (padding excluded).
-    max_seq_len : int
-        ``max(seq_lens)``.
-    """
-
-    seq_ids: tuple
-    block_table: torch.Tensor
-    seq_lens: torch.Tensor
-    kv_indptr: torch.Tensor
-    kv_indices: torch.Tensor
-    kv_last_page_len: torch.Tensor
-    slot_mapping: torch.Tensor
-    query_start_loc: torch.Tensor
-    seq_lens_host: np.ndarray
-    num_new_tokens: int
-    max_seq_len: int
 
 
 class _Seq:
@@ -531,14 +473,13 @@ class BlockTables:
             seq_ids=seq_ids,
             block_table=views[0].view(b, max_blocks),
             seq_lens=views[1],
-            kv_indptr=views[2],
-            kv_indices=views[3],
-            kv_last_page_len=views[4],
             query_start_loc=views[5],
             slot_mapping=views[6],
             seq_lens_host=lens.astype(np.int32),
             num_new_tokens=t,
             max_seq_len=int(lens.max()),
+            block_size=bs,
+            csr=(views[2], views[3], views[4]),
         )
 
     def __repr__(self) -> str:
