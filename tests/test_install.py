@@ -161,3 +161,11 @@ def test_missing_dependency_error_is_a_kvpool_error_and_an_import_error():
     assert issubclass(MissingDependencyError, kvpool.KVPoolError)
     assert issubclass(MissingDependencyError, ImportError)
     assert kvpool.MissingDependencyError is MissingDependencyError
+
+
+def test_size_kv_pool_on_an_absent_cuda_device_is_the_same_clear_error():
+    """size_kv_pool checks device= with the one rule the cache and the tables use (index range included)."""
+    with pytest.raises(InvalidArgumentError, match=r"no CUDA device is visible|CUDA device\(s\) are visible"):
+        kvpool.size_kv_pool("llama-3.1-8b", device=ABSENT_CUDA, device_memory_bytes=80 << 30)
+    with pytest.raises(InvalidArgumentError, match="'cdua' is not a torch device; pass 'cpu', 'cuda' or 'cuda:N'"):
+        kvpool.size_kv_pool("llama-3.1-8b", device="cdua", device_memory_bytes=80 << 30)

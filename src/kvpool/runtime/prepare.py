@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from .. import errors
+from .._device_check import checked_device
 from . import arguments as _args
 from . import digest as _digest
 from . import measure as _measure
@@ -53,27 +54,17 @@ class Prepared:
 
 def resolve_device(device: Any, grp: Group, device_memory_bytes: Optional[int]) -> torch.device:
     """The device to size: ``device``, else the NCCL group's, else CUDA when measurable, else the CPU."""
-    if device is not None:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise errors.InvalidArgumentError(
-                f"device={device!r} is not a torch device ({exc}); pass 'cuda', 'cuda:1' or 'cpu'"
-            ) from None
-    elif grp.backend == "nccl":
-        dev = grp.device
-    elif device_memory_bytes is None and torch.cuda.is_available():
+    if device is None:
+        if grp.backend == "nccl":
+            device = grp.device
+        elif device_memory_bytes is None and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
+    dev = checked_device(device)  # not a device, or a CUDA device that is not visible: one clear line
+    if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    else:
-        dev = torch.device("cpu")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise errors.InvalidArgumentError(
-                f"device={dev} but CUDA is not available here; pass device='cpu' with device_memory_bytes="
-            )
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    elif dev.type != "cpu":
+    elif dev.type not in ("cuda", "cpu"):
         raise errors.InvalidArgumentError(f"device={dev} is not supported; size a 'cuda' or a 'cpu' device")
     return dev
 
