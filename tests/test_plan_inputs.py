@@ -93,6 +93,8 @@ def test_the_planner_takes_numpy_integers_as_plain_ints():
     # as size_kv_pool does (item 11): np.int64 tp/block_size were refused, np.int64 pp/batch leaked into to_dict()
     import numpy as np
 
+    from kvpool.plan.kv import kv_shard_layout
+    from kvpool.plan.model import load_model_spec
     from kvpool.plan.planner import TPKVCachePlanner
 
     plain = plan_memory("llama-3.1-8b", 2, 2, block_size=32, batch=4, seq_len=128, max_seqs=8)
@@ -100,5 +102,7 @@ def test_the_planner_takes_numpy_integers_as_plain_ints():
                         seq_len=np.int64(128), max_seqs=np.int64(8))
     assert json.dumps(numpy.to_dict()) == json.dumps(plain.to_dict())
     assert TPKVCachePlanner("llama-3.1-8b", tp=np.int64(2), block_size=np.int64(16)).block_size == 16
+    layout = kv_shard_layout(load_model_spec("llama-3.1-8b"), tp=np.int64(2))
+    assert type(layout.kv_heads) is int and json.dumps(layout.to_dict())
     with pytest.raises(InvalidArgumentError, match=r"block_size must be a positive power of two .*got np.int64\(12\)"):
         plan_memory("llama-3.1-8b", block_size=np.int64(12))

@@ -174,7 +174,7 @@ def kv_shard_layout(spec, tp: int = 1, kv_dtype: str = "auto", fp8_scales: str =
     num_layers : int, optional
         Layers held by this shard (a pipeline stage); default all of the model's layers.
     """
-    check_tp(spec, tp)
+    tp = check_tp(spec, tp)
     if fp8_scales not in FP8_SCALE_MODES:
         raise InvalidArgumentError(f"fp8_scales must be one of {', '.join(FP8_SCALE_MODES)}, got {fp8_scales!r}")
     dtype = resolve_kv_dtype(kv_dtype, serving_dtype(spec, None))
