@@ -106,3 +106,11 @@ def test_the_planner_takes_numpy_integers_as_plain_ints():
     assert type(layout.kv_heads) is int and json.dumps(layout.to_dict())
     with pytest.raises(InvalidArgumentError, match=r"block_size must be a positive power of two .*got np.int64\(12\)"):
         plan_memory("llama-3.1-8b", block_size=np.int64(12))
+
+
+def test_comm_figures_of_a_numpy_tp_are_json():
+    import numpy as np
+
+    for report in (comm_report("llama-3.1-70b", "h100-sxm", np.int64(4)),
+                   compare_interconnects("llama-3.1-70b", "h100-sxm", np.int64(4))):
+        assert json.dumps(report, allow_nan=False)

@@ -17,7 +17,7 @@ def comm_report(model, gpu="h100-sxm", tp: int = 4, *, batch: int = 32, seq_len:
                 interconnect=None, **plan_kwargs) -> dict:
     """NCCL buffer memory, all-reduces per forward pass, and per interconnect: time per all-reduce,
     communication per decode step, its share of the step, decode tokens/s and the ratio to the first link."""
-    check_positive_int("tp", tp, allow_none=False)
+    tp = check_positive_int("tp", tp, allow_none=False)
     batch = check_positive_int("batch", batch, allow_none=False, fix="give the decode batch")
     seq_len = check_positive_int("seq_len", seq_len, allow_none=False, fix="give a sequence length in tokens")
     if links is not None:

@@ -217,7 +217,7 @@ def _link_key(link) -> str:
 def compare_interconnects(model, gpu="h100-sxm", tp: int = 4, links=("nvlink4", "pcie5"), *, seq_len: int = 4096,
                           batch: int = 32, **plan_kwargs) -> dict:
     """The same deployment over different links: communication share of a decode step, decode rate, ratio."""
-    check_positive_int("tp", tp, allow_none=False)
+    tp = check_positive_int("tp", tp, allow_none=False)
     seq_len = check_positive_int("seq_len", seq_len, allow_none=False, fix="give a sequence length in tokens")
     batch = check_positive_int("batch", batch, allow_none=False, fix="give the decode batch")
     links = check_names("links", links, "('nvlink4', 'pcie5')")
