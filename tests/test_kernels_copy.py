@@ -117,6 +117,7 @@ BAD_IDS = [
     pytest.param([-1], [2], BlockIndexError, r"src\[0\]=-1 is outside \[0, 4\)", id="negative"),
     pytest.param([0], [4], BlockIndexError, r"dst\[0\]=4 is outside \[0, 4\)", id="past-end"),
     pytest.param([0, 1], [2, 2], BlockIndexError, r"repeated", id="repeated-dst"),
+    pytest.param([0, 1], [2, 1], BlockIndexError, r"dst\[1\]=1 is also a src block", id="dst-is-src"),
     pytest.param(torch.tensor([True]), [2], KernelError, r"int32/int64", id="bool-tensor"),
 ]
 

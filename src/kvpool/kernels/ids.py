@@ -86,8 +86,10 @@ def check_copy_pairs(src: torch.Tensor, dst: torch.Tensor, num_blocks: int) -> N
     d = dst.to(torch.int64)
     if d.unique().numel() != d.numel():
         raise BlockIndexError(f"dst holds repeated block ids {d.tolist()}: each destination is written once")
-    if bool(torch.isin(d, src.to(device=d.device, dtype=torch.int64)).any()):
-        raise BlockIndexError("a dst block is also a src block: the copies would race; copy-on-write "
+    clash = torch.isin(d, src.to(device=d.device, dtype=torch.int64))
+    if bool(clash.any()):
+        i = int(clash.nonzero()[0, 0])
+        raise BlockIndexError(f"dst[{i}]={int(d[i])} is also a src block: the copies would race; copy-on-write "
                               "targets freshly allocated blocks")
 
 
