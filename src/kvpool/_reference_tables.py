@@ -1,0 +1,381 @@
+"""`ReferenceBlockTables`: the pure-Python twin and oracle of `kvpool.block_table.BlockTables`.
+
+Same contract (docs/page_table.md; issue 10), written for clarity: per-sequence Python lists
+(`ReferenceSeq`), appends planned before they are applied (`_reference_append`), batch tensors built
+row by row (`_reference_batch`). Every method validates and computes first and changes state last, so
+an error leaves every sequence and the allocator unchanged. Works with either allocator (``kvpool.BlockAllocator`` or
+``kvpool._reference.ReferenceBlockAllocator``).
+
+Sequence ids are any hashables; numpy integers are the equal Python ints (``np.int64(5)`` is ``5``),
+and the batch calls also take a 1-D numpy array of ids.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import _reference
+from . import allocator as _allocator
+from ._arrays import as_int, check_geometry
+from ._device_check import checked_device
+from ._reference_append import plan_growth
+from ._reference_batch import BatchTensorsMixin
+from ._reference_ids import batch_ids, no_repeats, norm_id
+from ._reference_seq import ReferenceSeq
+from .batch_tables import BatchTables
+from .errors import BlockIndexError, InvalidArgumentError, OutOfBlocksError
+
+
+def _prompt(seq_id, prompt_tokens) -> tuple:
+    """``(tokens, n)``: ``[n] int32`` prompt tokens (None for a token count) and the prompt length."""
+    raw = np.asarray(prompt_tokens)
+    if raw.size == 0:
+        raise InvalidArgumentError(f"prompt of seq_id {seq_id!r} has 0 tokens; it needs at least 1")
+    if raw.dtype.kind not in "iu":
+        raise InvalidArgumentError(f"prompt_tokens of seq_id {seq_id!r} must be integer token ids or a token "
+                                   f"count, got dtype {raw.dtype}")
+    if raw.ndim == 0:
+        tokens, n = None, int(raw)
+    else:
+        if raw.min() < 0 or raw.max() > np.iinfo(np.int32).max:
+            raise InvalidArgumentError(f"prompt_tokens of seq_id {seq_id!r} hold ids outside [0, 2**31): "
+                                       f"{raw.min()}..{raw.max()}")
+        tokens = np.ascontiguousarray(raw, dtype=np.int32).reshape(-1)
+        n = len(tokens)
+    if n < 1:
+        raise InvalidArgumentError(f"prompt of seq_id {seq_id!r} has {n} tokens; it needs at least 1")
+    return tokens, n
+
+
+class ReferenceBlockTables(BatchTensorsMixin):
+    """Block lists of the live sequences of one TP group and the batch tensors built from them.
+
+    Parameters
+    ----------
+    allocator : BlockAllocator or ReferenceBlockAllocator
+        Hands out block ids; one per TP group.
+    block_size : int
+        Tokens per block; must equal ``allocator.block_size``.
+    device : str or torch.device
+        Where the batch tensors go (the cache's device).
+    max_seqs : int
+        Most sequences in one batch.
+    enable_prefix_caching : bool, optional
+        Hash full blocks and reuse cached ones; defaults to the allocator's setting.
+    max_blocks_per_seq : int, optional
+        Most blocks one sequence may hold (``W``, the width of `decode_step`'s table); defaults to
+        ``allocator.num_blocks``.
+    """
+
+    def __init__(self, allocator, block_size: int, device="cpu", max_seqs: int = 256,
+                 enable_prefix_caching: bool | None = None, max_blocks_per_seq: int | None = None):
+        if int(block_size) != int(allocator.block_size):
+            raise InvalidArgumentError(
+                f"block_size={block_size} differs from the allocator's block_size={allocator.block_size}; "
+                "pass the allocator's block size")
+        check_geometry(allocator.num_blocks, block_size, "BlockTables")  # slot ids must fit in int32
+        if int(max_seqs) < 1:
+            raise InvalidArgumentError(f"max_seqs={max_seqs} must be >= 1 (the largest batch you will build)")
+        width = allocator.num_blocks if max_blocks_per_seq is None else as_int(max_blocks_per_seq,
+                                                                               "max_blocks_per_seq")
+        if width < 1:
+            raise InvalidArgumentError(f"max_blocks_per_seq={width} must be >= 1; pass "
+                                       "ceil(max_model_len / block_size)")
+        self.allocator = allocator
+        self.block_size = int(block_size)
+        self.device = checked_device(device)  # an absent CUDA device: one clear line
+        self.max_seqs = int(max_seqs)
+        self.max_blocks_per_seq = int(width)
+        if enable_prefix_caching is None:
+            enable_prefix_caching = bool(getattr(allocator, "enable_prefix_caching", True))
+        self.enable_prefix_caching = bool(enable_prefix_caching)
+        reference = isinstance(allocator, _reference.ReferenceBlockAllocator)
+        self._hash_fn = _reference.hash_block_tokens if reference else _allocator.hash_block_tokens
+        self._seqs: dict = {}
+        self._copies: list[tuple[int, int]] = []  # queued copy-on-write (src, dst) pairs
+        self._queued: dict[int, int] = {}  # block id -> references the copy queue holds on it
+
+    # ----------------------------------------------------------------- introspection
+    def __contains__(self, seq_id) -> bool:
+        return norm_id(seq_id) in self._seqs
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def _get(self, seq_id) -> ReferenceSeq:
+        seq = self._seqs.get(norm_id(seq_id))
+        if seq is None:
+            raise BlockIndexError(f"unknown seq_id {seq_id!r}: add() it first (or it was already freed)")
+        return seq
+
+    def blocks(self, seq_id) -> np.ndarray:
+        """``[n_blocks] int32`` copy of the block ids of `seq_id`, in token order."""
+        return np.array(self._get(seq_id).blocks, dtype=np.int32)
+
+    def num_tokens(self, seq_id) -> int:
+        """Tokens in `seq_id` (prompt plus appended)."""
+        return self._get(seq_id).num_tokens
+
+    def num_computed(self, seq_id) -> int:
+        """Leading tokens of `seq_id` whose KV is written (prefix hits plus `mark_computed`)."""
+        return self._get(seq_id).num_computed
+
+    def _check_width(self, seq_id, num_blocks: int, what: str) -> None:
+        # With W >= the pool, more than W blocks can never be free: the allocator's OutOfBlocksError says so.
+        if num_blocks > self.max_blocks_per_seq and self.max_blocks_per_seq < self.allocator.num_blocks:
+            raise InvalidArgumentError(
+                f"{what} would give seq_id {seq_id!r} {num_blocks} blocks, more than max_blocks_per_seq="
+                f"{self.max_blocks_per_seq}; pass max_blocks_per_seq=ceil(max_model_len / block_size) when "
+                "building the tables, or stop the sequence sooner")
+
+    # ----------------------------------------------------------------- hashing
+    def _hash(self, tokens: np.ndarray, extra) -> np.ndarray:
+        """``[n // block_size] uint64`` prompt block hashes under the allocator's key (tests weaken them here)."""
+        return self.allocator.hash_tokens(tokens, extra)
+
+    def _hash_continued(self, tokens: list, extra, parent_hash) -> list:
+        """Hashes of the full blocks of `tokens`, chained after `parent_hash` (None: the first block)."""
+        return self._hash_fn(np.asarray(tokens, dtype=np.int32), self.block_size, parent_hash=parent_hash,
+                             extra=extra, key=self.allocator.hash_key).tolist()
+
+    # ----------------------------------------------------------------- sequence operations
+    def add(self, seq_id, prompt_tokens, extra=None) -> int:
+        """Allocate blocks for a new sequence's prompt.
+
+        Parameters
+        ----------
+        seq_id : hashable
+            New sequence id (an error if already present).
+        prompt_tokens : array-like of int or int
+            ``[prompt_len]`` token ids, or just a token count (no prefix caching then).
+        extra : bytes, str or int, optional
+            Salt mixed into the block hashes (per-tenant / per-LoRA cache salt).
+
+        Returns
+        -------
+        int
+            Prompt tokens found in the prefix cache (a multiple of `block_size`, never the whole prompt:
+            the last token is always recomputed). Every hit is verified token by token.
+
+        Raises
+        ------
+        OutOfBlocksError
+            Too few free blocks; nothing changed.
+        """
+        seq_id = norm_id(seq_id)
+        if seq_id in self._seqs:
+            raise InvalidArgumentError(f"seq_id {seq_id!r} already exists: free() it or use a new id")
+        tokens, n = _prompt(seq_id, prompt_tokens)
+        bs = self.block_size
+        total = -(-n // bs)
+        self._check_width(seq_id, total, f"add() of a {n}-token prompt")
+        if not self.enable_prefix_caching or tokens is None:  # nothing is hashed, nothing kept
+            self._seqs[seq_id] = ReferenceSeq(self._allocate(total, f"add({seq_id!r}) of a {n}-token prompt"), n)
+            return 0
+        context = self.allocator.extra_key(extra)
+        if n < bs:  # no full block to match: a plain allocation; the tokens are kept for later blocks
+            blocks = self._allocate(total, f"add({seq_id!r}) of a {n}-token prompt")
+            self._seqs[seq_id] = ReferenceSeq(blocks, n, tokens=tokens.tolist(), extra=extra, context=context)
+            return 0
+        hashes = np.asarray(self._hash(tokens, extra), dtype=np.uint64)
+        matchable = (n - 1) // bs  # only blocks entirely before the last token: it is recomputed for its logits
+        try:  # one all-or-nothing call: every hit's tokens compared, then the fresh blocks
+            blocks, hits, chain = self.allocator.allocate_with_prefix(
+                total, hashes[:matchable], tokens[:matchable * bs], context)
+        except OutOfBlocksError as err:
+            raise OutOfBlocksError(
+                f"add({seq_id!r}) of a {n}-token prompt needs {err.requested} new blocks but {err.available} are "
+                "free; free or preempt sequences, or size the pool larger", requested=err.requested,
+                available=err.available) from err
+        self._seqs[seq_id] = ReferenceSeq(blocks.tolist(), n, hits * bs, tokens.tolist(), hashes.tolist(), hits,
+                                          extra, context, chain)
+        return hits * bs
+
+    def _allocate(self, n: int, what: str) -> list:
+        if n <= 0:
+            return []
+        try:
+            return np.asarray(self.allocator.allocate(n), dtype=np.int32).tolist()
+        except OutOfBlocksError as err:
+            raise OutOfBlocksError(
+                f"{what} needs {n} new blocks but {err.available} are free; free or preempt sequences, "
+                "or size the pool larger", requested=n, available=err.available) from err
+
+    def append(self, seq_id, n_tokens: int = 1, token_ids=None) -> np.ndarray:
+        """Grow `seq_id` by `n_tokens` tokens (decoded or speculative), allocating blocks as they fill.
+
+        If the last block is partial and shared (after `fork`), it is copied first: this sequence gets
+        a fresh block and the pair ``(src, dst)`` is queued for `pop_copies`.
+
+        Parameters
+        ----------
+        seq_id : hashable
+        n_tokens : int
+            Tokens to append, >= 1.
+        token_ids : array-like of int, optional
+            ``[n_tokens]`` the tokens appended, in [0, 2**31): the blocks they fill get hashes and join
+            the prefix cache once computed. Without them the sequence's later blocks are never hashed.
+
+        Returns
+        -------
+        np.ndarray
+            ``[n_tokens] int32`` slots (``block_id * block_size + offset``) of the new tokens.
+
+        Raises
+        ------
+        OutOfBlocksError
+            Too few free blocks; nothing changed.
+        """
+        self._get(seq_id)  # an unknown id is a BlockIndexError before anything else
+        return self.append_batch([seq_id], n_tokens, token_ids)
+
+    def append_batch(self, seq_ids, n_tokens: int = 1, token_ids=None) -> np.ndarray:
+        """``for s in seq_ids: append(s, n_tokens)``, all or nothing.
+
+        Parameters
+        ----------
+        seq_ids : sequence of hashable or np.ndarray
+            Distinct live sequences (a 1-D integer array is the fast path); may be empty.
+        n_tokens : int
+            Tokens appended to each sequence, >= 1.
+        token_ids : array-like of int, optional
+            ``[b * n_tokens]`` or ``[b, n_tokens]`` int, seq-major: the tokens appended.
+
+        Returns
+        -------
+        np.ndarray
+            ``[b * n_tokens] int32`` slots of the new tokens, seq-major.
+
+        Raises
+        ------
+        BlockIndexError
+            An unknown id.
+        InvalidArgumentError
+            A repeated id, a bad `n_tokens` or `token_ids`, a sequence grown past `max_blocks_per_seq`.
+        OutOfBlocksError
+            ``requested`` = every new block the batch needs (copies included), ``available`` = free
+            blocks; nothing changed.
+        """
+        _, ids = batch_ids(seq_ids)
+        seqs = [self._get(s) for s in ids]
+        no_repeats(ids, "append_batch")
+        n = as_int(n_tokens, f"append({ids[0]!r}): n_tokens" if len(ids) == 1 else "append_batch: n_tokens")
+        if n < 1:
+            raise InvalidArgumentError(f"append(n_tokens={n}) on seq_ids {tuple(ids)}: need n_tokens >= 1")
+        plans = plan_growth(self, ids, seqs, n, token_ids)
+        need = sum(p.num_new_blocks for p in plans)
+        what = f"append({ids[0]!r}, {n})" if len(ids) == 1 else f"append_batch of {len(ids)} sequences x {n} tokens"
+        fresh = self._allocate(need, what)  # ONE call: the same ids, in the same order, as sequential appends
+        dsts = [fresh[p.first_new] for p in plans if p.copy_tail]
+        if dsts:  # the copy queue's reference on each destination
+            self.allocator.incref(dsts)
+        for p in plans:
+            p.apply(self, fresh[p.first_new:p.first_new + p.num_new_blocks])
+        slots = [self._slots(p.seq, p.old_tokens, n) for p in plans]
+        return np.concatenate(slots).astype(np.int32) if slots else np.empty(0, dtype=np.int32)
+
+    def _slots(self, seq: ReferenceSeq, start: int, n: int) -> np.ndarray:
+        """``[n] int64`` slots of tokens ``start .. start + n`` of `seq` (reads only their blocks)."""
+        bs, first = self.block_size, start // self.block_size
+        pos = np.arange(start, start + n)
+        blocks = np.asarray(seq.blocks[first:(start + n - 1) // bs + 1], dtype=np.int64)
+        return blocks[pos // bs - first] * bs + pos % bs
+
+    def _queue_copy(self, src: int, dst: int) -> None:
+        """Queue a copy-on-write; the sequence's reference on src passes to the queue."""
+        self._copies.append((src, dst))
+        self._queued[src] = self._queued.get(src, 0) + 1
+        self._queued[dst] = self._queued.get(dst, 0) + 1
+
+    def fork(self, parent, child) -> None:
+        """Make `child` a copy of `parent` sharing all its blocks (beam search, parallel sampling).
+
+        The parent must have all its tokens computed (`mark_computed`), so no shared block is ever
+        written by two sequences; the first `append` on either side copies a shared partial block.
+        """
+        seq = self._get(parent)
+        child = norm_id(child)
+        if child in self._seqs:
+            raise InvalidArgumentError(f"fork target seq_id {child!r} already exists: pick a new id")
+        if seq.num_computed != seq.num_tokens:
+            raise InvalidArgumentError(
+                f"fork({parent!r}, {child!r}): parent has {seq.num_tokens - seq.num_computed} tokens not yet "
+                "computed; run the forward and mark_computed() first so no shared block is written twice")
+        self.allocator.incref(seq.blocks)
+        twin = seq.clone()
+        seq.shared_tail = twin.shared_tail = seq.num_tokens % self.block_size != 0
+        self._seqs[child] = twin
+
+    def free(self, seq_id) -> None:
+        """Release `seq_id`'s blocks, in sequence order so that its prefix stays cached longest."""
+        seq = self._get(seq_id)
+        self.allocator.free(np.array(seq.blocks, dtype=np.int32))
+        del self._seqs[norm_id(seq_id)]
+
+    def mark_computed(self, seqs, num_computed=None) -> None:
+        """Record that KV has been written; offer newly computed full hashed blocks to the prefix cache.
+
+        Parameters
+        ----------
+        seqs : BatchTables, hashable, sequence of hashable or np.ndarray
+            A batch (its ``seq_lens_host`` of the first ``len(seq_ids)`` rows are the new computed
+            lengths; padding rows are ignored), one sequence id, or several (no repeats).
+        num_computed : int or sequence of int, optional
+            Leading tokens now written, per sequence; defaults to all tokens of each sequence.
+        """
+        if isinstance(seqs, BatchTables):
+            _, ids = batch_ids(seqs.seq_ids)
+            lens = seqs.seq_lens_host[:len(ids)].tolist()
+        else:
+            ids = batch_ids(seqs)[1] if isinstance(seqs, (list, tuple, np.ndarray)) else [norm_id(seqs)]
+            lens = [None] * len(ids) if num_computed is None else \
+                [as_int(x, "mark_computed: num_computed") for x in np.atleast_1d(num_computed).tolist()]
+            if len(lens) != len(ids):
+                raise InvalidArgumentError(
+                    f"mark_computed got {len(ids)} sequences but {len(lens)} lengths; pass one per sequence")
+        found = [self._get(s) for s in ids]
+        no_repeats(ids, "mark_computed")
+        for seq_id, seq, n in zip(ids, found, lens):  # validate everything before changing anything
+            if n is not None and not seq.num_computed <= n <= seq.num_tokens:
+                raise InvalidArgumentError(
+                    f"mark_computed({seq_id!r}, {n}): must lie in [{seq.num_computed}, {seq.num_tokens}] "
+                    "(computed so far, tokens in the sequence)")
+        for seq, n in zip(found, lens):
+            seq.num_computed = seq.num_tokens if n is None else n
+            self._offer_to_cache(seq)
+
+    def _offer_to_cache(self, seq: ReferenceSeq) -> None:
+        """Offer the computed full blocks with a hash (prompt and decoded) not offered yet."""
+        bs = self.block_size
+        first, full = seq.num_cached, min(seq.num_computed // bs, len(seq.hashes))
+        if not self.enable_prefix_caching or full <= first:
+            return
+        seq.chain = self.allocator.cache_blocks_verified(
+            np.array(seq.blocks[first:full], dtype=np.int32), np.array(seq.hashes[first:full], dtype=np.uint64),
+            np.array(seq.tokens[first * bs:full * bs], dtype=np.int32), seq.context, seq.chain)
+        seq.num_cached = full
+
+    @property
+    def pending_copies(self) -> list:
+        """Queued copy-on-write ``(src, dst)`` pairs; the queue holds one reference on each block."""
+        return list(self._copies)
+
+    def pop_copies(self):
+        """Take the queued copy-on-write pairs.
+
+        Returns
+        -------
+        (torch.Tensor, torch.Tensor)
+            ``src [n] int64`` and ``dst [n] int64`` block ids on the device, for
+            ``copy_blocks(caches, src, dst)``, which must run before the next forward pass writes.
+        """
+        pairs, self._copies, self._queued = self._copies, [], {}
+        arr = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        if len(pairs):
+            self.allocator.free(arr.reshape(-1).astype(np.int32))  # drop the queue's references
+        return torch.from_numpy(arr[:, 0].copy()).to(self.device), torch.from_numpy(arr[:, 1].copy()).to(self.device)
+
+    def __repr__(self) -> str:
+        return (f"ReferenceBlockTables(seqs={len(self._seqs)}, block_size={self.block_size}, device={self.device}, "
+                f"max_seqs={self.max_seqs}, max_blocks_per_seq={self.max_blocks_per_seq}, "
+                f"prefix_caching={self.enable_prefix_caching}, pending_copies={len(self._copies)})")
