@@ -18,9 +18,11 @@
 #include "block_allocator.h"
 #include "block_hash.h"
 #include "errors.h"
+#include "seq_table.h"
 
 namespace py = pybind11;
 using kvpool::BlockAllocator;
+using kvpool::SeqTable;
 
 namespace {
 
@@ -67,6 +69,29 @@ std::vector<uint64_t> owned_hashes(py::handle obj, const char* fn) {
 
 std::vector<int32_t> owned_tokens(py::handle obj, const char* fn) {
   return owned<int32_t>(obj, fn, "token_ids", "InvalidArgumentError");
+}
+
+// `obj` (None allowed) as a borrowed 1-D int32 / int64 array; the GIL stays held while it is read.
+template <typename T>
+py::array_t<T> optional_array(py::handle obj, const char* fn, const char* what) {
+  if (obj.is_none()) return py::array_t<T>();
+  return as_array<T>(obj, fn, what, "InvalidArgumentError");
+}
+
+// Sequence ids as the server passes them in an int64 array: [-2**62, 2**62) (BlockTables maps other
+// hashables to handles at and above 2**62, which a caller's array must not reach by accident).
+py::array_t<int64_t> user_seq_ids(py::handle obj, const char* fn, bool check_range) {
+  py::array_t<int64_t> ids = as_array<int64_t>(obj, fn, "seq_ids", "InvalidArgumentError");
+  constexpr int64_t kLimit = int64_t{1} << 62;
+  const int64_t* p = ids.data();
+  for (py::ssize_t i = 0; check_range && i < ids.shape(0); ++i) {
+    if (p[i] < -kLimit || p[i] >= kLimit) {
+      throw kvpool::InvalidArgument(std::string(fn) + ": seq_id " + std::to_string(p[i]) +
+                                    " is outside [-2**62, 2**62); integer ids must lie there (use a smaller "
+                                    "id, or any non-integer hashable)");
+    }
+  }
+  return ids;
 }
 
 // A Python int in [0, 2**64) (a hash, a chain value, a context key).
@@ -452,4 +477,106 @@ PYBIND11_MODULE(_C, m) {
       .def("stats", [](const BlockAllocator& a) { return stats_dict(a.stats(), a); }, kStatsDoc)
       .def("check_invariants", &BlockAllocator::check_invariants, py::call_guard<py::gil_scoped_release>(),
            "Verify every internal invariant in O(num_blocks); raises AssertionError naming a broken one.");
+
+  // SeqTable: the GIL stays held in every call (they take microseconds, and one table belongs to one
+  // scheduler thread), so the caller's arrays cannot change while the core reads them.
+  py::class_<SeqTable>(m, "SeqTable")
+      .def(py::init<BlockAllocator*, int32_t, int32_t, bool, uint64_t>(), py::arg("allocator"), py::arg("max_seqs"),
+           py::arg("max_blocks_per_seq"), py::arg("prefix_caching"), py::arg("hash_mask") = ~uint64_t{0},
+           py::keep_alive<1, 2>())
+      .def_property_readonly("max_seqs", &SeqTable::max_seqs)
+      .def_property_readonly("max_blocks_per_seq", &SeqTable::max_blocks_per_seq)
+      .def("__len__", &SeqTable::size)
+      .def("__contains__", &SeqTable::contains)
+      .def("num_tokens", &SeqTable::num_tokens)
+      .def("num_computed", &SeqTable::num_computed)
+      .def("blocks", [](const SeqTable& t, int64_t id) {
+        const std::vector<int32_t>& b = t.blocks(id);
+        return py::array_t<int32_t>(static_cast<py::ssize_t>(b.size()), b.data());
+      })
+      .def("add", [](SeqTable& t, int64_t id, py::handle tokens_obj, int64_t n, uint64_t context) {
+        py::array_t<int32_t> tokens = optional_array<int32_t>(tokens_obj, "add()", "prompt_tokens");
+        if (!tokens_obj.is_none() && tokens.shape(0) != n) {
+          throw kvpool::InvalidArgument("add(): got " + std::to_string(tokens.shape(0)) + " token ids for n=" +
+                                        std::to_string(n));
+        }
+        return t.add(id, tokens_obj.is_none() ? nullptr : tokens.data(), n, context);
+      })
+      .def("append_batch", [](SeqTable& t, py::handle ids_obj, int64_t n, py::handle tokens_obj, bool check) {
+        const char* fn = "append_batch()";
+        py::array_t<int64_t> ids = user_seq_ids(ids_obj, fn, check);
+        py::array_t<int32_t> tokens = optional_array<int32_t>(tokens_obj, fn, "token_ids");
+        const int64_t b = ids.shape(0);
+        // Size the output only for a request that can be valid; the core raises on the others first.
+        const bool plausible = n >= 1 && n <= int64_t{t.max_blocks_per_seq()} * t.block_size();
+        py::array_t<int32_t> slots(static_cast<py::ssize_t>(plausible ? b * n : 0));
+        const bool given = !tokens_obj.is_none();
+        t.append_batch(ids.data(), b, n, given ? tokens.data() : nullptr, given ? tokens.shape(0) : -1,
+                       slots.mutable_data());
+        return slots;
+      })
+      .def("mark_computed", [](SeqTable& t, py::handle ids_obj, py::handle lens_obj, bool check) {
+        py::array_t<int64_t> ids = user_seq_ids(ids_obj, "mark_computed()", check);
+        py::array_t<int64_t> lens = optional_array<int64_t>(lens_obj, "mark_computed()", "num_computed");
+        if (!lens_obj.is_none() && lens.shape(0) != ids.shape(0)) {
+          throw kvpool::InvalidArgument("mark_computed(): got " + std::to_string(ids.shape(0)) + " sequences but " +
+                                        std::to_string(lens.shape(0)) + " lengths; pass one per sequence");
+        }
+        t.mark_computed(ids.data(), ids.shape(0), lens_obj.is_none() ? nullptr : lens.data());
+      })
+      .def("fork", &SeqTable::fork)
+      .def("free", &SeqTable::free_seq)
+      .def("pending_copies", [](const SeqTable& t) {
+        py::list pairs;
+        for (const auto& p : t.pending_copies()) pairs.append(py::make_tuple(p.first, p.second));
+        return pairs;
+      })
+      .def("pop_copies", [](SeqTable& t) {
+        const auto n = static_cast<py::ssize_t>(t.pending_copies().size());
+        py::array_t<int64_t> src(n), dst(n);
+        t.pop_copies(src.mutable_data(), dst.mutable_data());
+        return std::make_tuple(src, dst);
+      })
+      .def("batch", [](SeqTable& t, py::handle ids_obj, py::handle new_obj, int64_t pad_slots_to, bool decode,
+                       bool check) {
+        const char* fn = decode ? "decode_batch()" : "batch()";
+        py::array_t<int64_t> ids = user_seq_ids(ids_obj, fn, check);
+        py::array_t<int64_t> fresh = optional_array<int64_t>(new_obj, fn, "num_new_tokens");
+        const int64_t b = ids.shape(0);
+        if (!new_obj.is_none() && fresh.shape(0) != b) {
+          throw kvpool::InvalidArgument(std::string(fn) + ": num_new_tokens has " + std::to_string(fresh.shape(0)) +
+                                        " counts for " + std::to_string(b) + " sequences; pass one per sequence");
+        }
+        const int64_t* counts = new_obj.is_none() ? nullptr : fresh.data();
+        const kvpool::BatchShape shape = t.plan_batch(ids.data(), b, counts, pad_slots_to, decode);
+        py::array_t<int32_t> out(static_cast<py::ssize_t>(shape.offset[7]));
+        t.fill_batch(ids.data(), counts, shape, out.mutable_data());
+        py::tuple offsets(8);
+        for (int k = 0; k < 8; ++k) offsets[k] = shape.offset[k];
+        return py::make_tuple(out, shape.max_blocks, shape.new_tokens, offsets);
+      })
+      .def("decode_step", [](SeqTable& t, py::handle ids_obj, py::handle tokens_obj, int64_t pad_to, bool check) {
+        const char* fn = "decode_step()";
+        py::array_t<int64_t> ids = user_seq_ids(ids_obj, fn, check);
+        py::array_t<int32_t> tokens = optional_array<int32_t>(tokens_obj, fn, "token_ids");
+        const bool given = !tokens_obj.is_none();
+        return t.decode_step(ids.data(), ids.shape(0), given ? tokens.data() : nullptr, given ? tokens.shape(0) : -1,
+                             pad_to);
+      })
+      .def("step_table", [](py::object self) {  // a view of the fixed buffer; it keeps the table alive
+        const SeqTable& t = self.cast<const SeqTable&>();
+        return py::array_t<int32_t>({static_cast<py::ssize_t>(t.max_seqs()), static_cast<py::ssize_t>(t.max_blocks_per_seq())},
+                                    t.step_table(), self);
+      })
+      .def("step_io", [](py::object self) {  // lens [rows] | slots [rows] | qsl [rows + 1], packed
+        const SeqTable& t = self.cast<const SeqTable&>();
+        return py::array_t<int32_t>(static_cast<py::ssize_t>(t.step_io_size()), t.step_io(), self);
+      })
+      .def("mark_step_computed", &SeqTable::mark_step_computed)
+      .def("step_deltas", [](const SeqTable& t) {  // copies: (flat index, value) of the changed entries
+        const auto& idx = t.step_delta_index();
+        const auto& val = t.step_delta_value();
+        return std::make_tuple(py::array_t<int32_t>(static_cast<py::ssize_t>(idx.size()), idx.data()),
+                               py::array_t<int32_t>(static_cast<py::ssize_t>(val.size()), val.data()));
+      });
 }

@@ -11,7 +11,7 @@ from kvpool import BlockAllocator, BlockIndexError, InvalidArgumentError, KVPool
 from kvpool._reference import ReferenceBlockAllocator
 from kvpool.block_table import BlockTables
 
-from allocator_util import IMPLS, make, snapshot  # noqa: F401 (make is a fixture)
+from allocator_util import IMPLS, make, snapshot, tables_for  # noqa: F401 (make is a fixture)
 
 
 def outcome(fn, *args):
@@ -181,7 +181,11 @@ class _WideAllocator:
 
 
 def test_block_tables_refuse_geometry_past_int32_slots():
+    from kvpool._reference_tables import ReferenceBlockTables
+
     with pytest.raises(InvalidArgumentError, match="2147483648"):
+        ReferenceBlockTables(_WideAllocator(), 16)
+    with pytest.raises(InvalidArgumentError, match="C\\+\\+ allocator"):
         BlockTables(_WideAllocator(), 16)
 
 
@@ -195,7 +199,7 @@ def test_paged_kv_cache_refuses_geometry_past_int32_slots():
 
 def test_append_errors_leave_the_sequence_unchanged(make):
     a = make(4, block_size=4)
-    bt = BlockTables(a, 4, max_seqs=4)
+    bt = tables_for(a, 4, max_seqs=4)
     bt.add("s", list(range(6)))
     state = (bt.num_tokens("s"), bt.blocks("s").tolist(), snapshot(a))
     for bad in (0, -1, 1.5, True, "2", 2**40):
@@ -208,7 +212,7 @@ def test_append_errors_leave_the_sequence_unchanged(make):
 
 def test_failed_add_leaves_cache_order_and_stats_unchanged(make):
     a = make(6, block_size=4)
-    bt = BlockTables(a, 4, max_seqs=4)
+    bt = tables_for(a, 4, max_seqs=4)
     prompt = list(range(13))  # 3 full blocks + 1 token: 4 blocks, 3 matchable
     bt.add("first", prompt)
     bt.mark_computed("first")
@@ -225,7 +229,7 @@ def test_failed_add_leaves_cache_order_and_stats_unchanged(make):
 
 def make_twin_order(make):
     a = make(6, block_size=4)
-    bt = BlockTables(a, 4, max_seqs=4)
+    bt = tables_for(a, 4, max_seqs=4)
     bt.add("first", list(range(13)))
     bt.mark_computed("first")
     bt.free("first")

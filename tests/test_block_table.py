@@ -1,4 +1,8 @@
-"""BlockTables: sequence operations, batch tensors vs a direct construction, copy-on-write isolation."""
+"""BlockTables: sequence operations, batch tensors vs a direct construction, copy-on-write isolation.
+
+Every test runs on the C++-backed `BlockTables` and on its pure-Python twin `ReferenceBlockTables`
+(over the pure-Python allocator, and over the C++ one).
+"""
 import random
 
 import numpy as np
@@ -7,16 +11,28 @@ import torch
 
 from kvpool._reference import ReferenceBlockAllocator
 from kvpool.allocator import BlockAllocator
+from kvpool._reference_tables import ReferenceBlockTables
 from kvpool.block_table import BLOCK_TABLE_PAD, SLOT_PAD, BatchTables, BlockTables
 from kvpool.errors import BlockIndexError, InvalidArgumentError, OutOfBlocksError
 from kvpool.kernels.reference import copy_blocks_reference, gather_kv_reference, write_kv_reference
 
-ALLOCATORS = {"cpp": BlockAllocator, "reference": ReferenceBlockAllocator}
+class Impl:
+    """One implementation under test: an allocator class and the block-table class that goes with it."""
+
+    def __init__(self, allocator, tables):
+        self.allocator, self.tables = allocator, tables
 
 
-@pytest.fixture(params=sorted(ALLOCATORS))
-def make_allocator(request):
-    return ALLOCATORS[request.param]
+IMPLS = {
+    "cpp": Impl(BlockAllocator, BlockTables),
+    "reference": Impl(ReferenceBlockAllocator, ReferenceBlockTables),
+    "reference-tables-cpp-allocator": Impl(BlockAllocator, ReferenceBlockTables),
+}
+
+
+@pytest.fixture(params=sorted(IMPLS))
+def impl(request):
+    return IMPLS[request.param]
 
 
 def direct_tables(bt: BlockTables, seq_ids, num_new):
@@ -61,9 +77,9 @@ def held_blocks(bt: BlockTables, seq_ids):
 
 
 # --------------------------------------------------------------------------- unit behaviour
-def test_add_allocates_and_batch_matches_direct(make_allocator):
-    alloc = make_allocator(32, block_size=4)
-    bt = BlockTables(alloc, 4, "cpu", max_seqs=8)
+def test_add_allocates_and_batch_matches_direct(impl):
+    alloc = impl.allocator(32, block_size=4)
+    bt = impl.tables(alloc, 4, "cpu", max_seqs=8)
     assert bt.add("a", np.arange(10)) == 0
     assert bt.add("b", np.arange(100, 104)) == 0
     assert bt.add("c", 1) == 0  # a token count: no hashing
@@ -77,9 +93,9 @@ def test_add_allocates_and_batch_matches_direct(make_allocator):
     np.testing.assert_array_equal(4 * (n - 1) + batch.kv_last_page_len.numpy(), batch.seq_lens.numpy())
 
 
-def test_append_returns_slots_and_allocates_on_boundary(make_allocator):
-    alloc = make_allocator(16, block_size=4)
-    bt = BlockTables(alloc, 4, "cpu")
+def test_append_returns_slots_and_allocates_on_boundary(impl):
+    alloc = impl.allocator(16, block_size=4)
+    bt = impl.tables(alloc, 4, "cpu")
     bt.add(7, np.arange(3))
     bt.mark_computed(7)
     slots = bt.append(7)  # fills the first block
@@ -94,9 +110,9 @@ def test_append_returns_slots_and_allocates_on_boundary(make_allocator):
     np.testing.assert_array_equal(batch.slot_mapping.numpy(), np.r_[bt.blocks(7)[0] * 4 + 3, slots])
 
 
-def test_prefix_hits_never_cover_the_whole_prompt(make_allocator):
-    alloc = make_allocator(32, block_size=4)
-    bt = BlockTables(alloc, 4, "cpu")
+def test_prefix_hits_never_cover_the_whole_prompt(impl):
+    alloc = impl.allocator(32, block_size=4)
+    bt = impl.tables(alloc, 4, "cpu")
     prompt = np.arange(8)  # exactly two full blocks
     assert bt.add("a", prompt) == 0
     assert bt.add("early", prompt) == 0  # a's blocks are not written yet: nothing cached
@@ -113,9 +129,9 @@ def test_prefix_hits_never_cover_the_whole_prompt(make_allocator):
     assert alloc.refcounts(bt.blocks("a")).tolist() == [3, 2]
 
 
-def test_prefix_stays_cached_longest_after_free(make_allocator):
-    alloc = make_allocator(4, block_size=4)
-    bt = BlockTables(alloc, 4, "cpu")
+def test_prefix_stays_cached_longest_after_free(impl):
+    alloc = impl.allocator(4, block_size=4)
+    bt = impl.tables(alloc, 4, "cpu")
     bt.add("a", np.arange(16))
     bt.mark_computed("a")
     first_blocks = bt.blocks("a")
@@ -128,9 +144,9 @@ def test_prefix_stays_cached_longest_after_free(make_allocator):
     np.testing.assert_array_equal(bt.blocks("b")[:2], first_blocks[:2])
 
 
-def test_fork_copy_on_write(make_allocator):
-    alloc = make_allocator(16, block_size=4)
-    bt = BlockTables(alloc, 4, "cpu")
+def test_fork_copy_on_write(impl):
+    alloc = impl.allocator(16, block_size=4)
+    bt = impl.tables(alloc, 4, "cpu")
     bt.add("p", np.arange(6))
     bt.mark_computed("p")
     bt.fork("p", "c")
@@ -149,9 +165,9 @@ def test_fork_copy_on_write(make_allocator):
     assert alloc.refcounts([shared[0], shared[1], p_blocks[1]]).tolist() == [2, 1, 1]
 
 
-def test_fork_at_block_boundary_needs_no_copy(make_allocator):
-    alloc = make_allocator(16, block_size=4)
-    bt = BlockTables(alloc, 4, "cpu")
+def test_fork_at_block_boundary_needs_no_copy(impl):
+    alloc = impl.allocator(16, block_size=4)
+    bt = impl.tables(alloc, 4, "cpu")
     bt.add("p", np.arange(8))
     bt.mark_computed("p")
     bt.fork("p", "c")
@@ -161,9 +177,9 @@ def test_fork_at_block_boundary_needs_no_copy(make_allocator):
     assert bt.blocks("p")[2] != bt.blocks("c")[2]
 
 
-def test_copy_queue_keeps_blocks_alive_until_popped(make_allocator):
-    alloc = make_allocator(8, block_size=4)
-    bt = BlockTables(alloc, 4, "cpu")
+def test_copy_queue_keeps_blocks_alive_until_popped(impl):
+    alloc = impl.allocator(8, block_size=4)
+    bt = impl.tables(alloc, 4, "cpu")
     bt.add("p", np.arange(2))
     bt.mark_computed("p")
     bt.fork("p", "c")
@@ -178,9 +194,9 @@ def test_copy_queue_keeps_blocks_alive_until_popped(make_allocator):
     assert alloc.num_free_blocks == 8
 
 
-def test_errors_leave_state_unchanged(make_allocator):
-    alloc = make_allocator(6, block_size=4)
-    bt = BlockTables(alloc, 4, "cpu", max_seqs=2)
+def test_errors_leave_state_unchanged(impl):
+    alloc = impl.allocator(6, block_size=4)
+    bt = impl.tables(alloc, 4, "cpu", max_seqs=2)
     bt.add("a", np.arange(12))
     bt.mark_computed("a")
     before = (bt.blocks("a").tolist(), alloc.num_free_blocks, alloc.refcounts(np.arange(6)).tolist())
@@ -228,12 +244,12 @@ def test_errors_leave_state_unchanged(make_allocator):
     with pytest.raises(InvalidArgumentError, match="not yet computed"):
         bt.fork("a", "f")
     with pytest.raises(InvalidArgumentError, match="block_size"):
-        BlockTables(alloc, 8, "cpu")
+        impl.tables(alloc, 8, "cpu")
 
 
-def test_chunked_prefill_padding_and_decode_batch(make_allocator):
-    alloc = make_allocator(32, block_size=4)
-    bt = BlockTables(alloc, 4, "cpu")
+def test_chunked_prefill_padding_and_decode_batch(impl):
+    alloc = impl.allocator(32, block_size=4)
+    bt = impl.tables(alloc, 4, "cpu")
     bt.add("a", np.arange(11))
     bt.add("b", np.arange(50, 53))
     batch = bt.batch(["a", "b"], num_new_tokens=[5, 3], pad_slots_to=12)
@@ -262,11 +278,11 @@ def _token_kv(tokens: np.ndarray, positions: np.ndarray, heads: int, dim: int):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_operations_against_direct_construction(make_allocator, seed):
+def test_random_operations_against_direct_construction(impl, seed):
     rng = random.Random(seed)
     bs, num_blocks, heads, dim = 4, 20, 2, 3
-    alloc = make_allocator(num_blocks, block_size=bs)
-    bt = BlockTables(alloc, bs, "cpu", max_seqs=6)
+    alloc = impl.allocator(num_blocks, block_size=bs)
+    bt = impl.tables(alloc, bs, "cpu", max_seqs=6)
     k_cache = torch.full((num_blocks, bs, heads, dim), float("nan"))
     v_cache = torch.full_like(k_cache, float("nan"))
     tokens = {}  # seq -> the token ids a model would have (the oracle)
@@ -377,7 +393,7 @@ def test_random_operations_against_direct_construction(make_allocator, seed):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_batch_equals_cpu():
     alloc = BlockAllocator(64, block_size=16)
-    gpu = BlockTables(alloc, 16, "cuda", max_seqs=4)
+    gpu = impl.tables(alloc, 16, "cuda", max_seqs=4)
     gpu.add("a", np.arange(40))
     gpu.add("b", np.arange(100, 117))
     for _ in range(3):  # reused pinned buffers across steps

@@ -1,18 +1,24 @@
-"""Per-sequence block lists and the batch tensors the kernels read.
+"""Per-sequence block lists and the batch tensors the kernels read, kept by the C++ core.
 
 `BlockTables` keeps, for every live sequence, the ids of the KV blocks that hold its tokens (ids from a
 `BlockAllocator`, the same on every tensor-parallel rank) and turns a batch of sequences into int32
-tensors on the cache's device: the padded table, the CSR form and the slot mapping. The format is
-documented once, with a worked example, in ``docs/page_table.md``.
+tensors on the cache's device: the padded table, the CSR form and the slot mapping. The state and every
+batched operation live in the C++ ``SeqTable`` (``csrc/seq_table.{h,cpp}``); this class maps the
+server's sequence ids onto it and puts its arrays on the device. The format is documented once, with a
+worked example, in ``docs/page_table.md``; the pure-Python twin, `kvpool._reference_tables`, is the
+oracle of the tests.
 
 Lifecycle of one sequence (the server calls these):
 
 1. ``hit = add(seq_id, prompt)``: blocks for the prompt; with prefix caching the leading full blocks
-   are shared with earlier requests and ``hit`` prompt tokens need no recomputation.
+   are shared with earlier requests (verified token by token) and ``hit`` prompt tokens need no
+   recomputation.
 2. ``b = batch([seq_id, ...])``: the tokens not yet computed become this step's new tokens; run
    ``write_kv(..., b.slot_mapping)`` and attention, then ``mark_computed(b)``. Only then are the full
-   prompt blocks offered to the prefix cache: a block is cached once its KV is written, never before.
-3. ``append(seq_id)`` per decoded token, then ``decode_batch(...)``, forward, ``mark_computed``.
+   blocks offered to the prefix cache: a block is cached once its KV is written, never before.
+3. Decode, one call per step: ``b = decode_step(seq_ids, token_ids)`` appends one token to every
+   sequence and returns the step's tensors at fixed addresses; forward; ``mark_computed(b)``. With
+   ``token_ids`` every block that fills is hashed, so a next turn hits the whole conversation.
 4. ``fork(parent, child)`` shares all blocks; the first write into a shared partial block copies it
    (copy-on-write): run ``copy_blocks(caches, *pop_copies())`` before the next forward.
 5. ``free(seq_id)``.
@@ -24,53 +30,14 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from . import _C
 from ._arrays import as_int, check_geometry
 from ._device_check import checked_device
 from .batch_tables import BLOCK_TABLE_PAD, SLOT_PAD, BatchTables  # noqa: F401 (re-exported)
 from .errors import BlockIndexError, InvalidArgumentError, OutOfBlocksError
+from .step_buffers import StepBuffers
 
-
-class _Seq:
-    """One sequence: its blocks (a growable int32 array), token counts and prompt block hashes."""
-
-    __slots__ = ("blocks", "num_blocks", "num_tokens", "num_computed", "hashes", "num_cached", "shared_tail",
-                 "prompt", "context", "chain")
-
-    def __init__(self, blocks: np.ndarray, num_tokens: int, num_computed: int, hashes: np.ndarray,
-                 num_cached: int, prompt: np.ndarray | None = None, context: int = 0, chain: int = 0):
-        capacity = max(4, 1 << int(len(blocks)).bit_length())
-        self.blocks = np.empty(capacity, dtype=np.int32)
-        self.blocks[: len(blocks)] = blocks
-        self.num_blocks = len(blocks)
-        self.num_tokens = num_tokens      # tokens in the sequence (prompt + appended)
-        self.num_computed = num_computed  # leading tokens whose KV is written (marked computed)
-        self.hashes = hashes              # uint64 hash of each full prompt block
-        self.num_cached = num_cached      # leading blocks already offered to the prefix cache
-        self.shared_tail = False          # partial last block may be shared (set by fork)
-        self.prompt = prompt              # [n] int32 prompt tokens (compared on every prefix hit)
-        self.context = context            # keyed digest of the sequence's salt (`extra`)
-        self.chain = chain                # verified-cache chain value after the num_cached blocks
-
-    @property
-    def ids(self) -> np.ndarray:
-        return self.blocks[: self.num_blocks]
-
-    def push(self, new_ids: np.ndarray) -> None:
-        need = self.num_blocks + len(new_ids)
-        if need > len(self.blocks):
-            grown = np.empty(max(need, 2 * len(self.blocks)), dtype=np.int32)
-            grown[: self.num_blocks] = self.ids
-            self.blocks = grown
-        self.blocks[self.num_blocks: need] = new_ids
-        self.num_blocks = need
-
-    def clone(self) -> "_Seq":
-        return _Seq(self.ids.copy(), self.num_tokens, self.num_computed, self.hashes, self.num_cached,
-                    self.prompt, self.context, self.chain)
-
-
-def _cdiv(a, b):
-    return -(-a // b)
+_ID_LIMIT = 1 << 62  # integer ids lie in [-2**62, 2**62); other hashables get handles from 2**62 up
 
 
 class BlockTables:
@@ -78,67 +45,145 @@ class BlockTables:
 
     Parameters
     ----------
-    allocator : BlockAllocator
-        Hands out block ids (``kvpool.BlockAllocator`` or its pure-Python twin); one per TP group.
+    allocator : kvpool.BlockAllocator
+        Hands out block ids (the C++ allocator; its pure-Python twin goes with
+        `kvpool._reference_tables.ReferenceBlockTables`); one per TP group.
     block_size : int
         Tokens per block; must equal ``allocator.block_size``.
     device : str or torch.device
         Where the batch tensors go (the cache's device).
     max_seqs : int
-        Most sequences in one batch; sizes the reused host/device buffers.
+        Most sequences in one batch; sizes the decode step's fixed buffers.
     enable_prefix_caching : bool, optional
-        Hash prompt blocks and reuse cached ones; defaults to the allocator's setting.
+        Hash full blocks and reuse cached ones; defaults to the allocator's setting.
+    max_blocks_per_seq : int, optional
+        Most blocks one sequence may hold (``ceil(max_model_len / block_size)``); the width of the decode
+        step's block table. Default ``allocator.num_blocks`` (no limit but the pool; the fixed table then
+        takes ``max_seqs * num_blocks * 4`` bytes on the device, so pass it for large pools).
+
+    Notes
+    -----
+    Sequence ids are any hashables; the batch calls also take a numpy integer array, the fast path
+    (integer ids must lie in ``[-2**62, 2**62)``). Every method validates its whole input before it
+    changes anything: on error no sequence and no allocator state has changed. Not thread-safe: one
+    `BlockTables` belongs to one scheduler thread.
     """
 
     def __init__(self, allocator, block_size: int, device="cpu", max_seqs: int = 256,
-                 enable_prefix_caching: bool | None = None):
-        if int(block_size) != int(allocator.block_size):
+                 enable_prefix_caching: bool | None = None, max_blocks_per_seq: int | None = None,
+                 _mirror: bool = False, _hash_bits: int = 64):
+        if not isinstance(allocator, _C.BlockAllocator):
+            raise InvalidArgumentError(
+                f"BlockTables needs kvpool.BlockAllocator (the C++ allocator), got {type(allocator).__name__}; "
+                "with the pure-Python twin use kvpool._reference_tables.ReferenceBlockTables")
+        if as_int(block_size, "block_size") != allocator.block_size:
             raise InvalidArgumentError(
                 f"block_size={block_size} differs from the allocator's block_size={allocator.block_size}; "
                 "pass the allocator's block size")
         check_geometry(allocator.num_blocks, block_size, "BlockTables")  # slot ids must fit in int32
-        if int(max_seqs) < 1:
+        max_seqs = as_int(max_seqs, "max_seqs")
+        if max_seqs < 1:
             raise InvalidArgumentError(f"max_seqs={max_seqs} must be >= 1 (the largest batch you will build)")
+        width = allocator.num_blocks if max_blocks_per_seq is None else as_int(max_blocks_per_seq,
+                                                                                "max_blocks_per_seq")
+        if width < 1:
+            raise InvalidArgumentError(f"max_blocks_per_seq={width} must be >= 1; pass ceil(max_model_len / "
+                                       "block_size)")
         self.allocator = allocator
         self.block_size = int(block_size)
-        self.device = checked_device(device)  # an absent CUDA device: one clear line
-        self.max_seqs = int(max_seqs)
+        self.device = checked_device(device)
+        self.max_seqs = max_seqs
+        self.max_blocks_per_seq = width
         if enable_prefix_caching is None:
-            enable_prefix_caching = bool(getattr(allocator, "enable_prefix_caching", True))
+            enable_prefix_caching = allocator.enable_prefix_caching
         self.enable_prefix_caching = bool(enable_prefix_caching)
-        self._seqs: dict = {}
-        self._copies: list[tuple[int, int]] = []  # queued copy-on-write (src, dst) pairs
-        self._queued: dict[int, int] = {}  # block id -> references the copy queue holds on it
-        self._pin = self.device.type == "cuda" and torch.cuda.is_available()
-        self._host = torch.empty(0, dtype=torch.int32)
-        self._dev = torch.empty(0, dtype=torch.int32, device=self.device)
-        self._copy_done = None  # CUDA event of the last host-to-device copy out of self._host
-        self._ensure_capacity(self.max_seqs * 64)
+        # _hash_bits < 64 (tests only) keeps that many bits of each block hash: collisions on demand
+        self._core = _C.SeqTable(allocator, max_seqs, width, self.enable_prefix_caching, (1 << _hash_bits) - 1)
+        self._step = StepBuffers(self._core, self.device, mirror=_mirror)
+        self._last_step: BatchTables | None = None
+        self._handles: dict = {}  # non-integer seq_id -> int64 handle (>= 2**62)
+        self._next_handle = _ID_LIMIT
+        self._pin = self.device.type == "cuda"
+        self._host = None  # pinned staging buffer of batch(); grows
+        self._copy_done = None  # CUDA event of the last copy out of self._host
+
+    # ----------------------------------------------------------------- sequence ids
+    def _handle(self, seq_id) -> int:
+        """The core's int64 id of an existing sequence (BlockIndexError when unknown)."""
+        if type(seq_id) is int or isinstance(seq_id, (np.integer, bool)):
+            value = int(seq_id)
+            if -_ID_LIMIT <= value < _ID_LIMIT:
+                return value
+            raise BlockIndexError(f"unknown seq_id {seq_id!r}: add() it first (integer ids lie in [-2**62, 2**62))")
+        handle = self._handles.get(seq_id)
+        if handle is None:
+            raise BlockIndexError(f"unknown seq_id {seq_id!r}: add() it first (or it was already freed)")
+        return handle
+
+    def _new_handle(self, seq_id) -> int:
+        if type(seq_id) is int or isinstance(seq_id, (np.integer, bool)):
+            value = int(seq_id)
+            if not -_ID_LIMIT <= value < _ID_LIMIT:
+                raise InvalidArgumentError(f"seq_id {value} is outside [-2**62, 2**62); use a smaller integer or "
+                                           "any non-integer hashable")
+            return value
+        try:
+            hash(seq_id)
+        except TypeError:
+            raise InvalidArgumentError(f"seq_id {seq_id!r} is not hashable; use an int or a hashable") from None
+        return self._handles.get(seq_id, self._next_handle)
+
+    def _named(self, err, extra: dict | None = None):
+        """``err`` with the core's handles of non-integer ids replaced by the ids themselves."""
+        message = str(err)
+        names = {**{h: s for s, h in self._handles.items()}, **(extra or {})}
+        for handle, seq_id in names.items():
+            if handle >= _ID_LIMIT:
+                message = message.replace(f"seq_id {handle}", f"seq_id {seq_id!r}")
+        if message == str(err):
+            return err
+        return type(err)(message, *((err.requested, err.available) if isinstance(err, OutOfBlocksError) else ()))
+
+    def _call(self, method, *args):
+        """``self._core.<method>(*args)``, its errors naming non-integer ids as the caller wrote them."""
+        try:
+            return getattr(self._core, method)(*args)
+        except (InvalidArgumentError, BlockIndexError, OutOfBlocksError) as err:
+            raise self._named(err) from None
+
+    def _ids(self, seq_ids):
+        """``(int64 ids for the core, range-check them?, the ids as the batch reports them)``."""
+        if type(seq_ids) is np.ndarray and seq_ids.dtype == np.int64 and seq_ids.ndim == 1:
+            return seq_ids, True, seq_ids
+        if isinstance(seq_ids, np.ndarray):
+            if seq_ids.dtype.kind not in "iu" or seq_ids.ndim != 1:
+                raise InvalidArgumentError(f"seq_ids array must be 1-D integers, got {seq_ids.dtype} "
+                                           f"shape {seq_ids.shape}")
+            return seq_ids.astype(np.int64), True, seq_ids
+        listed = tuple(seq_ids)
+        return np.fromiter((self._handle(s) for s in listed), np.int64, len(listed)), False, listed
 
     # ----------------------------------------------------------------- introspection
     def __contains__(self, seq_id) -> bool:
-        return seq_id in self._seqs
+        try:
+            return self._handle(seq_id) in self._core
+        except BlockIndexError:
+            return False
 
     def __len__(self) -> int:
-        return len(self._seqs)
-
-    def _get(self, seq_id) -> _Seq:
-        seq = self._seqs.get(seq_id)
-        if seq is None:
-            raise BlockIndexError(f"unknown seq_id {seq_id!r}: add() it first (or it was already freed)")
-        return seq
+        return len(self._core)
 
     def blocks(self, seq_id) -> np.ndarray:
         """``[n_blocks] int32`` copy of the block ids of `seq_id`, in token order."""
-        return self._get(seq_id).ids.copy()
+        return self._core.blocks(self._handle(seq_id))
 
     def num_tokens(self, seq_id) -> int:
         """Tokens in `seq_id` (prompt plus appended)."""
-        return self._get(seq_id).num_tokens
+        return self._core.num_tokens(self._handle(seq_id))
 
     def num_computed(self, seq_id) -> int:
         """Leading tokens of `seq_id` whose KV is written (prefix hits plus `mark_computed`)."""
-        return self._get(seq_id).num_computed
+        return self._core.num_computed(self._handle(seq_id))
 
     # ----------------------------------------------------------------- sequence operations
     def add(self, seq_id, prompt_tokens, extra=None) -> int:
@@ -169,65 +214,32 @@ class BlockTables:
         OutOfBlocksError
             Too few free blocks; nothing changed.
         """
-        if seq_id in self._seqs:
+        handle = self._new_handle(seq_id)
+        if seq_id in self:
             raise InvalidArgumentError(f"seq_id {seq_id!r} already exists: free() it or use a new id")
-        raw = np.asarray(prompt_tokens)
-        if raw.size == 0:
-            raise InvalidArgumentError(f"prompt of seq_id {seq_id!r} has 0 tokens; it needs at least 1")
-        if raw.dtype.kind not in "iu":
-            raise InvalidArgumentError(f"prompt_tokens of seq_id {seq_id!r} must be integer token ids or a token "
-                                       f"count, got dtype {raw.dtype}")
-        if raw.ndim == 0:
-            tokens, n = None, int(raw)
-        else:
-            if raw.size and (raw.min() < 0 or raw.max() > np.iinfo(np.int32).max):
-                raise InvalidArgumentError(f"prompt_tokens of seq_id {seq_id!r} hold ids outside [0, 2**31): "
-                                           f"{raw.min()}..{raw.max()}")
-            tokens = np.ascontiguousarray(raw, dtype=np.int32).reshape(-1)
-            n = len(tokens)
-        if n < 1:
-            raise InvalidArgumentError(f"prompt of seq_id {seq_id!r} has {n} tokens; it needs at least 1")
-        bs = self.block_size
-        total = _cdiv(n, bs)
-        if not (self.enable_prefix_caching and tokens is not None and n >= bs):
-            blocks = self._allocate(total, f"add({seq_id!r}) of a {n}-token prompt")
-            self._seqs[seq_id] = _Seq(blocks, n, 0, np.empty(0, dtype=np.uint64), 0)
-            return 0
-        context = self.allocator.extra_key(extra)
-        hashes = np.asarray(self._hash(tokens, extra), dtype=np.uint64)
-        # Match only blocks entirely before the last token: it must be recomputed for its logits.
-        matchable = (n - 1) // bs
-        try:  # one all-or-nothing call: every hit's tokens compared, then the fresh blocks
-            blocks, hits, chain = self.allocator.allocate_with_prefix(
-                total, hashes[:matchable], tokens[:matchable * bs], context)
+        tokens, n = _prompt(seq_id, prompt_tokens)
+        context = self.allocator.extra_key(extra) if extra is not None else 0
+        try:
+            hit = self._core.add(handle, tokens, n, context)
+        except InvalidArgumentError as err:
+            raise self._named(err, {handle: seq_id}) from None
         except OutOfBlocksError as err:
             raise OutOfBlocksError(
                 f"add({seq_id!r}) of a {n}-token prompt needs {err.requested} new blocks but {err.available} are "
                 "free; free or preempt sequences, or size the pool larger", requested=err.requested,
                 available=err.available) from err
-        self._seqs[seq_id] = _Seq(np.asarray(blocks, dtype=np.int32), n, hits * bs, hashes, hits, tokens, context,
-                                  chain)
-        return hits * bs
+        if handle >= _ID_LIMIT:
+            self._handles[seq_id] = handle
+            self._next_handle += 1
+        return hit
 
-    def _hash(self, tokens: np.ndarray, extra) -> np.ndarray:
-        """``[n // block_size] uint64`` block hashes under the allocator's key (tests inject weak ones here)."""
-        return self.allocator.hash_tokens(tokens, extra)
-
-    def _allocate(self, n: int, what: str) -> np.ndarray:
-        if n <= 0:
-            return np.empty(0, dtype=np.int32)
-        try:
-            return np.asarray(self.allocator.allocate(n), dtype=np.int32)
-        except OutOfBlocksError as err:
-            raise OutOfBlocksError(
-                f"{what} needs {n} new blocks but {err.available} are free; free or preempt sequences, "
-                "or size the pool larger", requested=n, available=err.available) from err
-
-    def append(self, seq_id, n_tokens: int = 1) -> np.ndarray:
+    def append(self, seq_id, n_tokens: int = 1, token_ids=None) -> np.ndarray:
         """Grow `seq_id` by `n_tokens` tokens (decoded or speculative), allocating blocks as they fill.
 
         If the last block is partial and shared (after `fork`), it is copied first: this sequence gets
-        a fresh block and the pair ``(src, dst)`` is queued for `pop_copies`.
+        a fresh block and the pair ``(src, dst)`` is queued for `pop_copies`. With ``token_ids``
+        (``[n_tokens]`` int) every block the tokens complete is hashed and joins the prefix cache once
+        computed; without, this sequence's later blocks are never cached.
 
         Returns
         -------
@@ -239,41 +251,36 @@ class BlockTables:
         OutOfBlocksError
             Too few free blocks; nothing changed.
         """
-        seq = self._seqs.get(seq_id)
-        if seq is None:
-            self._get(seq_id)  # raises the unknown-id error
-        n_tokens = as_int(n_tokens, f"append({seq_id!r}): n_tokens")
-        if n_tokens < 1:
-            raise InvalidArgumentError(f"append(n_tokens={n_tokens}) on seq_id {seq_id!r}: need n_tokens >= 1")
-        bs = self.block_size
-        old = seq.num_tokens
-        offset = old % bs
-        if n_tokens == 1 and offset and not seq.shared_tail:  # hot path: one token into a private block
-            slot = np.array([int(seq.blocks[seq.num_blocks - 1]) * bs + offset], dtype=np.int32)
-            seq.num_tokens = old + 1  # only once nothing can fail any more
-            return slot
-        cow = False
-        if offset and seq.shared_tail:
-            last = int(seq.blocks[seq.num_blocks - 1])
-            # Holders other than the copy queue; a shared block must not be written in place.
-            cow = int(self.allocator.refcounts([last])[0]) - self._queued.get(last, 0) > 1
-        need = _cdiv(old + n_tokens, bs) - seq.num_blocks + (1 if cow else 0)
-        fresh = self._allocate(need, f"append({seq_id!r}, {n_tokens})")
-        if cow:
-            src, dst = int(seq.blocks[seq.num_blocks - 1]), int(fresh[0])
-            # This sequence's reference on src passes to the copy queue, which also takes one on dst:
-            # until pop_copies() neither block can be handed out and overwritten before the copy runs.
-            self.allocator.incref([dst])
-            self._copies.append((src, dst))
-            self._queued[src] = self._queued.get(src, 0) + 1
-            self._queued[dst] = self._queued.get(dst, 0) + 1
-            seq.blocks[seq.num_blocks - 1] = dst
-            fresh = fresh[1:]
-        seq.shared_tail = False  # the tail is now private (copied, not shared, or a fresh block)
-        seq.push(fresh)
-        seq.num_tokens = old + n_tokens
-        pos = np.arange(old, old + n_tokens)
-        return (seq.ids[pos // bs].astype(np.int64) * bs + pos % bs).astype(np.int32)
+        n = as_int(n_tokens, f"append({seq_id!r}): n_tokens")
+        if n < 1:
+            raise InvalidArgumentError(f"append(n_tokens={n}) on seq_id {seq_id!r}: need n_tokens >= 1")
+        return self._call("append_batch", np.array([self._handle(seq_id)], np.int64), n, _tokens(token_ids), False)
+
+    def append_batch(self, seq_ids, n_tokens: int = 1, token_ids=None) -> np.ndarray:
+        """`append` to many sequences in one call: ``for s in seq_ids: append(s, n_tokens)``, all or nothing.
+
+        Parameters
+        ----------
+        seq_ids : sequence of hashable, or np.ndarray of int
+            The sequences, each once.
+        n_tokens : int
+            Tokens appended to each (speculative decoding appends k).
+        token_ids : array_like, optional
+            ``[b * n_tokens]`` (or ``[b, n_tokens]``) int: the tokens, sequence-major.
+
+        Returns
+        -------
+        np.ndarray
+            ``[b * n_tokens] int32`` slots, sequence-major.
+
+        Raises
+        ------
+        OutOfBlocksError
+            The batch needs more new blocks than are free (``.requested`` counts them all); nothing changed.
+        """
+        n = as_int(n_tokens, "append_batch(): n_tokens")
+        ids, check, _ = self._ids(seq_ids)
+        return self._call("append_batch", ids, n, _tokens(token_ids), check)
 
     def fork(self, parent, child) -> None:
         """Make `child` a copy of `parent` sharing all its blocks (beam search, parallel sampling).
@@ -281,68 +288,52 @@ class BlockTables:
         The parent must have all its tokens computed (`mark_computed`), so no shared block is ever
         written by two sequences; the first `append` on either side copies a shared partial block.
         """
-        seq = self._get(parent)
-        if child in self._seqs:
+        source = self._handle(parent)
+        handle = self._new_handle(child)
+        if child in self:
             raise InvalidArgumentError(f"fork target seq_id {child!r} already exists: pick a new id")
-        if seq.num_computed != seq.num_tokens:
-            raise InvalidArgumentError(
-                f"fork({parent!r}, {child!r}): parent has {seq.num_tokens - seq.num_computed} tokens not yet "
-                "computed; run the forward and mark_computed() first so no shared block is written twice")
-        self.allocator.incref(seq.ids)
-        twin = seq.clone()
-        seq.shared_tail = twin.shared_tail = seq.num_tokens % self.block_size != 0
-        self._seqs[child] = twin
+        self._call("fork", source, handle)
+        if handle >= _ID_LIMIT:
+            self._handles[child] = handle
+            self._next_handle += 1
 
     def free(self, seq_id) -> None:
         """Release `seq_id`'s blocks, in sequence order so that its prefix stays cached longest."""
-        seq = self._get(seq_id)
-        self.allocator.free(seq.ids)
-        del self._seqs[seq_id]
+        self._core.free(self._handle(seq_id))
+        self._handles.pop(seq_id, None)
 
     def mark_computed(self, seqs, num_computed=None) -> None:
-        """Record that KV has been written; offer newly complete prompt blocks to the prefix cache.
+        """Record that KV has been written; offer newly complete blocks to the prefix cache.
 
         Parameters
         ----------
         seqs : BatchTables, hashable, or sequence of hashable
-            A batch returned by `batch` (its ``seq_lens`` are the new computed lengths), one
-            sequence id, or a list of them.
+            A batch returned by `batch` / `decode_step` (its ``seq_lens`` are the new computed
+            lengths), one sequence id, or a list of them.
         num_computed : int or sequence of int, optional
             Leading tokens now written, per sequence; defaults to all tokens of each sequence.
         """
         if isinstance(seqs, BatchTables):
-            ids, lens = list(seqs.seq_ids), seqs.seq_lens_host.tolist()
+            if seqs is self._last_step:  # the decode step's own record: no conversion at all
+                self._call("mark_step_computed")
+                return
+            ids, check, _ = self._ids(seqs.seq_ids)
+            lens = seqs.seq_lens_host[: len(ids)].astype(np.int64)
         else:
-            ids = list(seqs) if isinstance(seqs, (list, tuple, np.ndarray)) else [seqs]
-            if num_computed is None:
-                lens = [None] * len(ids)
-            else:
-                lens = [int(x) for x in np.atleast_1d(num_computed)]
+            listed = seqs if isinstance(seqs, (list, tuple, np.ndarray)) else [seqs]
+            ids, check, _ = self._ids(listed)
+            lens = None
+            if num_computed is not None:
+                lens = _exact(np.atleast_1d(num_computed).reshape(-1), np.int64, "mark_computed()", "num_computed")
                 if len(lens) != len(ids):
                     raise InvalidArgumentError(
                         f"mark_computed got {len(ids)} sequences but {len(lens)} lengths; pass one per sequence")
-        found = [self._get(s) for s in ids]
-        for seq_id, seq, n in zip(ids, found, lens):  # validate everything before changing anything
-            if n is not None and not seq.num_computed <= n <= seq.num_tokens:
-                raise InvalidArgumentError(
-                    f"mark_computed({seq_id!r}, {n}): must lie in [{seq.num_computed}, {seq.num_tokens}] "
-                    "(computed so far, tokens in the sequence)")
-        for seq, n in zip(found, lens):
-            seq.num_computed = seq.num_tokens if n is None else n
-            if seq.num_cached == len(seq.hashes):
-                continue  # every hashed prompt block already offered (the decode steady state)
-            full = min(seq.num_computed // self.block_size, len(seq.hashes))
-            if self.enable_prefix_caching and full > seq.num_cached:
-                bs, first = self.block_size, seq.num_cached
-                seq.chain = self.allocator.cache_blocks_verified(
-                    seq.ids[first:full], seq.hashes[first:full], seq.prompt[first * bs:full * bs], seq.context,
-                    seq.chain)
-                seq.num_cached = full
+        self._call("mark_computed", ids, lens, check)
 
     @property
     def pending_copies(self) -> list:
         """Queued copy-on-write ``(src, dst)`` pairs; the queue holds one reference on each block."""
-        return list(self._copies)
+        return self._core.pending_copies()
 
     def pop_copies(self):
         """Take the queued copy-on-write pairs.
@@ -353,41 +344,59 @@ class BlockTables:
             ``src [n] int64`` and ``dst [n] int64`` block ids on the device, for
             ``copy_blocks(caches, src, dst)``, which must run before the next forward pass writes.
         """
-        pairs, self._copies, self._queued = self._copies, [], {}
-        arr = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-        if len(pairs):
-            self.allocator.free(arr.reshape(-1).astype(np.int32))  # drop the queue's references
-        src = torch.from_numpy(arr[:, 0].copy()).to(self.device)
-        dst = torch.from_numpy(arr[:, 1].copy()).to(self.device)
-        return src, dst
+        src, dst = self._core.pop_copies()
+        return torch.from_numpy(src).to(self.device), torch.from_numpy(dst).to(self.device)
 
     # ----------------------------------------------------------------- batch tensors
-    def _ensure_capacity(self, n: int) -> None:
-        if n <= self._host.numel():
-            return
-        n = max(n, 2 * self._host.numel())
-        self._sync_host()
-        self._host = torch.empty(n, dtype=torch.int32, pin_memory=self._pin)
-        self._dev = self._host if self.device.type == "cpu" else torch.empty(n, dtype=torch.int32,
-                                                                                device=self.device)
+    def decode_step(self, seq_ids, token_ids=None, pad_batch_to: int | None = None) -> BatchTables:
+        """One decode step in one call: append one token to each sequence and build the step's tensors.
 
-    def _sync_host(self) -> None:
-        # The previous non-blocking copy may still be reading the pinned buffer we are about to refill.
-        if self._copy_done is not None:
-            self._copy_done.synchronize()
-            self._copy_done = None
+        Exactly ``for s in seq_ids: append(s)`` then ``decode_batch(seq_ids)``, except that the tensors
+        sit at fixed device addresses (CUDA-graph ready; the block table is ``[rows, max_blocks_per_seq]``)
+        and only what changed is sent to the device (`last_step_h2d_bytes`).
+
+        Parameters
+        ----------
+        seq_ids : np.ndarray of int (fast) or sequence of hashable
+            The running sequences, each with all its tokens computed.
+        token_ids : array_like, optional
+            ``[b]`` int: the token each sequence appends (its blocks then join the prefix cache as they fill).
+        pad_batch_to : int, optional
+            Rows of the returned tensors (a captured graph's batch size), in ``[b, max_seqs]``; padding rows
+            have ``seq_len = 0`` (the kernels give zero rows and read nothing), slot -1, a zero table row.
+
+        Returns
+        -------
+        BatchTables
+            Valid until the next `decode_step`. Its CSR form is derived on the device when first read.
+        """
+        ids, check, shown = self._ids(seq_ids)
+        pad = -1 if pad_batch_to is None else as_int(pad_batch_to, "pad_batch_to")
+        max_len = self._call("decode_step", ids, _tokens(token_ids), pad, check)
+        rows = len(ids) if pad < 0 else pad
+        self._step.publish(rows)
+        table, lens, slots, qsl = self._step.views(rows)
+        step = BatchTables(shown, table, lens, slots, qsl, self._step.host_lens(rows), len(ids), max_len,
+                           self.block_size)
+        self._last_step = step
+        return step
+
+    @property
+    def last_step_h2d_bytes(self) -> int:
+        """Host-to-device bytes of the last `decode_step`: ``4 * (3 * rows + 1)`` plus 12 per changed table entry."""
+        return self._step.h2d_bytes()
 
     def decode_batch(self, seq_ids: Sequence, pad_slots_to: int | None = None) -> BatchTables:
         """`batch` for a decode step: every sequence must have exactly one new (uncomputed) token."""
-        return self.batch(seq_ids, pad_slots_to=pad_slots_to, _decode=True)
+        return self._batch(seq_ids, None, pad_slots_to, decode=True)
 
     def batch(self, seq_ids: Sequence, num_new_tokens: Iterable[int] | None = None,
-              pad_slots_to: int | None = None, *, _decode: bool = False) -> BatchTables:
+              pad_slots_to: int | None = None) -> BatchTables:
         """Build the tensors of one forward step over `seq_ids` (prefill, chunked prefill and decode mixed).
 
         Parameters
         ----------
-        seq_ids : sequence of hashable
+        seq_ids : sequence of hashable, or np.ndarray of int
             The batch, ``1 <= len <= max_seqs``, no repeats.
         num_new_tokens : sequence of int, optional
             New tokens to run per sequence (chunked prefill), each in ``0..uncomputed``; defaults to all
@@ -398,91 +407,78 @@ class BlockTables:
         Returns
         -------
         BatchTables
+            Valid until the next `batch` / `decode_batch` call (work queued on the same CUDA stream
+            before that call is safe).
         """
-        seq_ids = tuple(seq_ids)
-        b = len(seq_ids)
-        if not 1 <= b <= self.max_seqs:
-            raise InvalidArgumentError(f"batch of {b} sequences; need 1..max_seqs={self.max_seqs} "
-                                       "(raise max_seqs when building BlockTables)")
-        seqs = [self._get(s) for s in seq_ids]
-        if len(set(seq_ids)) != b:
-            raise InvalidArgumentError(f"batch lists a sequence twice: {seq_ids}")
-        computed = np.fromiter((s.num_computed for s in seqs), dtype=np.int64, count=b)
-        uncomputed = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=b) - computed
-        if _decode and (uncomputed != 1).any():
-            bad = int(np.argmax(uncomputed != 1))
-            raise InvalidArgumentError(
-                f"decode_batch: seq_id {seq_ids[bad]!r} has {uncomputed[bad]} uncomputed tokens, not 1; append() "
-                "one token per step and mark_computed() after each forward, or use batch()")
-        if num_new_tokens is None:
-            new = uncomputed
-        else:
-            new = np.asarray(list(num_new_tokens), dtype=np.int64).reshape(-1)
-            if len(new) != b or (new < 0).any() or (new > uncomputed).any():
-                raise InvalidArgumentError(
-                    f"num_new_tokens={new.tolist()} must give one count per sequence in 0..{uncomputed.tolist()}")
-        lens = computed + new
-        if (lens < 1).any():
-            raise InvalidArgumentError(f"batch: sequence {seq_ids[int(np.argmin(lens))]!r} would attend to 0 tokens")
-        bs = self.block_size
-        nblk = (lens + bs - 1) // bs
-        max_blocks = int(nblk.max())
-        nnz = int(nblk.sum())
-        t = int(new.sum())
-        padded = t if pad_slots_to is None else int(pad_slots_to)
-        if padded < t:
-            raise InvalidArgumentError(f"pad_slots_to={pad_slots_to} is below the {t} new tokens of this batch")
+        return self._batch(seq_ids, num_new_tokens, pad_slots_to, decode=False)
 
-        # One flat int32 buffer, one host-to-device copy: table | lens | indptr | indices | last | qsl | slots.
-        sizes = (b * max_blocks, b, b + 1, nnz, b, b + 1, padded)
-        offs = np.concatenate([[0], np.cumsum(sizes)])
-        self._ensure_capacity(int(offs[-1]))
-        self._sync_host()
-        host = self._host.numpy()
-        indices = host[offs[3]:offs[4]]
-        np.concatenate([s.blocks[:k] for s, k in zip(seqs, nblk.tolist())], out=indices)
-        indptr = host[offs[2]:offs[3]]
-        indptr[0] = 0
-        np.cumsum(nblk, out=indptr[1:])
-        table = host[offs[0]:offs[1]].reshape(b, max_blocks)
-        table.fill(BLOCK_TABLE_PAD)
-        starts = np.repeat(indptr[:-1], nblk)
-        table[np.repeat(np.arange(b), nblk), np.arange(nnz) - starts] = indices
-        host[offs[1]:offs[2]] = lens
-        host[offs[4]:offs[5]] = lens - bs * (nblk - 1)
-        qsl = host[offs[5]:offs[6]]
-        qsl[0] = 0
-        np.cumsum(new, out=qsl[1:])
-        rows = np.repeat(np.arange(b), new)
-        pos = np.arange(t) - np.repeat(qsl[:-1].astype(np.int64) - computed, new)
-        slots = host[offs[6]:offs[7]]
-        slots[:t] = table[rows, pos // bs].astype(np.int64) * bs + pos % bs
-        slots[t:] = SLOT_PAD
+    def _batch(self, seq_ids, num_new_tokens, pad_slots_to, decode: bool) -> BatchTables:
+        ids, check, shown = self._ids(seq_ids)
+        fresh = None if num_new_tokens is None else _exact(list(num_new_tokens), np.int64, "batch()",
+                                                           "num_new_tokens")
+        pad = -1 if pad_slots_to is None else as_int(pad_slots_to, "pad_slots_to")
+        buf, max_blocks, new_tokens, offs = self._call("batch", ids, fresh, pad, decode, check)
+        dev = self._to_device(buf)
+        v = [dev[offs[k]:offs[k + 1]] for k in range(7)]
+        b = len(ids)
+        lens = buf[offs[1]:offs[2]].copy()
+        return BatchTables(shown, v[0].view(b, max_blocks), v[1], v[6], v[5], lens, new_tokens, int(lens.max()),
+                           self.block_size, csr=(v[2], v[3], v[4]))
 
-        total = int(offs[-1])
-        if self._dev is self._host:
-            dev = self._host[:total]
-        else:
-            dev = self._dev[:total]
-            dev.copy_(self._host[:total], non_blocking=self._pin)
-            if self._pin:
-                self._copy_done = torch.cuda.Event()
-                self._copy_done.record()
-        views = [dev[int(offs[k]):int(offs[k + 1])] for k in range(7)]
-        return BatchTables(
-            seq_ids=seq_ids,
-            block_table=views[0].view(b, max_blocks),
-            seq_lens=views[1],
-            query_start_loc=views[5],
-            slot_mapping=views[6],
-            seq_lens_host=lens.astype(np.int32),
-            num_new_tokens=t,
-            max_seq_len=int(lens.max()),
-            block_size=bs,
-            csr=(views[2], views[3], views[4]),
-        )
+    def _to_device(self, buf: np.ndarray) -> torch.Tensor:
+        """One host-to-device copy of a batch's int32 buffer (the buffer itself on the CPU)."""
+        host = torch.from_numpy(buf)
+        if self.device.type == "cpu":
+            return host
+        if self._copy_done is not None:  # the last non-blocking copy may still read the pinned buffer
+            self._copy_done.synchronize()
+        if self._host is None or self._host.numel() < host.numel():
+            self._host = torch.empty(max(host.numel(), 4096), dtype=torch.int32, pin_memory=self._pin)
+        staged = self._host[: host.numel()]
+        staged.copy_(host)
+        dev = staged.to(self.device, non_blocking=self._pin)
+        if self._pin:
+            self._copy_done = torch.cuda.Event()
+            self._copy_done.record()
+        return dev
 
     def __repr__(self) -> str:
-        return (f"BlockTables(seqs={len(self._seqs)}, block_size={self.block_size}, device={self.device}, "
-                f"max_seqs={self.max_seqs}, prefix_caching={self.enable_prefix_caching}, "
-                f"pending_copies={len(self._copies)})")
+        return (f"BlockTables(seqs={len(self)}, block_size={self.block_size}, device={self.device}, "
+                f"max_seqs={self.max_seqs}, max_blocks_per_seq={self.max_blocks_per_seq}, "
+                f"prefix_caching={self.enable_prefix_caching}, pending_copies={len(self.pending_copies)})")
+
+
+def _exact(values, dtype, fn: str, what: str) -> np.ndarray:
+    from ._arrays import as_exact_array  # noqa: PLC0415
+
+    return as_exact_array(values, dtype, fn, what)
+
+
+def _tokens(token_ids):
+    """Token ids as a 1-D int array for the core (None stays None; the core refuses negatives)."""
+    if token_ids is None or (type(token_ids) is np.ndarray and token_ids.dtype == np.int32 and token_ids.ndim == 1):
+        return token_ids
+    array = np.asarray(token_ids)
+    if array.ndim > 1:
+        array = array.reshape(-1)
+    return _exact(array, np.int32, "token_ids", "token_ids")
+
+
+def _prompt(seq_id, prompt_tokens):
+    """``(tokens [n] int32 or None, n)`` of a prompt given as token ids or as a count."""
+    raw = np.asarray(prompt_tokens)
+    if raw.size == 0:
+        raise InvalidArgumentError(f"prompt of seq_id {seq_id!r} has 0 tokens; it needs at least 1")
+    if raw.dtype.kind not in "iu":
+        raise InvalidArgumentError(f"prompt_tokens of seq_id {seq_id!r} must be integer token ids or a token "
+                                   f"count, got dtype {raw.dtype}")
+    if raw.ndim == 0:
+        n = int(raw)
+        if n < 1:
+            raise InvalidArgumentError(f"prompt of seq_id {seq_id!r} has {n} tokens; it needs at least 1")
+        return None, n
+    if raw.min() < 0 or raw.max() > np.iinfo(np.int32).max:
+        raise InvalidArgumentError(f"prompt_tokens of seq_id {seq_id!r} hold ids outside [0, 2**31): "
+                                   f"{raw.min()}..{raw.max()}")
+    tokens = np.ascontiguousarray(raw, dtype=np.int32).reshape(-1)
+    return tokens, len(tokens)
