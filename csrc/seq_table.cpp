@@ -73,9 +73,10 @@ std::vector<SeqTable::Seq*> SeqTable::lookup(const char* fn, const int64_t* ids,
 }
 
 void SeqTable::check_width(const char* fn, const Seq& s, int64_t tokens) const {
-  // More blocks than the whole pool is left to the allocator: OutOfBlocks, as without a width limit.
+  // A width of the whole pool or more is no limit: more blocks than that is the allocator's
+  // OutOfBlocks, as without a width.
   const int64_t blocks = cdiv(tokens, block_size_);
-  if (blocks > max_blocks_ && blocks <= allocator_->num_blocks()) {
+  if (blocks > max_blocks_ && max_blocks_ < allocator_->num_blocks()) {
     throw InvalidArgument(std::string(fn) + ": seq_id " + id_text(s.id) + " would hold " + to_string(tokens) +
                           " tokens = " + to_string(cdiv(tokens, block_size_)) + " blocks, more than "
                           "max_blocks_per_seq=" + to_string(max_blocks_) + "; build BlockTables with "

@@ -458,10 +458,11 @@ def _tokens(token_ids):
     """Token ids as a 1-D int array for the core (None stays None; the core refuses negatives)."""
     if token_ids is None or (type(token_ids) is np.ndarray and token_ids.dtype == np.int32 and token_ids.ndim == 1):
         return token_ids
-    array = np.asarray(token_ids)
-    if array.ndim > 1:
-        array = array.reshape(-1)
-    return _exact(array, np.int32, "token_ids", "token_ids")
+    if isinstance(token_ids, np.ndarray) and token_ids.ndim > 1:  # [b, n_tokens]
+        token_ids = token_ids.reshape(-1)
+    elif isinstance(token_ids, (list, tuple)) and token_ids and isinstance(token_ids[0], (list, tuple, np.ndarray)):
+        token_ids = [t for row in token_ids for t in row]
+    return _exact(token_ids, np.int32, "token_ids", "token_ids")
 
 
 def _prompt(seq_id, prompt_tokens):

@@ -1,0 +1,195 @@
+"""Hypothesis drives the C++-backed BlockTables and its pure-Python twin with the same random calls.
+
+add / append / append_batch / decode_step / batch / mark_computed / fork / free / pop_copies, valid
+and invalid, on a small pool (so blocks run out, prefixes repeat and copy-on-write happens). After
+every step both must agree on everything observable: every returned batch tensor, every slot, every
+error class, every sequence's blocks and counts, and the allocators' refcounts and statistics. The
+twin runs on the pure-Python allocator, so the C++ allocator is checked against its twin too.
+"""
+import numpy as np
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from kvpool import BlockAllocator, KVPoolError
+from kvpool._reference import ReferenceBlockAllocator
+from kvpool._reference_tables import ReferenceBlockTables
+from kvpool.batch_tables import BatchTables
+from kvpool.block_table import BlockTables
+
+KEY = 0x1234_5678_9ABC_DEF0_0FED_CBA9_8765_4321
+TOKENS = st.integers(0, 2)  # a tiny vocabulary: prompts share prefixes, caches hit
+SALTS = st.sampled_from([None, None, "tenant"])
+
+
+def plain(out):
+    """A result as comparable plain values (batch tensors as lists)."""
+    if isinstance(out, BatchTables):
+        names = ("block_table", "seq_lens", "slot_mapping", "query_start_loc", "kv_indptr", "kv_indices",
+                 "kv_last_page_len")
+        tensors = {n: getattr(out, n).tolist() for n in names}
+        return tensors, out.seq_lens_host.tolist(), out.num_new_tokens, out.max_seq_len
+    if isinstance(out, tuple):
+        return tuple(plain(x) for x in out)
+    if isinstance(out, (np.ndarray, torch.Tensor)):
+        return out.tolist()
+    return out
+
+
+class TablesVsTwin(RuleBasedStateMachine):
+    @initialize(num_blocks=st.integers(4, 24), block_size=st.sampled_from([1, 2, 4]),
+                max_seqs=st.integers(1, 5), width=st.sampled_from([None, 3, 6]), caching=st.booleans(),
+                mirror=st.booleans())
+    def build(self, num_blocks, block_size, max_seqs, width, caching, mirror):
+        kw = dict(max_seqs=max_seqs, max_blocks_per_seq=width)
+        self.fast = BlockTables(BlockAllocator(num_blocks, block_size, caching, hash_key=KEY), block_size,
+                                _mirror=mirror, **kw)
+        self.twin = ReferenceBlockTables(ReferenceBlockAllocator(num_blocks, block_size, caching, hash_key=KEY),
+                                         block_size, **kw)
+        self.bs = block_size
+        self.live = []
+        self.next_id = 0
+        self.batches = []  # (fast batch, twin batch) pairs not yet marked computed
+
+    def both(self, method, *args, **kwargs):
+        results = []
+        for tables in (self.fast, self.twin):
+            try:
+                results.append(("ok", plain(getattr(tables, method)(*args, **kwargs))))
+            except KVPoolError as err:
+                results.append(("error", type(err)))
+        assert results[0] == results[1], (method, args, kwargs, results)
+        return results[0]
+
+    def call_both(self, method, *args, **kwargs):
+        """Like `both`, but returns the raw results (batches are marked computed later)."""
+        raw, results = [], []
+        for tables in (self.fast, self.twin):
+            try:
+                out = getattr(tables, method)(*args, **kwargs)
+                raw.append(out)
+                results.append(("ok", plain(out)))
+            except KVPoolError as err:
+                raw.append(None)
+                results.append(("error", type(err)))
+        assert results[0] == results[1], (method, args, kwargs, results)
+        return raw if results[0][0] == "ok" else None
+
+    def ids(self, data, min_size=0):
+        if not self.live:
+            return []
+        return data.draw(st.lists(st.sampled_from(self.live), min_size=min_size, max_size=len(self.live),
+                                  unique=True))
+
+    @rule(data=st.data(), as_count=st.booleans(), salt=SALTS)
+    def add(self, data, as_count, salt):
+        prompt = data.draw(st.lists(TOKENS, min_size=1, max_size=4 * self.bs + 1))
+        seq = self.next_id
+        self.next_id += 1
+        status, _ = self.both("add", seq, len(prompt) if as_count else prompt, extra=salt)
+        if status == "ok":
+            self.live.append(seq)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), n=st.integers(-1, 3), with_ids=st.booleans(), numpy_ids=st.booleans())
+    def append_batch(self, data, n, with_ids, numpy_ids):
+        seqs = self.ids(data)
+        tokens = data.draw(st.lists(TOKENS, min_size=len(seqs) * max(n, 0), max_size=len(seqs) * max(n, 0))) \
+            if with_ids else None
+        ids = np.array(seqs, dtype=np.int64) if numpy_ids and all(type(s) is int for s in seqs) else seqs
+        self.both("append_batch", ids, n, token_ids=tokens)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), with_ids=st.booleans())
+    def append_one(self, data, with_ids):
+        seq = data.draw(st.sampled_from(self.live))
+        n = data.draw(st.integers(1, 2))
+        tokens = data.draw(st.lists(TOKENS, min_size=n, max_size=n)) if with_ids else None
+        self.both("append", seq, n, token_ids=tokens)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), with_ids=st.booleans(), pad=st.integers(0, 3), mark=st.booleans())
+    def decode_step(self, data, with_ids, pad, mark):
+        seqs = self.ids(data, min_size=1)
+        if data.draw(st.integers(0, 3)):  # mostly a real decode loop: the previous step marked computed
+            self.both("mark_computed", seqs)
+        tokens = data.draw(st.lists(TOKENS, min_size=len(seqs), max_size=len(seqs))) if with_ids else None
+        pad_to = len(seqs) + pad if pad else None
+        ids = np.array(seqs, dtype=np.int64) if all(type(s) is int for s in seqs) else seqs
+        out = self.call_both("decode_step", ids, tokens, pad_to)
+        if out is not None and mark:
+            self.mark(out)
+
+    def mark(self, pair):
+        fast, twin = pair
+        results = []
+        for tables, batch in ((self.fast, fast), (self.twin, twin)):
+            try:
+                tables.mark_computed(batch)
+                results.append("ok")
+            except KVPoolError as err:
+                results.append(type(err))
+        assert results[0] == results[1], results
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), mark=st.booleans(), chunk=st.booleans())
+    def batch(self, data, mark, chunk):
+        seqs = self.ids(data, min_size=1)
+        new = [data.draw(st.integers(0, 3)) for _ in seqs] if chunk else None
+        out = self.call_both("batch", seqs, new)
+        if out is not None and mark:
+            self.mark(out)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), all_tokens=st.booleans())
+    def mark_some(self, data, all_tokens):
+        seq = data.draw(st.sampled_from(self.live))
+        if all_tokens:
+            self.both("mark_computed", seq)
+        else:
+            self.both("mark_computed", [seq], [data.draw(st.integers(0, 20))])
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def fork(self, data):
+        parent = data.draw(st.sampled_from(self.live))
+        child = f"fork-{self.next_id}"  # non-integer ids take the handle path
+        self.next_id += 1
+        if self.both("fork", parent, child)[0] == "ok":
+            self.live.append(child)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def free(self, data):
+        seq = data.draw(st.sampled_from(self.live))
+        self.both("free", seq)
+        self.live.remove(seq)
+
+    @rule(data=st.data())
+    def pop_copies_or_unknown_ids(self, data):
+        if data.draw(st.booleans()):
+            self.both("pop_copies")
+        else:  # unknown ids fail alike
+            seq = data.draw(st.integers(1000, 1002))
+            self.both("append", seq)
+            self.both("free", seq)
+
+    @invariant()
+    def agree(self):
+        if not hasattr(self, "fast"):
+            return
+        for seq in self.live:
+            for method in ("blocks", "num_tokens", "num_computed"):
+                assert plain(getattr(self.fast, method)(seq)) == plain(getattr(self.twin, method)(seq)), (method, seq)
+        assert len(self.fast) == len(self.twin) == len(self.live)
+        assert self.fast.pending_copies == self.twin.pending_copies
+        a, r = self.fast.allocator, self.twin.allocator
+        everything = np.arange(a.num_blocks, dtype=np.int32)
+        assert a.refcounts(everything).tolist() == r.refcounts(everything).tolist()
+        assert a.stats() == r.stats()
+        a.check_invariants()
+
+
+TablesVsTwin.TestCase.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+TestTablesVsTwin = TablesVsTwin.TestCase
