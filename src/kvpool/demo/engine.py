@@ -145,7 +145,11 @@ class Engine:
         assert all(e.is_prefill for e in entries[:n_pre]), "the scheduler puts prefills first"
         self.mixed_steps += 0 < n_pre < len(entries)
         self.max_batch_seqs = max(self.max_batch_seqs, len(entries))
-        batch = self.tables.batch([e.seq_id for e in entries])
+        if plan.decode_step:  # the fast path: append one token to each and build the step, one call
+            ids = np.fromiter((e.seq_id for e in entries), np.int64, len(entries))
+            batch = self.tables.decode_step(ids, np.fromiter((e.token_ids[0] for e in entries), np.int32, len(entries)))
+        else:
+            batch = self.tables.batch([e.seq_id for e in entries])
         self._check_ranks_agree(batch)
 
         tokens = torch.tensor([t for e in entries for t in e.token_ids], dtype=torch.int64, device=self.device)

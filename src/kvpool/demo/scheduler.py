@@ -59,6 +59,8 @@ class StepPlan:
     step: int
     entries: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[int] = field(default_factory=list)
+    # decodes only, their tokens not yet appended: the engine runs BlockTables.decode_step (one call)
+    decode_step: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -158,19 +160,11 @@ class Scheduler:
 
         # decodes first: each running sequence needs room for one more token's KV
         budget = self.max_batch_tokens
-        i = 0
-        while i < len(self.running):
-            seq = self.running[i]
-            try:
-                grow = len(seq.tokens) - self.tables.num_tokens(seq.seq_id)
-                if grow > 0:
-                    self.tables.append(seq.seq_id, grow)
-            except OutOfBlocksError:
-                victim = self.running[-1]
-                self._preempt(victim)
-                plan.preempted.append(victim.seq_id)
-                continue  # retry seq (unless it was the victim itself: then the loop ends)
-            i += 1
+        self._make_room(plan)
+        if self.running and not self.waiting:
+            plan.decode_step = True  # nothing to admit: the engine appends and builds in one call
+        elif self.running:  # prefills may join: append the decodes' tokens now, in one call
+            self.tables.append_batch([s.seq_id for s in self.running], 1, [s.tokens[-1] for s in self.running])
         for seq in self.running:
             plan.entries.append(ScheduledSeq(seq.seq_id, seq.tokens[-1:], len(seq.tokens) - 1, False))
             budget -= 1
@@ -232,6 +226,20 @@ class Scheduler:
                     self.metrics.rejected.inc()
                 continue
             self.waiting.append(Sequence(request, [int(t) for t in request.prompt], result))
+
+    def _make_room(self, plan: StepPlan) -> None:
+        """Preempt the newest running sequences until every other one's next token has a block."""
+        bs, free = self.tables.block_size, self.tables.allocator.num_free_blocks
+        while self.running:
+            for seq in self.running:  # the token sampled last step is the one not yet in the tables
+                assert len(seq.tokens) == self.tables.num_tokens(seq.seq_id) + 1, "one token per step"
+            need = sum(self.tables.num_tokens(s.seq_id) % bs == 0 for s in self.running)
+            if need <= free:
+                return
+            victim = self.running[-1]
+            self._preempt(victim)
+            plan.preempted.append(victim.seq_id)
+            free = self.tables.allocator.num_free_blocks
 
     def _preempt(self, seq: Sequence) -> None:
         """Free ``seq``'s blocks and queue it first in line; it recomputes prompt + generated tokens."""
