@@ -1,5 +1,6 @@
 #include "block_allocator.h"
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -65,23 +66,15 @@ BlockAllocator::BlockAllocator(int64_t num_blocks, int64_t block_size, bool enab
       block_size_(checked_block_size(block_size)),
       prefix_caching_(enable_prefix_caching),
       hash_key_(hash_key),
-      refcount_(make_zeroed_array<int32_t>(num_blocks_)),
-      prev_(make_zeroed_array<int32_t>(num_blocks_)),
-      next_(make_zeroed_array<int32_t>(num_blocks_)),
-      hash_(make_zeroed_array<uint64_t>(num_blocks_)),
-      has_hash_(make_zeroed_array<uint8_t>(num_blocks_)),
+      slots_(num_blocks_),
       entries_(num_blocks_, block_size_, enable_prefix_caching),
       seen_(make_zeroed_array<uint32_t>(num_blocks_)),
       count_(make_zeroed_array<int64_t>(num_blocks_)),
       index_(enable_prefix_caching ? num_blocks_ : 0) {
-  // Every block starts free, in id order: allocate(3) on a fresh allocator returns 0, 1, 2.
-  int32_t* prev = prev_.get();
-  int32_t* next = next_.get();
-  for (int32_t b = 0; b < num_blocks_; ++b) {
-    prev[b] = b - 1;
-    next[b] = b + 1;
-  }
-  next[num_blocks_ - 1] = -1;
+  // Every block starts free, in id order: allocate(3) on a fresh allocator returns 0, 1, 2. Zeroed
+  // slots already link each block to its neighbours by id (block_slot.h); only the last needs an end.
+  slots_.set_next(num_blocks_ - 1, -1);
+  for (int i = 0; i < kPrefetchAhead; ++i) recent_[i] = std::max(num_blocks_ - kPrefetchAhead + i, -1);
   head_ = 0;
   tail_ = num_blocks_ - 1;
   num_free_ = num_blocks_;
@@ -110,31 +103,63 @@ AllocatorStats BlockAllocator::stats() const {
 // ---- free list -----------------------------------------------------------------------------
 
 void BlockAllocator::unlink(int32_t b) {
-  const int32_t p = prev_[b], n = next_[b];
-  (p == -1 ? head_ : next_[p]) = n;
-  (n == -1 ? tail_ : prev_[n]) = p;
+  const int32_t p = slots_.prev(b), n = slots_.next(b);
+  if (p == -1) head_ = n; else slots_.set_next(p, n);
+  if (n == -1) tail_ = p; else slots_.set_prev(n, p);
   --num_free_;
 }
 
-void BlockAllocator::push_tail(int32_t b) {
-  prev_[b] = tail_;
-  next_[b] = -1;
-  (tail_ == -1 ? head_ : next_[tail_]) = b;
-  tail_ = b;
-  ++num_free_;
+bool BlockAllocator::drop_references(const int32_t* ids, int64_t k) {
+  // The list's tail and the hint ring live in locals: stores into slots_ may alias the members, and
+  // each block would otherwise wait for the previous block's stores before reading them back.
+  int32_t tail = tail_;
+  uint32_t pushes = pushes_;
+  int32_t recent[kPrefetchAhead];
+  std::copy(recent_, recent_ + kPrefetchAhead, recent);
+  const uint32_t num_blocks = static_cast<uint32_t>(num_blocks_);
+  int64_t j = k - 1, freed = 0;
+  // Reverse order: a sequence freeing its blocks front to back leaves its tail first in line for
+  // eviction, so its prefix stays cached longest.
+  for (; j >= 0; --j) {
+    const int32_t b = ids[j];
+    // An id out of range, or one reference too many: stop, and undo the drops below.
+    if (static_cast<uint32_t>(b) >= num_blocks || slots_[b].refcount == 0) break;
+    if (--slots_[b].refcount != 0) continue;
+    slots_.set_prev(b, tail);
+    if (tail == -1) head_ = b; else slots_.set_next(tail, b);
+    tail = b;
+    ++freed;
+    // The block pushed kPrefetchAhead pushes ago lies that far before b, unless it left the list.
+    int32_t& behind = recent[pushes++ % kPrefetchAhead];
+    if (behind >= 0) slots_.set_ahead(behind, b);
+    behind = b;
+  }
+  if (tail != -1) slots_.set_next(tail, -1);
+  tail_ = tail;
+  num_free_ += freed;
+  if (j >= 0) {  // take back the references dropped after position j: everything is as it was
+    for (int64_t i = j + 1; i < k; ++i) {
+      if (slots_[ids[i]].refcount++ == 0) unlink(ids[i]);
+    }
+    return false;
+  }
+  pushes_ = pushes;
+  std::copy(recent, recent + kPrefetchAhead, recent_);
+  stats_.frees += freed;
+  return true;
 }
 
 void BlockAllocator::forget_hash(int32_t b) {
-  index_.erase(hash_[b]);
-  has_hash_[b] = 0;
+  index_.erase(slots_[b].hash);
+  slots_[b].has_hash = 0;
   entries_.forget(b);
   --num_cached_;
 }
 
 void BlockAllocator::cache_one(int32_t b, uint64_t hash) {
   index_.insert(hash, b);
-  hash_[b] = hash;
-  has_hash_[b] = 1;
+  slots_[b].hash = hash;
+  slots_[b].has_hash = 1;
   ++num_cached_;
   ++stats_.cached_blocks_added;
 }
@@ -145,24 +170,28 @@ void BlockAllocator::note_used() {
 }
 
 void BlockAllocator::pop_free(int64_t n, int32_t* out) {
+  int32_t b = head_;  // a local, as in drop_references
   for (int64_t j = 0; j < n; ++j) {
-    const int32_t b = head_;
-    unlink(b);
-    if (has_hash_[b]) {  // a cached free block: handing it out evicts its cached content
+    prefetch_for_write(&slots_[slots_.ahead(b)]);
+    if (slots_[b].has_hash) {  // a cached free block: handing it out evicts its cached content
       forget_hash(b);
       ++stats_.evictions;
     }
-    refcount_[b] = 1;
+    slots_[b].refcount = 1;
     out[j] = b;
+    b = slots_.next(b);
   }
+  head_ = b;
+  if (b == -1) tail_ = -1; else slots_.set_prev(b, -1);
+  num_free_ -= n;
   stats_.allocations += n;
 }
 
 void BlockAllocator::take_hits(const int32_t* ids, int64_t h) {
   for (int64_t j = 0; j < h; ++j) {
     const int32_t b = ids[j];
-    if (refcount_[b] == 0) unlink(b);  // revive a cached free block in O(1)
-    ++refcount_[b];
+    if (slots_[b].refcount == 0) unlink(b);  // revive a cached free block in O(1)
+    ++slots_[b].refcount;
   }
 }
 
@@ -195,9 +224,9 @@ void BlockAllocator::check_new_references(const char* fn, const int32_t* ids, in
       seen_[b] = epoch;
       count_[b] = 0;
     }
-    if (refcount_[b] + ++count_[b] > kMaxRefcount) {
+    if (slots_[b].refcount + ++count_[b] > kMaxRefcount) {
       throw InvalidArgument(std::string(fn) + ": block " + to_string(b) + " (position " + to_string(j) +
-                            ") already has " + to_string(refcount_[b]) +
+                            ") already has " + to_string(slots_[b].refcount) +
                             " references; one more than 2147483647 would overflow its int32 refcount; "
                             "free references you no longer need (a leak of incref/match_prefix?)");
     }
@@ -215,15 +244,15 @@ void BlockAllocator::check_cacheable(const char* fn, const int32_t* ids, int64_t
   const uint32_t epoch = next_epoch();
   for (int64_t j = 0; j < k; ++j) {
     const int32_t b = ids[j];
-    if (refcount_[b] == 0) {
+    if (slots_[b].refcount == 0) {
       throw InvalidArgument(std::string(fn) + ": block " + to_string(b) + " (position " + to_string(j) +
                             ") is free (refcount 0); cache blocks while the sequence still holds them");
     }
     // A block's content identity cannot change while it is cached, within this call or across calls.
     uint64_t earlier = 0;
     bool has_earlier = false;
-    if (has_hash_[b]) {
-      earlier = hash_[b];
+    if (slots_[b].has_hash) {
+      earlier = slots_[b].hash;
       has_earlier = true;
     } else if (seen_[b] == epoch) {
       earlier = hashes[count_[b]];
@@ -262,36 +291,33 @@ void BlockAllocator::allocate(int64_t n, int32_t* out) {
 void BlockAllocator::free(const int32_t* ids, int64_t k) {
   std::lock_guard<std::mutex> lock(mu_);
   check_count("free()", k);
-  check_ids("free()", ids, k);
   // An id may appear several times (one per reference the caller drops), but never more often
-  // than its refcount.
-  const uint32_t epoch = next_epoch();
-  for (int64_t j = 0; j < k; ++j) {
-    const int32_t b = ids[j];
-    if (seen_[b] != epoch) {
-      seen_[b] = epoch;
-      count_[b] = 0;
-    }
-    if (++count_[b] > refcount_[b]) {
-      if (refcount_[b] == 0) {
-        throw InvalidArgument("free(): block " + to_string(b) + " (position " + to_string(j) +
-                              ") has refcount 0: it is already free (double free?); free each block once "
-                              "per reference taken by allocate(), incref() or match_prefix()");
-      }
-      throw InvalidArgument("free(): block " + to_string(b) + " appears " + to_string(count_[b]) +
-                            " times but has only " + to_string(refcount_[b]) +
-                            " reference(s); free it at most as often as it is referenced");
-    }
+  // than its refcount. drop_references() checks ids as it goes (one pass, one cache line per block,
+  // no scratch array) and undoes everything at the first bad one; the error is then looked for in
+  // order, range first, as the other calls report it.
+  if (!drop_references(ids, k)) {
+    check_ids("free()", ids, k);
+    refuse_free(ids, k);
   }
-  // Reverse order: a sequence freeing its blocks front to back leaves its tail first in line for
-  // eviction, so its prefix stays cached longest.
-  for (int64_t j = k - 1; j >= 0; --j) {
-    const int32_t b = ids[j];
-    if (--refcount_[b] == 0) {
-      push_tail(b);
-      ++stats_.frees;
-    }
+}
+
+void BlockAllocator::refuse_free(const int32_t* ids, int64_t k) {
+  // Find the first id in order that would drop a reference the block does not hold, by dropping
+  // them one by one (the references are restored before the error is thrown).
+  int64_t j = 0;
+  while (j < k && slots_[ids[j]].refcount > 0) --slots_[ids[j++]].refcount;
+  for (int64_t i = 0; i < j; ++i) ++slots_[ids[i]].refcount;
+  if (j == k) throw InvariantBroken("free(): refused ids that all hold a reference");  // unreachable
+  const int32_t b = ids[j];
+  const int32_t held = slots_[b].refcount;  // ids[0, j) hold b `held` times: this is once more
+  if (held == 0) {
+    throw InvalidArgument("free(): block " + to_string(b) + " (position " + to_string(j) +
+                          ") has refcount 0: it is already free (double free?); free each block once "
+                          "per reference taken by allocate(), incref() or match_prefix()");
   }
+  throw InvalidArgument("free(): block " + to_string(b) + " appears " + to_string(int64_t{held} + 1) +
+                        " times but has only " + to_string(held) +
+                        " reference(s); free it at most as often as it is referenced");
 }
 
 void BlockAllocator::incref(const int32_t* ids, int64_t k) {
@@ -299,14 +325,14 @@ void BlockAllocator::incref(const int32_t* ids, int64_t k) {
   check_count("incref()", k);
   check_ids("incref()", ids, k);
   for (int64_t j = 0; j < k; ++j) {
-    if (refcount_[ids[j]] == 0) {
+    if (slots_[ids[j]].refcount == 0) {
       throw InvalidArgument("incref(): block " + to_string(ids[j]) + " (position " + to_string(j) +
                             ") is free (refcount 0); only held blocks can be shared; take cached free "
                             "blocks with match_prefix() or new ones with allocate()");
     }
   }
   check_new_references("incref()", ids, k);
-  for (int64_t j = 0; j < k; ++j) ++refcount_[ids[j]];
+  for (int64_t j = 0; j < k; ++j) ++slots_[ids[j]].refcount;
   stats_.increfs += k;
 }
 
@@ -314,7 +340,7 @@ void BlockAllocator::refcounts(const int32_t* ids, int64_t k, int32_t* out) cons
   std::lock_guard<std::mutex> lock(mu_);
   check_count("refcounts()", k);
   check_ids("refcounts()", ids, k);
-  for (int64_t j = 0; j < k; ++j) out[j] = refcount_[ids[j]];
+  for (int64_t j = 0; j < k; ++j) out[j] = slots_[ids[j]].refcount;
 }
 
 void BlockAllocator::cache_blocks(const int32_t* ids, int64_t k, const uint64_t* hashes, int64_t num_hashes) {
@@ -323,7 +349,7 @@ void BlockAllocator::cache_blocks(const int32_t* ids, int64_t k, const uint64_t*
   if (!prefix_caching_) return;  // validated, but nothing is cached with caching disabled
   for (int64_t j = 0; j < k; ++j) {
     const int32_t b = ids[j];
-    if (has_hash_[b]) continue;  // same hash again: nothing to do
+    if (slots_[b].has_hash) continue;  // same hash again: nothing to do
     // First writer wins: a hash already mapped to another block keeps that block, and this
     // block stays uncached (it is freed like any other block).
     if (index_.find(hashes[j]) < 0) cache_one(b, hashes[j]);
@@ -383,7 +409,7 @@ int64_t BlockAllocator::allocate_with_prefix(int64_t n, const uint64_t* hashes, 
   const int64_t h = prefix_caching_ ? walk_verified(hashes, k < n ? k : n, tokens, context, out, &collided) : 0;
   check_new_references(fn, out, h);
   int64_t revived = 0;
-  for (int64_t j = 0; j < h; ++j) revived += refcount_[out[j]] == 0;
+  for (int64_t j = 0; j < h; ++j) revived += slots_[out[j]].refcount == 0;
   const int64_t fresh = n - h, available = num_free_ - revived;
   if (fresh > available) {
     throw OutOfBlocks(std::string(fn) + ": " + to_string(h) + " of " + to_string(n) +
@@ -415,7 +441,7 @@ uint64_t BlockAllocator::cache_blocks_verified(const int32_t* ids, int64_t k, co
   for (int64_t j = 0; j < k && chain != kChainBroken; ++j) {
     const int32_t b = ids[j];
     const int32_t* t = tokens + j * int64_t{block_size_};
-    if (has_hash_[b]) {  // cached already: a verified hit of this sequence, or a fork twin's block
+    if (slots_[b].has_hash) {  // cached already: a verified hit of this sequence, or a fork twin's block
       chain = entries_.holds(b, t, context, chain) ? entries_.stamp(b) : kChainBroken;
       continue;
     }
@@ -426,7 +452,7 @@ uint64_t BlockAllocator::cache_blocks_verified(const int32_t* ids, int64_t k, co
     }
     if (q >= 0) {
       stats_.hash_collisions += entries_.verified(q) && !entries_.same_content(q, t, context);
-      if (refcount_[q] != 0) {  // a held block keeps its hash: nothing after this block is cached
+      if (slots_[q].refcount != 0) {  // a held block keeps its hash: nothing after this block is cached
         chain = kChainBroken;
         continue;
       }
@@ -443,10 +469,10 @@ void BlockAllocator::check_invariants() const {
   auto fail = [](const std::string& what) { throw InvariantBroken("BlockAllocator invariant broken: " + what); };
   int64_t on_list = 0;
   int32_t prev = -1;
-  for (int32_t b = head_; b != -1; b = next_[b]) {
+  for (int32_t b = head_; b != -1; b = slots_.next(b)) {
     if (b < 0 || b >= num_blocks_) fail("free list holds id " + to_string(b));
-    if (prev_[b] != prev) fail("prev_ of block " + to_string(b) + " is " + to_string(prev_[b]));
-    if (refcount_[b] != 0) fail("block " + to_string(b) + " is on the free list with refcount " + to_string(refcount_[b]));
+    if (slots_.prev(b) != prev) fail("the prev link of block " + to_string(b) + " is " + to_string(slots_.prev(b)));
+    if (slots_[b].refcount != 0) fail("block " + to_string(b) + " is on the free list with refcount " + to_string(slots_[b].refcount));
     if (++on_list > num_blocks_) fail("free list has a cycle");
     prev = b;
   }
@@ -454,11 +480,11 @@ void BlockAllocator::check_invariants() const {
   if (on_list != num_free_) fail("num_free_ is " + to_string(num_free_) + " but " + to_string(on_list) + " blocks are listed");
   int64_t zero = 0, cached = 0;
   for (int32_t b = 0; b < num_blocks_; ++b) {
-    if (refcount_[b] < 0) fail("block " + to_string(b) + " has refcount " + to_string(refcount_[b]));
-    zero += refcount_[b] == 0;
-    if (has_hash_[b]) {
+    if (slots_[b].refcount < 0) fail("block " + to_string(b) + " has refcount " + to_string(slots_[b].refcount));
+    zero += slots_[b].refcount == 0;
+    if (slots_[b].has_hash) {
       ++cached;
-      if (index_.find(hash_[b]) != b) fail("block " + to_string(b) + "'s hash maps elsewhere");
+      if (index_.find(slots_[b].hash) != b) fail("block " + to_string(b) + "'s hash maps elsewhere");
     } else if (prefix_caching_ && entries_.verified(b)) {
       fail("block " + to_string(b) + " has a verified entry but no hash");
     }

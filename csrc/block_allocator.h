@@ -1,14 +1,20 @@
 // BlockAllocator: reference-counted KV-cache blocks with an LRU free list and prefix caching.
 //
-// Struct-of-arrays over block ids 0..num_blocks-1:
-//   refcount_[b]          references held (0 = on the free list)
-//   prev_[b], next_[b]    intrusive doubly linked free list, head = least recently freed
-//   hash_[b], has_hash_[b] the prefix-cache key of block b, if it has one
+// State over block ids 0..num_blocks-1, hot fields together and cold ones apart:
+//   slots_[b]             hot: one 32-byte BlockSlot per block (block_slot.h), two per cache line:
+//     .refcount             references held (0 = on the free list)
+//     .prev, .next          intrusive doubly linked free list, head = least recently freed
+//     .hash, .has_hash      the prefix-cache key of block b, if it has one
+//     .ahead                a prefetch hint for walking the free list (set as blocks join the list)
 //   index_                hash -> block (HashIndex: flat, sized once, never allocates)
-//   entry_[b], tokens_    a verified entry: what block b holds (prefix_entry.h)
+//   entries_              cold: a verified entry, what block b holds (prefix_entry.h)
+//   seen_, count_         cold: per-call scratch to validate repeated ids (incref, cache_blocks, hits)
+// allocate() and free() of one block touch one cache line, its slot, however cold the free list:
+// allocate() prefetches ahead along the list, free() validates without scratch (a pass that stops
+// at the first bad id and undoes what it did).
 // Invariants (check_invariants() verifies all of them):
-//   a block is on the free list  <=>  refcount_ == 0;  num_free_ == length of the free list;
-//   has_hash_[b]  <=>  index_ maps hash_[b] to b;  num_cached_ == number of blocks with a hash.
+//   a block is on the free list  <=>  refcount == 0;  num_free_ == length of the free list;
+//   has_hash  <=>  index_ maps hash to b;  num_cached_ == number of blocks with a hash.
 // The prefix cache is a tree of blocks whose hash is only an index into it: a verified cached block
 // records its exact tokens, the salt of its sequence and the stamp (unique, never reused) of the
 // cached block before it, so a hit by the *_verified calls requires the same tokens after the very
@@ -23,6 +29,7 @@
 #include <mutex>
 
 #include "block_hash.h"
+#include "block_slot.h"
 #include "hash_index.h"
 #include "prefix_entry.h"
 #include "zeroed_array.h"
@@ -99,6 +106,7 @@ class BlockAllocator {
   void check_ids(const char* fn, const int32_t* ids, int64_t k) const;
   void check_cacheable(const char* fn, const int32_t* ids, int64_t k, const uint64_t* hashes, int64_t num_hashes);
   void check_new_references(const char* fn, const int32_t* ids, int64_t k);
+  [[noreturn]] void refuse_free(const int32_t* ids, int64_t k);
   int64_t walk_verified(const uint64_t* hashes, int64_t k, const int32_t* tokens, uint64_t context, int32_t* out,
                         bool* collided) const;
   void take_hits(const int32_t* ids, int64_t h);
@@ -106,7 +114,8 @@ class BlockAllocator {
   void cache_one(int32_t b, uint64_t hash);
   uint32_t next_epoch();
   void unlink(int32_t b);
-  void push_tail(int32_t b);
+  // free()'s single pass: false, with everything as it was, at the first bad id (from the end).
+  bool drop_references(const int32_t* ids, int64_t k);
   void forget_hash(int32_t b);
   void note_used();
 
@@ -115,20 +124,20 @@ class BlockAllocator {
   bool prefix_caching_;
   HashKey hash_key_;
 
-  ZeroedArray<int32_t> refcount_;
-  ZeroedArray<int32_t> prev_;
-  ZeroedArray<int32_t> next_;
-  ZeroedArray<uint64_t> hash_;
-  ZeroedArray<uint8_t> has_hash_;
+  BlockSlots slots_;
   PrefixEntries entries_;
-  // Scratch for duplicate detection within one call: seen_[b] == epoch_ marks b as seen in
-  // this call, and then count_[b] holds how often (free) or where (cache_blocks).
+  // Scratch for duplicate detection within one call: seen_[b] == epoch_ marks b as seen in this
+  // call, and then count_[b] holds how often (new references) or where (cache_blocks).
   ZeroedArray<uint32_t> seen_;
   ZeroedArray<int64_t> count_;
   uint32_t epoch_ = 0;
 
   int32_t head_ = -1;
   int32_t tail_ = -1;
+  // The last kPrefetchAhead blocks pushed onto the free list (-1: none). The oldest, at
+  // recent_[pushes_ % kPrefetchAhead], gets the next block pushed as its `ahead` hint.
+  int32_t recent_[kPrefetchAhead];
+  uint32_t pushes_ = 0;
   int64_t num_free_ = 0;
   int64_t num_cached_ = 0;
   HashIndex index_;
