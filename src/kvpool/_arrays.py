@@ -157,3 +157,24 @@ def encode_extra(extra) -> tuple[int, bytes]:
 def _not_integers(fn, what, kind, first) -> InvalidArgumentError:
     return InvalidArgumentError(f"{fn}: {what} must be integers, got {kind} (value {first!r}); "
                                 "pass a list of ints or an integer numpy array")
+
+
+def as_prompt(seq_id, prompt_tokens) -> tuple:
+    """``(tokens, n)``: ``[n] int32`` prompt tokens (None for a prompt given as a token count) and its length."""
+    raw = np.asarray(prompt_tokens)
+    if raw.size == 0:
+        raise InvalidArgumentError(f"prompt of seq_id {seq_id!r} has 0 tokens; it needs at least 1")
+    if raw.dtype.kind not in "iu":
+        raise InvalidArgumentError(f"prompt_tokens of seq_id {seq_id!r} must be integer token ids or a token "
+                                   f"count, got dtype {raw.dtype}")
+    if raw.ndim == 0:
+        tokens, n = None, int(raw)
+    else:
+        if raw.min() < 0 or raw.max() > np.iinfo(np.int32).max:
+            raise InvalidArgumentError(f"prompt_tokens of seq_id {seq_id!r} hold ids outside [0, 2**31): "
+                                       f"{raw.min()}..{raw.max()}")
+        tokens = np.ascontiguousarray(raw, dtype=np.int32).reshape(-1)
+        n = len(tokens)
+    if n < 1:
+        raise InvalidArgumentError(f"prompt of seq_id {seq_id!r} has {n} tokens; it needs at least 1")
+    return tokens, n

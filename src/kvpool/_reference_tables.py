@@ -16,7 +16,7 @@ import torch
 
 from . import _reference
 from . import allocator as _allocator
-from ._arrays import as_int, check_geometry
+from ._arrays import as_int, as_prompt, check_geometry
 from ._device_check import checked_device
 from ._reference_append import plan_growth
 from ._reference_batch import BatchTensorsMixin
@@ -24,27 +24,6 @@ from ._reference_ids import batch_ids, no_repeats, norm_id
 from ._reference_seq import ReferenceSeq
 from .batch_tables import BatchTables
 from .errors import BlockIndexError, InvalidArgumentError, OutOfBlocksError
-
-
-def _prompt(seq_id, prompt_tokens) -> tuple:
-    """``(tokens, n)``: ``[n] int32`` prompt tokens (None for a token count) and the prompt length."""
-    raw = np.asarray(prompt_tokens)
-    if raw.size == 0:
-        raise InvalidArgumentError(f"prompt of seq_id {seq_id!r} has 0 tokens; it needs at least 1")
-    if raw.dtype.kind not in "iu":
-        raise InvalidArgumentError(f"prompt_tokens of seq_id {seq_id!r} must be integer token ids or a token "
-                                   f"count, got dtype {raw.dtype}")
-    if raw.ndim == 0:
-        tokens, n = None, int(raw)
-    else:
-        if raw.min() < 0 or raw.max() > np.iinfo(np.int32).max:
-            raise InvalidArgumentError(f"prompt_tokens of seq_id {seq_id!r} hold ids outside [0, 2**31): "
-                                       f"{raw.min()}..{raw.max()}")
-        tokens = np.ascontiguousarray(raw, dtype=np.int32).reshape(-1)
-        n = len(tokens)
-    if n < 1:
-        raise InvalidArgumentError(f"prompt of seq_id {seq_id!r} has {n} tokens; it needs at least 1")
-    return tokens, n
 
 
 class ReferenceBlockTables(BatchTensorsMixin):
@@ -165,7 +144,7 @@ class ReferenceBlockTables(BatchTensorsMixin):
         seq_id = norm_id(seq_id)
         if seq_id in self._seqs:
             raise InvalidArgumentError(f"seq_id {seq_id!r} already exists: free() it or use a new id")
-        tokens, n = _prompt(seq_id, prompt_tokens)
+        tokens, n = as_prompt(seq_id, prompt_tokens)
         bs = self.block_size
         total = -(-n // bs)
         self._check_width(seq_id, total, f"add() of a {n}-token prompt")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import _C
-from ._arrays import as_int, check_geometry
+from ._arrays import as_exact_array, as_int, as_prompt, check_geometry
 from ._device_check import checked_device
 from .batch_tables import BLOCK_TABLE_PAD, SLOT_PAD, BatchTables  # noqa: F401 (re-exported)
 from .errors import BlockIndexError, InvalidArgumentError, OutOfBlocksError
@@ -217,7 +217,7 @@ class BlockTables:
         handle = self._new_handle(seq_id)
         if seq_id in self:
             raise InvalidArgumentError(f"seq_id {seq_id!r} already exists: free() it or use a new id")
-        tokens, n = _prompt(seq_id, prompt_tokens)
+        tokens, n = as_prompt(seq_id, prompt_tokens)
         context = self.allocator.extra_key(extra) if extra is not None else 0
         try:
             hit = self._core.add(handle, tokens, n, context)
@@ -449,8 +449,6 @@ class BlockTables:
 
 
 def _exact(values, dtype, fn: str, what: str) -> np.ndarray:
-    from ._arrays import as_exact_array  # noqa: PLC0415
-
     return as_exact_array(values, dtype, fn, what)
 
 
@@ -463,23 +461,3 @@ def _tokens(token_ids):
     elif isinstance(token_ids, (list, tuple)) and token_ids and isinstance(token_ids[0], (list, tuple, np.ndarray)):
         token_ids = [t for row in token_ids for t in row]
     return _exact(token_ids, np.int32, "token_ids", "token_ids")
-
-
-def _prompt(seq_id, prompt_tokens):
-    """``(tokens [n] int32 or None, n)`` of a prompt given as token ids or as a count."""
-    raw = np.asarray(prompt_tokens)
-    if raw.size == 0:
-        raise InvalidArgumentError(f"prompt of seq_id {seq_id!r} has 0 tokens; it needs at least 1")
-    if raw.dtype.kind not in "iu":
-        raise InvalidArgumentError(f"prompt_tokens of seq_id {seq_id!r} must be integer token ids or a token "
-                                   f"count, got dtype {raw.dtype}")
-    if raw.ndim == 0:
-        n = int(raw)
-        if n < 1:
-            raise InvalidArgumentError(f"prompt of seq_id {seq_id!r} has {n} tokens; it needs at least 1")
-        return None, n
-    if raw.min() < 0 or raw.max() > np.iinfo(np.int32).max:
-        raise InvalidArgumentError(f"prompt_tokens of seq_id {seq_id!r} hold ids outside [0, 2**31): "
-                                   f"{raw.min()}..{raw.max()}")
-    tokens = np.ascontiguousarray(raw, dtype=np.int32).reshape(-1)
-    return tokens, len(tokens)
