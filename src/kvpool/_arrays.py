@@ -178,3 +178,14 @@ def as_prompt(seq_id, prompt_tokens) -> tuple:
     if n < 1:
         raise InvalidArgumentError(f"prompt of seq_id {seq_id!r} has {n} tokens; it needs at least 1")
     return tokens, n
+
+
+def as_token_ids(token_ids):
+    """Token ids for the C++ core: None, or a 1-D int32 array (``[b, n]`` flattened; the core refuses negatives)."""
+    if token_ids is None or (type(token_ids) is np.ndarray and token_ids.dtype == np.int32 and token_ids.ndim == 1):
+        return token_ids
+    if isinstance(token_ids, np.ndarray) and token_ids.ndim > 1:  # [b, n_tokens]
+        token_ids = token_ids.reshape(-1)
+    elif isinstance(token_ids, (list, tuple)) and token_ids and isinstance(token_ids[0], (list, tuple, np.ndarray)):
+        token_ids = [t for row in token_ids for t in row]
+    return as_exact_array(token_ids, np.int32, "token_ids", "token_ids")

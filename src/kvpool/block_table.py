@@ -31,13 +31,12 @@ import numpy as np
 import torch
 
 from . import _C
-from ._arrays import as_exact_array, as_int, as_prompt, check_geometry
+from ._arrays import as_exact_array, as_int, as_prompt, as_token_ids, check_geometry
 from ._device_check import checked_device
 from .batch_tables import BLOCK_TABLE_PAD, SLOT_PAD, BatchTables  # noqa: F401 (re-exported)
 from .errors import BlockIndexError, InvalidArgumentError, OutOfBlocksError
+from .seq_ids import SeqIds
 from .step_buffers import StepBuffers
-
-_ID_LIMIT = 1 << 62  # integer ids lie in [-2**62, 2**62); other hashables get handles from 2**62 up
 
 
 class BlockTables:
@@ -101,72 +100,22 @@ class BlockTables:
         self._core = _C.SeqTable(allocator, max_seqs, width, self.enable_prefix_caching, (1 << _hash_bits) - 1)
         self._step = StepBuffers(self._core, self.device, mirror=_mirror)
         self._last_step: BatchTables | None = None
-        self._handles: dict = {}  # non-integer seq_id -> int64 handle (>= 2**62)
-        self._next_handle = _ID_LIMIT
+        self._ids = SeqIds()
         self._pin = self.device.type == "cuda"
         self._host = None  # pinned staging buffer of batch(); grows
         self._copy_done = None  # CUDA event of the last copy out of self._host
-
-    # ----------------------------------------------------------------- sequence ids
-    def _handle(self, seq_id) -> int:
-        """The core's int64 id of an existing sequence (BlockIndexError when unknown)."""
-        if type(seq_id) is int or isinstance(seq_id, (np.integer, bool)):
-            value = int(seq_id)
-            if -_ID_LIMIT <= value < _ID_LIMIT:
-                return value
-            raise BlockIndexError(f"unknown seq_id {seq_id!r}: add() it first (integer ids lie in [-2**62, 2**62))")
-        handle = self._handles.get(seq_id)
-        if handle is None:
-            raise BlockIndexError(f"unknown seq_id {seq_id!r}: add() it first (or it was already freed)")
-        return handle
-
-    def _new_handle(self, seq_id) -> int:
-        if type(seq_id) is int or isinstance(seq_id, (np.integer, bool)):
-            value = int(seq_id)
-            if not -_ID_LIMIT <= value < _ID_LIMIT:
-                raise InvalidArgumentError(f"seq_id {value} is outside [-2**62, 2**62); use a smaller integer or "
-                                           "any non-integer hashable")
-            return value
-        try:
-            hash(seq_id)
-        except TypeError:
-            raise InvalidArgumentError(f"seq_id {seq_id!r} is not hashable; use an int or a hashable") from None
-        return self._handles.get(seq_id, self._next_handle)
-
-    def _named(self, err, extra: dict | None = None):
-        """``err`` with the core's handles of non-integer ids replaced by the ids themselves."""
-        message = str(err)
-        names = {**{h: s for s, h in self._handles.items()}, **(extra or {})}
-        for handle, seq_id in names.items():
-            if handle >= _ID_LIMIT:
-                message = message.replace(f"seq_id {handle}", f"seq_id {seq_id!r}")
-        if message == str(err):
-            return err
-        return type(err)(message, *((err.requested, err.available) if isinstance(err, OutOfBlocksError) else ()))
 
     def _call(self, method, *args):
         """``self._core.<method>(*args)``, its errors naming non-integer ids as the caller wrote them."""
         try:
             return getattr(self._core, method)(*args)
         except (InvalidArgumentError, BlockIndexError, OutOfBlocksError) as err:
-            raise self._named(err) from None
-
-    def _ids(self, seq_ids):
-        """``(int64 ids for the core, range-check them?, the ids as the batch reports them)``."""
-        if type(seq_ids) is np.ndarray and seq_ids.dtype == np.int64 and seq_ids.ndim == 1:
-            return seq_ids, True, seq_ids
-        if isinstance(seq_ids, np.ndarray):
-            if seq_ids.dtype.kind not in "iu" or seq_ids.ndim != 1:
-                raise InvalidArgumentError(f"seq_ids array must be 1-D integers, got {seq_ids.dtype} "
-                                           f"shape {seq_ids.shape}")
-            return seq_ids.astype(np.int64), True, seq_ids
-        listed = tuple(seq_ids)
-        return np.fromiter((self._handle(s) for s in listed), np.int64, len(listed)), False, listed
+            raise self._ids.named(err) from None
 
     # ----------------------------------------------------------------- introspection
     def __contains__(self, seq_id) -> bool:
         try:
-            return self._handle(seq_id) in self._core
+            return self._ids.handle(seq_id) in self._core
         except BlockIndexError:
             return False
 
@@ -175,15 +124,15 @@ class BlockTables:
 
     def blocks(self, seq_id) -> np.ndarray:
         """``[n_blocks] int32`` copy of the block ids of `seq_id`, in token order."""
-        return self._core.blocks(self._handle(seq_id))
+        return self._core.blocks(self._ids.handle(seq_id))
 
     def num_tokens(self, seq_id) -> int:
         """Tokens in `seq_id` (prompt plus appended)."""
-        return self._core.num_tokens(self._handle(seq_id))
+        return self._core.num_tokens(self._ids.handle(seq_id))
 
     def num_computed(self, seq_id) -> int:
         """Leading tokens of `seq_id` whose KV is written (prefix hits plus `mark_computed`)."""
-        return self._core.num_computed(self._handle(seq_id))
+        return self._core.num_computed(self._ids.handle(seq_id))
 
     # ----------------------------------------------------------------- sequence operations
     def add(self, seq_id, prompt_tokens, extra=None) -> int:
@@ -214,7 +163,7 @@ class BlockTables:
         OutOfBlocksError
             Too few free blocks; nothing changed.
         """
-        handle = self._new_handle(seq_id)
+        handle = self._ids.new(seq_id)
         if seq_id in self:
             raise InvalidArgumentError(f"seq_id {seq_id!r} already exists: free() it or use a new id")
         tokens, n = as_prompt(seq_id, prompt_tokens)
@@ -222,15 +171,13 @@ class BlockTables:
         try:
             hit = self._core.add(handle, tokens, n, context)
         except InvalidArgumentError as err:
-            raise self._named(err, {handle: seq_id}) from None
+            raise self._ids.named(err, {handle: seq_id}) from None
         except OutOfBlocksError as err:
             raise OutOfBlocksError(
                 f"add({seq_id!r}) of a {n}-token prompt needs {err.requested} new blocks but {err.available} are "
                 "free; free or preempt sequences, or size the pool larger", requested=err.requested,
                 available=err.available) from err
-        if handle >= _ID_LIMIT:
-            self._handles[seq_id] = handle
-            self._next_handle += 1
+        self._ids.register(seq_id, handle)
         return hit
 
     def append(self, seq_id, n_tokens: int = 1, token_ids=None) -> np.ndarray:
@@ -254,7 +201,7 @@ class BlockTables:
         n = as_int(n_tokens, f"append({seq_id!r}): n_tokens")
         if n < 1:
             raise InvalidArgumentError(f"append(n_tokens={n}) on seq_id {seq_id!r}: need n_tokens >= 1")
-        return self._call("append_batch", np.array([self._handle(seq_id)], np.int64), n, _tokens(token_ids), False)
+        return self._call("append_batch", np.array([self._ids.handle(seq_id)], np.int64), n, as_token_ids(token_ids), False)
 
     def append_batch(self, seq_ids, n_tokens: int = 1, token_ids=None) -> np.ndarray:
         """`append` to many sequences in one call: ``for s in seq_ids: append(s, n_tokens)``, all or nothing.
@@ -279,8 +226,8 @@ class BlockTables:
             The batch needs more new blocks than are free (``.requested`` counts them all); nothing changed.
         """
         n = as_int(n_tokens, "append_batch(): n_tokens")
-        ids, check, _ = self._ids(seq_ids)
-        return self._call("append_batch", ids, n, _tokens(token_ids), check)
+        ids, check, _ = self._ids.batch(seq_ids)
+        return self._call("append_batch", ids, n, as_token_ids(token_ids), check)
 
     def fork(self, parent, child) -> None:
         """Make `child` a copy of `parent` sharing all its blocks (beam search, parallel sampling).
@@ -288,19 +235,17 @@ class BlockTables:
         The parent must have all its tokens computed (`mark_computed`), so no shared block is ever
         written by two sequences; the first `append` on either side copies a shared partial block.
         """
-        source = self._handle(parent)
-        handle = self._new_handle(child)
+        source = self._ids.handle(parent)
+        handle = self._ids.new(child)
         if child in self:
             raise InvalidArgumentError(f"fork target seq_id {child!r} already exists: pick a new id")
         self._call("fork", source, handle)
-        if handle >= _ID_LIMIT:
-            self._handles[child] = handle
-            self._next_handle += 1
+        self._ids.register(child, handle)
 
     def free(self, seq_id) -> None:
         """Release `seq_id`'s blocks, in sequence order so that its prefix stays cached longest."""
-        self._core.free(self._handle(seq_id))
-        self._handles.pop(seq_id, None)
+        self._core.free(self._ids.handle(seq_id))
+        self._ids.forget(seq_id)
 
     def mark_computed(self, seqs, num_computed=None) -> None:
         """Record that KV has been written; offer newly complete blocks to the prefix cache.
@@ -317,14 +262,15 @@ class BlockTables:
             if seqs is self._last_step:  # the decode step's own record: no conversion at all
                 self._call("mark_step_computed")
                 return
-            ids, check, _ = self._ids(seqs.seq_ids)
+            ids, check, _ = self._ids.batch(seqs.seq_ids)
             lens = seqs.seq_lens_host[: len(ids)].astype(np.int64)
         else:
             listed = seqs if isinstance(seqs, (list, tuple, np.ndarray)) else [seqs]
-            ids, check, _ = self._ids(listed)
+            ids, check, _ = self._ids.batch(listed)
             lens = None
             if num_computed is not None:
-                lens = _exact(np.atleast_1d(num_computed).reshape(-1), np.int64, "mark_computed()", "num_computed")
+                lens = as_exact_array(np.atleast_1d(num_computed).reshape(-1), np.int64, "mark_computed()",
+                                      "num_computed")
                 if len(lens) != len(ids):
                     raise InvalidArgumentError(
                         f"mark_computed got {len(ids)} sequences but {len(lens)} lengths; pass one per sequence")
@@ -370,9 +316,9 @@ class BlockTables:
         BatchTables
             Valid until the next `decode_step`. Its CSR form is derived on the device when first read.
         """
-        ids, check, shown = self._ids(seq_ids)
+        ids, check, shown = self._ids.batch(seq_ids)
         pad = -1 if pad_batch_to is None else as_int(pad_batch_to, "pad_batch_to")
-        max_len = self._call("decode_step", ids, _tokens(token_ids), pad, check)
+        max_len = self._call("decode_step", ids, as_token_ids(token_ids), pad, check)
         rows = len(ids) if pad < 0 else pad
         self._step.publish(rows)
         table, lens, slots, qsl = self._step.views(rows)
@@ -413,9 +359,9 @@ class BlockTables:
         return self._batch(seq_ids, num_new_tokens, pad_slots_to, decode=False)
 
     def _batch(self, seq_ids, num_new_tokens, pad_slots_to, decode: bool) -> BatchTables:
-        ids, check, shown = self._ids(seq_ids)
-        fresh = None if num_new_tokens is None else _exact(list(num_new_tokens), np.int64, "batch()",
-                                                           "num_new_tokens")
+        ids, check, shown = self._ids.batch(seq_ids)
+        fresh = None if num_new_tokens is None else as_exact_array(list(num_new_tokens), np.int64, "batch()",
+                                                                    "num_new_tokens")
         pad = -1 if pad_slots_to is None else as_int(pad_slots_to, "pad_slots_to")
         buf, max_blocks, new_tokens, offs = self._call("batch", ids, fresh, pad, decode, check)
         dev = self._to_device(buf)
@@ -446,18 +392,3 @@ class BlockTables:
         return (f"BlockTables(seqs={len(self)}, block_size={self.block_size}, device={self.device}, "
                 f"max_seqs={self.max_seqs}, max_blocks_per_seq={self.max_blocks_per_seq}, "
                 f"prefix_caching={self.enable_prefix_caching}, pending_copies={len(self.pending_copies)})")
-
-
-def _exact(values, dtype, fn: str, what: str) -> np.ndarray:
-    return as_exact_array(values, dtype, fn, what)
-
-
-def _tokens(token_ids):
-    """Token ids as a 1-D int array for the core (None stays None; the core refuses negatives)."""
-    if token_ids is None or (type(token_ids) is np.ndarray and token_ids.dtype == np.int32 and token_ids.ndim == 1):
-        return token_ids
-    if isinstance(token_ids, np.ndarray) and token_ids.ndim > 1:  # [b, n_tokens]
-        token_ids = token_ids.reshape(-1)
-    elif isinstance(token_ids, (list, tuple)) and token_ids and isinstance(token_ids[0], (list, tuple, np.ndarray)):
-        token_ids = [t for row in token_ids for t in row]
-    return _exact(token_ids, np.int32, "token_ids", "token_ids")
