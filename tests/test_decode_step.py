@@ -157,3 +157,13 @@ def test_a_captured_decode_graph_replays_after_the_next_step():
         graph.replay()
         eager = paged_decode(q, k, v, b.block_table, b.seq_lens, 0.125)
         torch.testing.assert_close(out, eager)
+
+
+def test_a_batch_marked_after_a_later_step_records_its_own_lengths():
+    tables = BlockTables(BlockAllocator(64, BS), BS, max_seqs=2)
+    ids = running(tables, 1)
+    first = tables.decode_step(ids)
+    tables.mark_computed(first)
+    tables.decode_step(ids)  # its lengths overwrite the step buffers
+    tables.mark_computed(first)  # late and repeated: must still mean "7 tokens", not the new step's 8
+    assert tables.num_computed(0) == 7 and tables.num_tokens(0) == 8

@@ -70,11 +70,12 @@ class StepBuffers:
         return v
 
     def host_lens(self, rows: int) -> np.ndarray:
-        """``[rows] int32`` host view of the step's seq_lens (valid until the next step)."""
+        """``[rows] int32`` host copy of the step's seq_lens: a batch marked computed after a later step
+        still records its own lengths."""
         v = self._lens.get(rows)
         if v is None:
             v = self._lens[rows] = self._host_io_view[:rows]
-        return v
+        return v.copy()
 
     def h2d_bytes(self) -> int:
         """Bytes a device copy of the last step sends: ``io`` plus 12 per changed table entry."""
