@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Sequence
 
 GiB = 1024**3
 
@@ -37,6 +37,12 @@ class RankFigures:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+# The deciding rank's own figures a PoolSize carries at its top level (same names in both classes)
+_DECIDING_TERMS = (
+    "num_blocks", "measured", "total_bytes", "budget_bytes", "torch_in_use_bytes", "activation_peak_bytes",
+    "non_torch_bytes", "nccl_bytes", "headroom_bytes", "kv_budget_bytes",
+)
 
 # term -> (PoolSize attribute, key of ``predicted``); the planner's non-torch is its comm + overhead
 _TERMS = (
@@ -113,9 +119,20 @@ class PoolSize:
     predicted: Optional[dict] = None
     prediction_error: Optional[str] = None
 
-    def rank_figures(self, rank: int) -> RankFigures:
-        """The figures group rank ``rank`` measured."""
-        return self.ranks[rank]
+    @classmethod
+    def from_ranks(cls, ranks: Sequence[RankFigures], deciding: int, *, block_size: int, bytes_per_block: int,
+                   tp_size: int, kv_dtype: str, fp8_scales: str, mem_fraction: float, device: str, digest: str,
+                   hash_key: int, predicted: Optional[dict] = None,
+                   prediction_error: Optional[str] = None) -> "PoolSize":
+        """The pool of group rank ``deciding`` (the fewest blocks): its terms, with the settings the ranks agreed on."""
+        d = ranks[deciding]
+        return cls(
+            **{name: getattr(d, name) for name in _DECIDING_TERMS},
+            block_size=block_size, bytes_per_block=bytes_per_block, num_tokens=d.num_blocks * block_size,
+            kv_bytes=d.num_blocks * bytes_per_block, tp_size=tp_size, kv_dtype=kv_dtype, fp8_scales=fp8_scales,
+            mem_fraction=mem_fraction, device=device, deciding_rank=deciding, ranks=tuple(ranks), digest=digest,
+            hash_key=hash_key, predicted=predicted, prediction_error=prediction_error,
+        )
 
     def comparison(self) -> list[dict]:
         """Measured (deciding rank) vs predicted, per term.
