@@ -14,9 +14,12 @@ number of pages, a multiple of 4 bytes for any block size >= 2 or even head_dim 
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Optional
+
 import torch
 
-from ._arrays import check_geometry
+from ._arrays import as_int, check_geometry
 from ._device_check import checked_device
 from .errors import InvalidArgumentError
 
@@ -32,7 +35,7 @@ _DTYPE_ALIASES = {
     "bf16": "bf16", "bfloat16": "bf16",
     "fp8": "fp8", "fp8_e4m3": "fp8", "float8_e4m3fn": "fp8",
 }
-LAYOUTS = ("NHD", "HND")
+LAYOUTS = ("NHD", "HND")  # page layouts: a block's tokens before its heads, or heads first
 FP8_SCALES = ("per_token_head", "per_head", "per_tensor")
 _SCALE_DTYPE = torch.float32
 
@@ -50,13 +53,171 @@ def dtype_name(dtype, what: str = "dtype", allow_fp8: bool = True) -> str:
     return name
 
 
-def _positive_int(value, what: str, fix: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) and not hasattr(value, "__index__"):
-        raise InvalidArgumentError(f"{what}={value!r} must be an int; {fix}")
-    value = int(value)
-    if value <= 0:
-        raise InvalidArgumentError(f"{what}={value} must be > 0; {fix}")
-    return value
+# ----------------------------------------------------------------------------- the checks
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+    """``for_shard``'s arguments checked, with what the planner lays out for this shard.
+
+    ``page_layout`` is "NHD" or "HND" (the order of a block's dims); ``shard_layout`` is the planner's
+    ``KVShardLayout`` of the heads this rank holds (``kv_head_ids``); ``fp8_scales`` is ``None`` unless fp8.
+    """
+
+    num_blocks: int
+    block_size: int
+    tp_rank: int
+    tp_size: int
+    device: torch.device
+    page_layout: str
+    compute_dtype: torch.dtype
+    page_dtype: torch.dtype
+    fp8_scales: Optional[str]
+    shard_layout: Any
+    kv_head_ids: list
+    is_mla: bool
+
+    def page_shape(self, dim: int) -> tuple[int, int, int, int]:
+        heads = self.shard_layout.kv_heads
+        if self.page_layout == "NHD":
+            return (self.num_blocks, self.block_size, heads, dim)
+        return (self.num_blocks, heads, self.block_size, dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Bytes:
+    """Bytes of the one allocation: one layer's K pages, V pages and per-token scales (K or V, 0 unless fp8
+    with ``per_token_head``), all layers' pages, and the whole buffer (the pages, then the scales).
+
+    >>> # Llama-3.1-8B at tp=2, fp8, 1 block of 16 tokens: 4 KV heads x 128 dims x 1 B per token
+    >>> # k = v = 16 x 4 x 128 x 1 = 8,192; scales = 16 x 4 x 4 = 256; pages = 32 x 16,384 = 524,288
+    >>> # total = 524,288 + 32 layers x 2 tensors x 256 = 540,672 = the planner's bytes_per_block(16)
+    """
+
+    k: int
+    v: int
+    scales: int
+    pages: int
+    total: int
+
+    @classmethod
+    def of(cls, shard: _Shard) -> "_Bytes":
+        lay = shard.shard_layout
+        rows = shard.num_blocks * shard.block_size * lay.kv_heads  # (token, head) rows per layer and tensor
+        k, v = rows * lay.head_dim * lay.dtype_bytes, rows * lay.v_head_dim * lay.dtype_bytes
+        scales = rows * lay.scale_bytes
+        pages = lay.num_layers * (k + v)
+        return cls(k, v, scales, pages, pages + lay.num_layers * (2 if v else 1) * scales)
+
+
+def _check_counts(num_blocks, block_size, tp_rank, tp_size) -> tuple[int, int, int, int]:
+    """Plain ints: a pool whose slot ids fit int32, a power-of-two block, ``tp_rank`` in ``[0, tp_size)``."""
+    num_blocks, block_size = check_geometry(num_blocks, block_size, "PagedKVCache")
+    if block_size & (block_size - 1):
+        raise InvalidArgumentError(f"block_size={block_size} is not a power of two; use 8, 16, 32, ...")
+    tp_size = as_int(tp_size, "tp_size")
+    if tp_size <= 0:
+        raise InvalidArgumentError(f"tp_size={tp_size} must be > 0; pass the tensor-parallel degree (1 without TP)")
+    if isinstance(tp_rank, bool) or not hasattr(tp_rank, "__index__") or not 0 <= int(tp_rank) < tp_size:
+        raise InvalidArgumentError(f"tp_rank={tp_rank!r} must be an int in [0, {tp_size}) for tp_size={tp_size}")
+    return num_blocks, block_size, int(tp_rank), tp_size
+
+
+def _check_choices(page_layout, fp8_scales) -> None:
+    if page_layout not in LAYOUTS:
+        raise InvalidArgumentError(f"layout={page_layout!r} is not supported; use 'NHD' or 'HND'")
+    if fp8_scales not in FP8_SCALES:
+        raise InvalidArgumentError(f"fp8_scales={fp8_scales!r} is not supported; use 'per_token_head', 'per_head' "
+                                   "or 'per_tensor'")
+
+
+def _check_tp_splits_kv_heads(spec, tp_size: int) -> None:
+    if spec.is_mla:
+        return
+    total_heads = int(spec.num_kv_heads)
+    if tp_size <= total_heads and total_heads % tp_size:
+        raise InvalidArgumentError(
+            f"tp_size={tp_size} does not divide the {total_heads} KV heads of {spec.name}; "
+            f"use a divisor of {total_heads} or a multiple of it")
+    if tp_size > total_heads and tp_size % total_heads:
+        raise InvalidArgumentError(
+            f"tp_size={tp_size} exceeds the {total_heads} KV heads of {spec.name} but is not a multiple "
+            "of them, so heads cannot be replicated evenly; use a multiple of the head count")
+
+
+def _checked_shard(spec, num_blocks, block_size, tp_rank, tp_size, device, dtype, kv_dtype, page_layout,
+                   fp8_scales) -> tuple[_Shard, _Bytes]:
+    """Every check of ``for_shard``, in order; the planner's layout of the shard and its byte counts.
+
+    Bad input raises ``InvalidArgumentError``; the asserts state what the planner and the cache agree on.
+    """
+    from .plan.kv import kv_shard_layout, serving_dtype, shard_kv_heads  # noqa: PLC0415 (keeps the import light)
+
+    num_blocks, block_size, tp_rank, tp_size = _check_counts(num_blocks, block_size, tp_rank, tp_size)
+    _check_choices(page_layout, fp8_scales)
+    _check_tp_splits_kv_heads(spec, tp_size)
+    compute = dtype_name(serving_dtype(spec, None) if dtype is None else dtype, "dtype", allow_fp8=False)
+    kv_name = compute if str(kv_dtype).lower() == "auto" else dtype_name(kv_dtype, "kv_dtype")
+    shard_layout = kv_shard_layout(spec, tp=tp_size, kv_dtype=kv_name, fp8_scales=fp8_scales)
+    head_ids = [int(h) for h in shard_kv_heads(1 if spec.is_mla else int(spec.num_kv_heads), tp_size, tp_rank)]
+    assert len(head_ids) == shard_layout.kv_heads, (head_ids, shard_layout)
+    shard = _Shard(
+        num_blocks, block_size, tp_rank, tp_size, checked_device(device), page_layout, KV_DTYPES[compute],
+        KV_DTYPES[kv_name], fp8_scales if kv_name == "fp8" else None, shard_layout, head_ids, bool(spec.is_mla),
+    )
+    assert shard.page_dtype.itemsize == shard_layout.dtype_bytes, (shard.page_dtype, shard_layout)
+    assert shard_layout.scale_bytes in (0, _SCALE_DTYPE.itemsize), shard_layout  # one float32 per token and head
+    nbytes = _Bytes.of(shard)
+    assert nbytes.total == shard_layout.bytes_per_block(block_size) * num_blocks, (nbytes, shard_layout)
+    if nbytes.scales and nbytes.pages % _SCALE_DTYPE.itemsize:
+        raise InvalidArgumentError(
+            f"fp8 pages take {nbytes.pages} bytes, not a multiple of 4, so the float32 scales that follow "
+            f"would be misaligned; use a block_size >= 4")
+    return shard, nbytes
+
+
+# ----------------------------------------------------------------------------- the carving
+class _Carver:
+    """Hands out consecutive views of the one ``uint8`` buffer."""
+
+    def __init__(self, buffer: torch.Tensor):
+        self.buffer, self.offset = buffer, 0
+
+    def take(self, nbytes: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+        view = self.buffer.narrow(0, self.offset, nbytes).view(dtype).view(shape)
+        self.offset += nbytes
+        return view
+
+
+def _carve_pages(carver: _Carver, shard: _Shard, nbytes: _Bytes) -> tuple[list, list]:
+    """``K_0, V_0, K_1, V_1, ...`` in the page dtype; MLA: ``K_0, K_1, ...`` (the latent) and V ``None``."""
+    lay = shard.shard_layout
+    k_caches, v_caches = [], []
+    for _ in range(lay.num_layers):
+        k_caches.append(carver.take(nbytes.k, shard.page_dtype, shard.page_shape(lay.head_dim)))
+        v_caches.append(carver.take(nbytes.v, shard.page_dtype, shard.page_shape(lay.v_head_dim))
+                        if lay.v_head_dim else None)
+    return k_caches, v_caches
+
+
+def _carve_scales(carver: _Carver, shard: _Shard, nbytes: _Bytes) -> tuple[Optional[list], Optional[list]]:
+    """fp8 scales, all 1.0: per-token ones carved after the pages (``Ks_0, Vs_0, Ks_1, ...``), per-head and
+    per-tensor ones a small tensor outside the pool; ``(None, None)`` unless fp8."""
+    if shard.fp8_scales is None:
+        return None, None
+    lay, heads = shard.shard_layout, shard.shard_layout.kv_heads
+    n_scaled = 2 if lay.v_head_dim else 1  # MLA scales its latent only
+    if nbytes.scales:
+        carver.buffer.narrow(0, nbytes.pages, nbytes.total - nbytes.pages).view(_SCALE_DTYPE).fill_(1.0)
+        shape = (shard.num_blocks, shard.block_size, heads)
+        per_layer = [[carver.take(nbytes.scales, _SCALE_DTYPE, shape) for _ in range(n_scaled)]
+                     for _ in range(lay.num_layers)]
+    else:
+        # per_tensor (vLLM's k_scale/v_scale): one float32 per layer and tensor, seen as [heads] (stride 0)
+        shared = 1 if shard.fp8_scales == "per_tensor" else heads
+        ones = torch.ones(lay.num_layers, n_scaled, shared, dtype=_SCALE_DTYPE, device=shard.device)
+        per_layer = ones.expand(lay.num_layers, n_scaled, heads)
+    k_scales = [per_layer[i][0] for i in range(lay.num_layers)]
+    v_scales = [per_layer[i][1] if n_scaled == 2 else None for i in range(lay.num_layers)]
+    return k_scales, v_scales
 
 
 class PagedKVCache:
@@ -79,29 +240,27 @@ class PagedKVCache:
         MLA: ``v_scales[layer]`` is ``None``.
     kv_head_ids : list of int
         Global KV head indices this shard holds (for MLA ``[0]``: the latent is replicated).
+    page_layout : str
+        "NHD" or "HND": the order of a block's dims (``layout`` is the same).
+    shard_layout : KVShardLayout
+        The planner's geometry of the heads this rank holds (``kvpool.plan.kv_shard_layout``).
 
     Kernels take NHD page tensors; pass an HND tensor as ``t.permute(0, 2, 1, 3)``.
     """
 
-    def __init__(self, *, layout, buffer, k_caches, v_caches, k_scales, v_scales, kv_head_ids,
-                 num_blocks, block_size, page_layout, dtype, kv_dtype, fp8_scales, tp_rank, tp_size,
-                 is_mla):
-        self.kv_layout = layout  # the planner's KVShardLayout this cache was built from
-        self._buffer = buffer
-        self.k_caches = k_caches
-        self.v_caches = v_caches
-        self.k_scales = k_scales
-        self.v_scales = v_scales
-        self.kv_head_ids = kv_head_ids
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self.layout = page_layout
-        self.dtype = dtype
-        self.kv_dtype = kv_dtype
-        self.fp8_scales = fp8_scales
-        self.tp_rank = tp_rank
-        self.tp_size = tp_size
-        self.is_mla = is_mla
+    def __init__(self, shard: _Shard, nbytes: _Bytes):
+        """Allocate the one buffer and carve every view of it (build a cache with `for_shard`)."""
+        self._buffer = torch.zeros(nbytes.total, dtype=torch.uint8, device=shard.device)
+        carver = _Carver(self._buffer)
+        self.k_caches, self.v_caches = _carve_pages(carver, shard, nbytes)
+        self.k_scales, self.v_scales = _carve_scales(carver, shard, nbytes)
+        assert carver.offset == nbytes.total, (carver.offset, nbytes)  # the views tile the buffer exactly
+        self.shard_layout = shard.shard_layout  # the planner's KVShardLayout of the heads this rank holds
+        self.page_layout = shard.page_layout  # "NHD" or "HND"
+        self.kv_head_ids = shard.kv_head_ids
+        self.num_blocks, self.block_size = shard.num_blocks, shard.block_size
+        self.dtype, self.kv_dtype, self.fp8_scales = shard.compute_dtype, shard.page_dtype, shard.fp8_scales
+        self.tp_rank, self.tp_size, self.is_mla = shard.tp_rank, shard.tp_size, shard.is_mla
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -139,116 +298,17 @@ class PagedKVCache:
             device that is not there (``"cuda"`` without a visible CUDA device).
         """
         from .plan.model import load_model_spec  # noqa: PLC0415 (keeps `import kvpool.cache` light)
-        from .plan.kv import kv_shard_layout, serving_dtype, shard_kv_heads  # noqa: PLC0415
 
-        spec = load_model_spec(spec)
-        num_blocks = _positive_int(num_blocks, "num_blocks", "size the pool with at least one block")
-        block_size = _positive_int(block_size, "block_size", "use a power of two such as 16")
-        if block_size & (block_size - 1):
-            raise InvalidArgumentError(f"block_size={block_size} is not a power of two; use 8, 16, 32, ...")
-        check_geometry(num_blocks, block_size, "PagedKVCache")  # slot ids must fit in int32
-        tp_size = _positive_int(tp_size, "tp_size", "pass the tensor-parallel degree (1 without TP)")
-        if isinstance(tp_rank, bool) or not hasattr(tp_rank, "__index__") or not 0 <= int(tp_rank) < tp_size:
-            raise InvalidArgumentError(f"tp_rank={tp_rank!r} must be an int in [0, {tp_size}) for tp_size={tp_size}")
-        tp_rank = int(tp_rank)
-        if layout not in LAYOUTS:
-            raise InvalidArgumentError(f"layout={layout!r} is not supported; use 'NHD' or 'HND'")
-        if fp8_scales not in FP8_SCALES:
-            raise InvalidArgumentError(f"fp8_scales={fp8_scales!r} is not supported; use 'per_token_head', 'per_head' "
-                                       "or 'per_tensor'")
-        total_heads = 1 if spec.is_mla else int(spec.num_kv_heads)
-        if not spec.is_mla:
-            if tp_size <= total_heads and total_heads % tp_size:
-                raise InvalidArgumentError(
-                    f"tp_size={tp_size} does not divide the {total_heads} KV heads of {spec.name}; "
-                    f"use a divisor of {total_heads} or a multiple of it")
-            if tp_size > total_heads and tp_size % total_heads:
-                raise InvalidArgumentError(
-                    f"tp_size={tp_size} exceeds the {total_heads} KV heads of {spec.name} but is not a multiple "
-                    "of them, so heads cannot be replicated evenly; use a multiple of the head count")
-
-        compute = dtype_name(serving_dtype(spec, None) if dtype is None else dtype, "dtype", allow_fp8=False)
-        kv_name = compute if str(kv_dtype).lower() == "auto" else dtype_name(kv_dtype, "kv_dtype")
-        plan = kv_shard_layout(spec, tp=tp_size, kv_dtype=kv_name, fp8_scales=fp8_scales)
-        head_ids = [int(h) for h in shard_kv_heads(total_heads, tp_size, tp_rank)]
-        if len(head_ids) != plan.kv_heads:
-            raise InvalidArgumentError(
-                f"planner gives {plan.kv_heads} KV heads per shard but shard_kv_heads gives {head_ids} "
-                f"for rank {tp_rank} of {tp_size}; the planner's layout and head split disagree")
-
-        device = checked_device(device)  # an absent CUDA device: one clear line, not torch's assert
-        page_dtype = KV_DTYPES[kv_name]
-        elem = torch.empty(0, dtype=page_dtype).element_size()
-        if elem != plan.dtype_bytes:
-            raise InvalidArgumentError(f"kv_dtype {kv_name} has {elem}-byte elements, the planner counts "
-                                       f"{plan.dtype_bytes}; the planner and the cache disagree")
-        heads, hd, vhd, nl = plan.kv_heads, plan.head_dim, plan.v_head_dim, plan.num_layers
-        token_scales = plan.scale_bytes > 0
-        if token_scales and plan.scale_bytes != _SCALE_DTYPE.itemsize:
-            raise InvalidArgumentError(f"planner counts {plan.scale_bytes} scale bytes per token and head; "
-                                       "the cache stores one float32 (4 bytes)")
-
-        def page_shape(dim):
-            if layout == "NHD":
-                return (num_blocks, block_size, heads, dim)
-            return (num_blocks, heads, block_size, dim)
-
-        k_bytes = num_blocks * block_size * heads * hd * elem
-        v_bytes = num_blocks * block_size * heads * vhd * elem
-        s_bytes = num_blocks * block_size * heads * plan.scale_bytes
-        n_scaled = 2 if vhd else 1
-        pages_total = nl * (k_bytes + v_bytes)
-        total = pages_total + (nl * n_scaled * s_bytes if token_scales else 0)
-        planned = plan.bytes_per_block(block_size) * num_blocks
-        if total != planned:
-            raise InvalidArgumentError(f"cache would take {total} bytes but the planner says {planned} "
-                                       f"for {num_blocks} blocks of {block_size}; the layouts disagree")
-        if token_scales and pages_total % _SCALE_DTYPE.itemsize:
-            raise InvalidArgumentError(
-                f"fp8 pages take {pages_total} bytes, not a multiple of 4, so the float32 scales that follow "
-                f"would be misaligned; use a block_size >= 4")
-
-        buffer = torch.zeros(total, dtype=torch.uint8, device=device)
-
-        def carve(offset, nbytes, dt, shape):
-            return buffer.narrow(0, offset, nbytes).view(dt).view(shape)
-
-        k_caches, v_caches, offset = [], [], 0
-        for _ in range(nl):
-            k_caches.append(carve(offset, k_bytes, page_dtype, page_shape(hd)))
-            offset += k_bytes
-            if vhd:
-                v_caches.append(carve(offset, v_bytes, page_dtype, page_shape(vhd)))
-                offset += v_bytes
-            else:
-                v_caches.append(None)  # MLA: the latent lives in the K pages only
-        k_scales = v_scales = None
-        if kv_name == "fp8":
-            if token_scales:
-                buffer.narrow(0, pages_total, total - pages_total).view(_SCALE_DTYPE).fill_(1.0)
-                k_scales, v_scales = [], []
-                for _ in range(nl):
-                    for dest in (k_scales, v_scales)[:n_scaled]:
-                        dest.append(carve(offset, s_bytes, _SCALE_DTYPE, (num_blocks, block_size, heads)))
-                        offset += s_bytes
-            else:
-                # per_tensor (vLLM's k_scale/v_scale): one float32 per layer and tensor, seen as [heads] (stride 0)
-                shared = 1 if fp8_scales == "per_tensor" else heads
-                per_head = torch.ones(nl, n_scaled, shared, dtype=_SCALE_DTYPE, device=device).expand(nl, n_scaled, heads)
-                k_scales = [per_head[i, 0] for i in range(nl)]
-                v_scales = [per_head[i, 1] for i in range(nl)] if vhd else []
-            if not vhd:
-                v_scales = [None] * nl
-        if offset != total:
-            raise InvalidArgumentError(f"carved {offset} of {total} bytes; the carve order is inconsistent")
-
-        return cls(layout=plan, buffer=buffer, k_caches=k_caches, v_caches=v_caches, k_scales=k_scales,
-                   v_scales=v_scales, kv_head_ids=head_ids, num_blocks=num_blocks, block_size=block_size,
-                   page_layout=layout, dtype=KV_DTYPES[compute], kv_dtype=page_dtype,
-                   fp8_scales=fp8_scales if kv_name == "fp8" else None, tp_rank=tp_rank, tp_size=tp_size,
-                   is_mla=bool(spec.is_mla))
+        shard, nbytes = _checked_shard(load_model_spec(spec), num_blocks, block_size, tp_rank, tp_size, device,
+                                       dtype, kv_dtype, layout, fp8_scales)
+        return cls(shard, nbytes)
 
     # ----------------------------------------------------------------- accessors
+    @property
+    def layout(self) -> str:
+        """The page layout, "NHD" or "HND" (same as ``page_layout``)."""
+        return self.page_layout
+
     @property
     def num_layers(self) -> int:
         return len(self.k_caches)
@@ -256,17 +316,17 @@ class PagedKVCache:
     @property
     def kv_heads(self) -> int:
         """KV heads on this shard."""
-        return self.kv_layout.kv_heads
+        return self.shard_layout.kv_heads
 
     @property
     def head_dim(self) -> int:
         """K head dim (MLA: ``kv_lora_rank + qk_rope_head_dim``)."""
-        return self.kv_layout.head_dim
+        return self.shard_layout.head_dim
 
     @property
     def v_head_dim(self) -> int:
         """V head dim (0 for MLA)."""
-        return self.kv_layout.v_head_dim
+        return self.shard_layout.v_head_dim
 
     @property
     def device(self) -> torch.device:
