@@ -79,12 +79,12 @@ def test_block_count_agrees_with_the_planner_given_the_same_terms():
 
 def test_predicted_terms_are_the_planners_own_for_the_same_settings():
     size = _cpu(device_memory_bytes=80 * GiB, in_use_bytes=15 * GiB, activation_bytes=GiB)
-    plan = plan_memory("llama-3.1-8b", tp=1, gpu_mem_gib=80.0, mem_fraction=0.9, cuda_graphs=False).to_dict()
+    plan = plan_memory("llama-3.1-8b", tp=1, gpu_mem_gib=80.0, mem_fraction=0.9, cuda_graphs=False)
     p = size.predicted
     assert size.prediction_error is None
-    assert p["num_blocks"] == plan["kv_cache"]["num_blocks"]
-    assert p["weights_bytes"] == round(plan["per_gpu"]["weights_gib"] * GiB)
-    assert p["kv_bytes"] == round(plan["per_gpu"]["kv_cache_gib"] * GiB)
+    assert p["num_blocks"] == plan.num_blocks
+    assert p["weights_bytes"] == plan.term("weights").bytes  # the plan's bytes, not rebuilt from rounded GiB
+    assert p["kv_bytes"] == plan.kv_cache.kv_bytes_per_gpu
     assert p["non_torch_bytes"] == p["comm_bytes"] + p["overhead_bytes"]
     rows = {r["term"]: r for r in size.comparison()}
     kv = rows["KV cache"]

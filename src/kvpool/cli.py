@@ -66,9 +66,8 @@ def cmd_plan(args) -> int:
         _print_json(plan.to_dict())
     else:
         from .cli_render import render_plan
-        from .plan.model import load_model_spec
 
-        render_plan(plan, load_model_spec(model), plot=args.plot)
+        render_plan(plan, plot=args.plot)
     return 0
 
 

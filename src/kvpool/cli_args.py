@@ -52,12 +52,14 @@ def _add_pp(g) -> None:
 
 
 def _add_memory_args(p: argparse.ArgumentParser, max_model_len: bool = True) -> None:
+    from .plan.dtypes import KV_DTYPE_NAMES, SERVING_DTYPE_NAMES
     from .plan.kv import FP8_SCALE_MODES
 
     g = p.add_argument_group("serving settings (vLLM's flag names are accepted too)")
-    g.add_argument("--dtype", default=None, help="auto | fp16 | bf16 | fp32 (default: the checkpoint's; fp32 is served as bf16)")
+    g.add_argument("--dtype", default=None, help=" | ".join(("auto",) + SERVING_DTYPE_NAMES)
+                   + " (default: the checkpoint's; fp32 is served as bf16)")
     g.add_argument("--kv-dtype", "--kv-cache-dtype", dest="kv_dtype", default="auto",
-                   help="auto | fp16 | bf16 | fp8 (default auto: the serving dtype)")
+                   help=" | ".join(("auto",) + KV_DTYPE_NAMES) + " (default auto: the serving dtype; fp8 is e4m3)")
     g.add_argument("--fp8-scales", default="per_token_head", choices=FP8_SCALE_MODES,
                    help="scale layout of an fp8 KV cache: per_token_head (default; a float32 per token and KV head, "
                         "in the pool), per_head (one per KV head, outside the pool), per_tensor (one per layer and K/V "

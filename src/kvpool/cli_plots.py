@@ -6,6 +6,7 @@ and the table can be compared by eye (and are, in ``tests/test_cli_plots.py``).
 from __future__ import annotations
 
 from .errors import InvalidArgumentError
+from .plan.units import GIB, gib
 
 # (per-GPU term, legend label, colour), bottom to top of a bar; the keys of MemoryPlan.to_dict()'s per_gpu
 PLAN_TERMS = (("weights_gib", "weights", "#4c72b0"), ("activation_gib", "activation peak", "#dd8452"),
@@ -30,69 +31,79 @@ def _save(fig, path) -> None:
         raise InvalidArgumentError(f"cannot write the chart to {path!r}: {exc}") from None
 
 
-def plan_bars(d: dict) -> tuple[list[str], list[dict]]:
-    """One bar per GPU of the plan ``d`` (``MemoryPlan.to_dict()``): labels and ``{term: GiB}``.
+def stage_bytes(plan, stage) -> dict:
+    """``{term: bytes}`` of one GPU of ``stage``, keyed as PLAN_TERMS (``weights_gib``, ...)."""
+    terms = {f"{t.name}_gib": t.bytes for t in stage.terms}
+    return dict(terms, kv_cache_gib=max(0, stage.kv_bytes), headroom_gib=plan.headroom_bytes)
+
+
+def _label(nbytes: int) -> str:
+    """A figure as the table prints it: GiB with two decimals."""
+    return f"{nbytes / GIB:.2f}"
+
+
+def plan_bars(plan) -> tuple[list[str], list[dict]]:
+    """One bar per GPU of ``plan`` (a MemoryPlan): labels and ``{term: bytes}``.
 
     Every TP rank of a pipeline stage holds the same bytes; pp=1 bars are the table's per-GPU column.
     """
-    stages, tp = d["stages"], d["parallel"]["tp"]
+    stages, tp = plan.per_stage, plan.request.tp
     labels, bars = [], []
     for s in stages:
-        terms = {key: s[key] for key, _, _ in PLAN_TERMS if key != "headroom_gib"}
-        terms["kv_cache_gib"] = max(0.0, terms["kv_cache_gib"])
-        terms["headroom_gib"] = d["per_gpu"]["headroom_gib"]
+        terms = stage_bytes(plan, s)
         for r in range(tp):
-            labels.append(f"stage {s['stage']}\nGPU {s['stage'] * tp + r}" if len(stages) > 1 else f"GPU {r}")
+            labels.append(f"stage {s.index}\nGPU {s.index * tp + r}" if len(stages) > 1 else f"GPU {r}")
             bars.append(terms)
     return labels, bars
 
 
-def _stacked_bars(ax, labels: list[str], bars: list[dict], total_gib: float) -> None:
-    """The stacked bars, each big term labelled with its GiB (the table's two decimals)."""
+def _stacked_bars(ax, labels: list[str], bars: list[dict], total_bytes: int) -> None:
+    """The stacked bars (heights: the JSON's GiB), each big term labelled with the table's figure."""
+    total_gib = gib(total_bytes)
     bottom = [0.0] * len(bars)
     for key, name, colour in PLAN_TERMS:
-        values = [b[key] for b in bars]
+        values = [gib(b[key]) for b in bars]
         ax.bar(labels, values, bottom=bottom, label=name, color=colour, width=0.7)
         if key not in SMALL_TERMS:
-            for x, (v, b) in enumerate(zip(values, bottom)):
+            for x, (v, b, bar) in enumerate(zip(values, bottom, bars)):
                 if v >= 0.06 * total_gib:  # tall enough for a label inside
-                    ax.text(x, b + v / 2, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                    ax.text(x, b + v / 2, _label(bar[key]), ha="center", va="center", fontsize=8,
                             color="black" if key == "headroom_gib" else "white")
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.axhline(total_gib, color="black", linewidth=0.8, linestyle="--")
-    ax.text(len(bars) - 0.5, total_gib, f"total {total_gib:.2f}", ha="right", va="bottom", fontsize=8)
+    ax.text(len(bars) - 0.5, total_gib, f"total {_label(total_bytes)}", ha="right", va="bottom", fontsize=8)
     ax.set_ylim(0, total_gib * 1.08)
     ax.set_ylabel("GiB per GPU")
 
 
-def _small_terms_panel(ax, d: dict) -> None:
+def _small_terms_panel(ax, plan) -> None:
     """The sub-GiB terms of the tightest stage as horizontal bars on their own scale."""
-    stage = d["stages"][d["parallel"]["tightest_stage"]]
+    stage = stage_bytes(plan, plan.tight)
     rows = [(name, colour, stage[key]) for key, name, colour in PLAN_TERMS if key in SMALL_TERMS]
     names = [r[0].replace(", ", ",\n", 1) for r in rows]
-    ax.barh(names, [r[2] for r in rows], color=[r[1] for r in rows], height=0.6)
+    ax.barh(names, [gib(r[2]) for r in rows], color=[r[1] for r in rows], height=0.6)
     ax.invert_yaxis()
-    top = max([r[2] for r in rows] + [0.01])
-    for y, (_, _, v) in enumerate(rows):
-        ax.text(v + top * 0.03, y, f"{v:.2f} GiB ({v * 1024:,.0f} MiB)", va="center", fontsize=8)
+    top = max([gib(r[2]) for r in rows] + [0.01])
+    for y, (_, _, nbytes) in enumerate(rows):
+        ax.text(gib(nbytes) + top * 0.03, y, f"{_label(nbytes)} GiB ({nbytes / (1 << 20):,.0f} MiB)", va="center",
+                fontsize=8)
     ax.set_xlim(0, top * 1.9)
     ax.set_xlabel("GiB per GPU")
-    where = f" (stage {stage['stage']})" if d["parallel"]["pp"] > 1 else ""
+    where = f" (stage {plan.tightest})" if plan.request.pp > 1 else ""
     ax.set_title(f"terms under a GiB{where}", fontsize=10)
 
 
 def plot_plan(plan, path):
     """Per-GPU memory: stacked bars (one per GPU) and a zoomed panel of the small terms; returns the figure."""
     plt = _pyplot()
-    d = plan.to_dict()
-    labels, bars = plan_bars(d)
-    total = d["per_gpu"]["total_gib"]
+    req = plan.request
+    labels, bars = plan_bars(plan)
     fig, (ax, small) = plt.subplots(1, 2, figsize=(max(7.5, 0.8 * len(labels) + 5.5), 4.8),
                                     gridspec_kw={"width_ratios": [max(2.0, 0.5 * len(labels)), 1.6]})
-    _stacked_bars(ax, labels, bars, total)
-    _small_terms_panel(small, d)
-    fig.suptitle(f"{d['model']} · {d['parallel']['gpus']} × {d['gpu']} (tp={d['parallel']['tp']}, "
-                 f"pp={d['parallel']['pp']}): {d['kv_cache']['num_blocks']:,} KV blocks", fontsize=11)
+    _stacked_bars(ax, labels, bars, plan.total_bytes)
+    _small_terms_panel(small, plan)
+    fig.suptitle(f"{plan.model} · {req.tp * req.pp} × {plan.gpu} (tp={req.tp}, pp={req.pp}): "
+                 f"{plan.num_blocks:,} KV blocks", fontsize=11)
     handles, names = ax.get_legend_handles_labels()
     fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()

@@ -3,8 +3,7 @@ are in ``cli_plots``."""
 from __future__ import annotations
 
 from .cli_layout import Col, emit, fit_table, indented
-
-GIB = 1 << 30
+from .plan.units import GIB
 
 
 def _describe_model(spec) -> str:
@@ -28,120 +27,94 @@ def _title(text: str) -> str:
     return f"\n[bold]{text}[/]"
 
 
-def _weights_text(d: dict, spec) -> str:
-    par, det = d["parallel"], d["details"]
-    dtype = f"{spec.quant_method} {spec.weight_bits}-bit linear layers, {det['dtype']} rest" if spec.quant_method \
-        else det["dtype"]
-    text = f"1/{par['tp']} of {det['weights_total_gib']:.2f} GiB ({dtype}) + replicated norms"
-    text += (", router" if spec.is_moe else "") + (", KV heads" if spec.num_kv_heads < par["tp"] and not spec.is_mla else "")
-    if par["pp"] > 1:
-        first, stop = d["stages"][par["tightest_stage"]]["layers"]
-        text += f", layers {first}–{stop - 1}"
-    return text
+def _gib(nbytes: float) -> str:
+    """A table's GiB figure: two decimals, from the bytes."""
+    return f"{nbytes / GIB:.2f}"
 
 
-def _comm_text(d: dict) -> str:
-    det = d["details"]
-    c = det["comm_bytes"]
-    nccl = c["nccl_tp"]
-    if d["parallel"]["tp"] > 1:
-        text = (f"NCCL {nccl['channels']} channels × 2 peers × (LL+LL128+Simple) = {nccl['protocol_buffers'] / GIB:.2f}"
-                + (f", NVLS {nccl['nvls'] / GIB:.2f}" if nccl["nvls"] else "") + f", staging {c['staging'] / GIB:.3f}")
-    else:
-        text = "no TP all-reduce (one GPU per stage)"
-    if c["nccl_pp"]:
-        text += f", pipeline send/recv {c['nccl_pp'] / GIB:.2f}"
-    return text
+_TERM_LABELS = {"weights": "weights", "activation": "activation peak", "comm": "communication",
+                "overhead": "CUDA context, workspaces, graphs"}
 
 
-def _memory_rows(d: dict, spec) -> list[list[str]]:
-    g, det = d["per_gpu"], d["details"]
-    a, o = det["activation_bytes"], det["overhead_bytes"]
-    over = set(det["overridden"])
-
-    def tag(key, text):
-        return f"[yellow]given[/] (computed {det['computed_gib'][key]:.2f})" if f"{key}_gib" in over else text
-
-    return [
-        ["weights", f"{g['weights_gib']:.2f}", tag("weights", _weights_text(d, spec))],
-        ["activation peak", f"{g['activation_gib']:.2f}", tag("activation",
-         f"max(prefill of {det['max_batched_tokens']:,} tokens {a['forward_peak'] / GIB:.2f}, sampler for "
-         f"{det['max_seqs']} seqs × {spec.vocab_size:,} vocab {a['sampler'] / GIB:.2f} + hidden)")],
-        ["communication", f"{g['comm_gib']:.2f}", tag("comm", _comm_text(d))],
-        ["CUDA context, workspaces, graphs", f"{g['overhead_gib']:.2f}", tag("overhead",
-         f"context {o['cuda_context'] / GIB:.2f} + cuBLAS {o['cublas_workspace'] / GIB:.2f} + graph pool "
-         f"{o['cuda_graphs'] / GIB:.2f}")],
-        ["[bold green]KV cache[/]", f"[bold green]{g['kv_cache_gib']:.2f}[/]", "what is left of the budget"],
-        ["headroom (not used)", f"{g['headroom_gib']:.2f}", "total − budget"],
-        ["total", f"{g['total_gib']:.2f}", ""],
+def _memory_rows(plan) -> list[list[str]]:
+    """The tightest stage's terms (the planner's own account of each), the KV rest, headroom and total."""
+    rows = [[_TERM_LABELS[t.name], _gib(t.bytes), f"[yellow]given[/] (computed {_gib(t.computed)})" if t.given else t.how]
+            for t in plan.tight.terms]
+    return rows + [
+        ["[bold green]KV cache[/]", f"[bold green]{_gib(plan.tight.kv_bytes)}[/]", "what is left of the budget"],
+        ["headroom (not used)", _gib(plan.headroom_bytes), "total − budget"],
+        ["total", _gib(plan.total_bytes), ""],
     ]
 
 
-def _kv_rows(d: dict, spec) -> list[list[str]]:
-    g, kv, lay = d["per_gpu"], d["kv_cache"], d["details"]["layout"]
-    tensors = 2 if lay["v_head_dim"] else 1
-    scale = (f" + {lay['num_layers']} × {lay['kv_heads']} × {tensors} × {lay['scale_bytes']} B fp32 scales"
-             if lay["scale_bytes"] else "")
-    v_part = f" + {lay['v_head_dim']}" if lay["v_head_dim"] else ""
+def _kv_rows(plan, spec) -> list[list[str]]:
+    kv, lay = plan.kv_cache, plan.tight.layout
+    scale = (f" + {lay.num_layers} × {lay.kv_heads} × {lay.tensors_per_layer} × {lay.scale_bytes} B fp32 scales"
+             if lay.scale_bytes else "")
+    v_part = f" + {lay.v_head_dim}" if lay.v_head_dim else ""
     if spec.is_mla:
-        shape = (f"{lay['num_layers']} layers × 1 latent (replicated on every rank) × ({spec.kv_lora_rank} + "
+        shape = (f"{lay.num_layers} layers × 1 latent (replicated on every rank) × ({spec.kv_lora_rank} + "
                  f"{spec.qk_rope_head_dim} rope)")
     else:
-        shape = f"{lay['num_layers']} layers × {lay['kv_heads']} KV heads × ({lay['head_dim']}{v_part})"
+        shape = f"{lay.num_layers} layers × {lay.kv_heads} KV heads × ({lay.head_dim}{v_part})"
     rows = [
-        ["bytes / token / GPU", f"{kv['bytes_per_token_per_gpu']:,}", f"{shape} × {lay['dtype_bytes']} B{scale}"],
-        ["bytes / block / GPU", f"{kv['bytes_per_block_per_gpu']:,}", f"block_size {kv['block_size']}"],
-        ["blocks", f"{kv['num_blocks']:,}", f"{g['kv_cache_gib']:.2f} GiB ÷ block bytes (rounded down)"],
-        ["tokens", f"{kv['tokens']:,}", f"blocks × {kv['block_size']} ({kv['tokens_unpaged']:,} without block rounding)"],
-        ["max concurrency", f"{kv['max_concurrency']:,.2f}×", f"requests of max_model_len {kv['max_model_len']:,} tokens"],
+        ["bytes / token / GPU", f"{kv.bytes_per_token_per_gpu:,}", f"{shape} × {lay.dtype_bytes} B{scale}"],
+        ["bytes / block / GPU", f"{kv.bytes_per_block_per_gpu:,}", f"block_size {kv.block_size}"],
+        ["blocks", f"{kv.num_blocks:,}", f"{_gib(kv.kv_bytes_per_gpu)} GiB ÷ block bytes (rounded down)"],
+        ["tokens", f"{kv.tokens:,}", f"blocks × {kv.block_size} ({kv.tokens_unpaged:,} without block rounding)"],
+        ["max concurrency", f"{kv.max_concurrency:,.2f}×", f"requests of max_model_len {kv.max_model_len:,} tokens"],
     ]
-    if lay.get("fp8_scales"):
-        rows.insert(1, ["fp8 scales", f"{lay['scale_bytes_per_token']:,} B/token", lay["scale_layout"]])
-    if kv["sliding_window_layers"]:
-        rows.append(["window-aware concurrency", f"{kv['max_concurrency_window_aware']:,.2f}×",
+    if lay.fp8_scales:
+        rows.insert(1, ["fp8 scales", f"{lay.scale_bytes_per_token:,} B/token", lay.scale_layout()])
+    if kv.sliding_window_layers:
+        rows.append(["window-aware concurrency", f"{kv.max_concurrency_window_aware:,.2f}×",
                      "if sliding-window layers kept only their window (per-layer-type pool; not kvpool's single pool)"])
     return rows
 
 
 def _workload(plan) -> list:
     w, kv = plan.workload, plan.kv_cache
-    verdict = "[bold green]fits[/]" if w["fits"] else "[bold red]does not fit[/]"
-    items = [_title("Workload") + f" batch {w['batch']} × {w['seq_len']:,} tokens: {verdict} — needs "
-             f"{w['blocks_needed']:,} blocks ({w['kv_needed_gib_per_gpu']:.2f} GiB/GPU) of {kv['num_blocks']:,}; "
-             f"largest batch at this length {w['max_batch_at_seq_len']:,}; longest length at this batch "
-             f"{w['max_seq_len_at_batch']:,} ({w['tokens_per_request_unpaged']:,} without block rounding)"]
-    return items + [indented(r, bullet="•") for r in w["recommendations"]]
+    f = w.fit
+    verdict = "[bold green]fits[/]" if f.fits else "[bold red]does not fit[/]"
+    items = [_title("Workload") + f" batch {f.batch} × {f.seq_len:,} tokens: {verdict} — needs "
+             f"{f.blocks_needed:,} blocks ({_gib(w.kv_needed_bytes)} GiB/GPU) of {kv.num_blocks:,}; "
+             f"largest batch at this length {f.max_batch:,}; longest length at this batch "
+             f"{f.max_seq_len:,} ({w.tokens_unpaged // f.batch:,} without block rounding)"]
+    return items + [indented(r, bullet="•") for r in w.recommendations()]
 
 
-def _stages(d: dict) -> list:
+def _stages(plan) -> list:
     cols = [Col(c) for c in ("stage", "layers", "weights", "activation", "KV GiB", "blocks")]
-    rows = [[str(s["stage"]), f"{s['layers'][0]}–{s['layers'][1] - 1}", f"{s['weights_gib']:.2f}",
-             f"{s['activation_gib']:.2f}", f"{s['kv_cache_gib']:.2f}", f"{s['num_blocks']:,}"] for s in d["stages"]]
+    rows = [[str(s.index), f"{s.layers.start}–{s.layers.stop - 1}", _gib(s.term("weights").bytes),
+             _gib(s.term("activation").bytes), _gib(s.kv_bytes), f"{s.num_blocks:,}"] for s in plan.per_stage]
     return [_title("Pipeline stages (the tightest decides the block count)"), *fit_table(cols, rows)]
 
 
-def render_plan(plan, spec, plot=None) -> None:
-    d = plan.to_dict()
-    par, g, kv, det = d["parallel"], d["per_gpu"], d["kv_cache"], d["details"]
-    emit(f"[bold]kvpool plan[/] · {plan.model} on {par['gpus']} × {plan.gpu} "
-         f"(tp={par['tp']}, pp={par['pp']}, {par['interconnect']})",
-         indented(f"{_describe_model(spec)}; serving dtype {det['dtype']}, KV {kv['kv_dtype']}"),
+def render_plan(plan, plot=None) -> None:
+    """The plan as tables: per-GPU memory (each term with how it was computed), the KV pool, the workload."""
+    req = plan.request
+    spec = req.spec
+    emit(f"[bold]kvpool plan[/] · {plan.model} on {req.tp * req.pp} × {plan.gpu} "
+         f"(tp={req.tp}, pp={req.pp}, {req.link.name})",
+         indented(f"{_describe_model(spec)}; serving dtype {req.serving_dtype}, KV {plan.kv_cache.kv_dtype}"),
          *([indented(f"model: {spec.source}")] if spec.source else []))
-    if g["budget_mode"] == "mem_fraction":
-        budget = f"{g['mem_fraction']:g} × {g['total_gib']:.2f} GiB = {g['budget_gib']:.2f} GiB (vLLM gpu_memory_utilization)"
+    total, budget = _gib(plan.total_bytes), _gib(plan.budget_bytes)
+    if req.mem_fraction is not None:
+        budget = f"{req.mem_fraction:g} × {total} GiB = {budget} GiB (vLLM gpu_memory_utilization)"
     else:
-        budget = f"{g['total_gib']:.2f} GiB − headroom {g['headroom_gib']:.2f} GiB = {g['budget_gib']:.2f} GiB (explicit reservations)"
-    stage_note = f", tightest stage {par['tightest_stage']}" if par["pp"] > 1 else ""
+        budget = f"{total} GiB − headroom {_gib(plan.headroom_bytes)} GiB = {budget} GiB (explicit reservations)"
+    stage_note = f", tightest stage {plan.tightest}" if req.pp > 1 else ""
     emit(_title(f"Per-GPU memory{stage_note}") + f" — budget {budget}",
-         *fit_table([Col("term", "text"), Col("GiB"), Col("how it is computed", "text")], _memory_rows(d, spec)))
+         *fit_table([Col("term", "text"), Col("GiB"), Col("how it is computed", "text")], _memory_rows(plan)))
     emit(_title("KV cache") + " (per replica: every TP rank holds the same blocks, its own heads)",
-         *fit_table([Col("", "key"), Col(""), Col("", "text")], _kv_rows(d, spec), show_header=False))
-    if plan.workload:
+         *fit_table([Col("", "key"), Col(""), Col("", "text")], _kv_rows(plan, spec), show_header=False))
+    if plan.workload is not None:
         emit(*_workload(plan))
-    if par["pp"] > 1:
-        emit(*_stages(d))
-    if d["warnings"]:
-        emit("", *(indented(w, indent=0, bullet="[yellow]note:[/]") for w in d["warnings"]))
+    if req.pp > 1:
+        emit(*_stages(plan))
+    warnings = plan.warnings
+    if warnings:
+        emit("", *(indented(w, indent=0, bullet="[yellow]note:[/]") for w in warnings))
     if plot:
         emit(f"chart written to {plot}")
 
@@ -214,8 +187,8 @@ def render_diagnose(snaps, findings) -> None:
 
 
 def model_rows() -> list[dict]:
+    from .plan.dtypes import serving_dtype
     from .plan.kv import kv_shard_layout
-    from .plan.memory import serving_dtype
     from .plan.model import list_presets, load_model_spec
 
     rows = []

@@ -75,7 +75,7 @@ class NCCLSettings:
         values: dict = {}
         for key, name in _ENV_NAMES.items():
             if env.get(name):
-                values[key] = _positive_int(env[name], name)
+                values[key] = _env_int(env[name], name)
         if env.get("NCCL_NVLS_ENABLE"):
             values["nvls"] = env["NCCL_NVLS_ENABLE"].strip() not in ("0", "false", "False")
         if env.get("NCCL_PROTO"):
@@ -95,14 +95,13 @@ _ENV_NAMES = {"buffsize": "NCCL_BUFFSIZE", "ll_buffsize": "NCCL_LL_BUFFSIZE", "l
 _FLAG_NAMES = {"buffsize": "nccl-buffsize", "channels": "nccl-channels"}  # the two with a kvpool flag
 
 
-def _positive_int(text, name: str) -> int:
+def _env_int(text, name: str) -> int:
+    """An NCCL environment variable's integer (decimal or 0x hex), checked positive."""
     try:
         value = int(str(text), 0)
     except ValueError:
         raise InvalidArgumentError(f"{name} must be an integer, got {text!r}") from None
-    if value <= 0:
-        raise InvalidArgumentError(f"{name} must be positive, got {value}")
-    return value
+    return check_positive_int(name, value, allow_none=False)
 
 
 def parse_protocols(text: str) -> tuple:

@@ -6,11 +6,12 @@ import math
 from ..errors import PlanError
 from .checks import check_names, check_positive_int
 from .comm import allreduce_seconds, allreduces_per_forward
+from .dtypes import dtype_bytes
 from .hardware import INTERCONNECTS, get_gpu, get_interconnect
 from .memory import plan_memory
 from .model import load_model_spec
 from .scaling import step_model
-from .weights import DTYPE_BYTES
+from .units import gib
 
 
 def comm_report(model, gpu="h100-sxm", tp: int = 4, *, batch: int = 32, seq_len: int = 4096, links=None,
@@ -30,12 +31,13 @@ def comm_report(model, gpu="h100-sxm", tp: int = 4, *, batch: int = 32, seq_len:
     if links is None:
         links = tuple(dict.fromkeys([own] + [k for k, v in INTERCONNECTS.items() if not v.cross_node]))
     plan = plan_memory(spec, tp, 1, gpu_preset, interconnect=own, **plan_kwargs)
-    elem = DTYPE_BYTES[plan.details["dtype"]]
-    chunk = plan.details["max_batched_tokens"]
+    elem = dtype_bytes(plan.request.serving_dtype)
+    chunk = plan.request.max_batched_tokens
     b = min(batch, plan.num_blocks // math.ceil(seq_len / plan.block_size))
     if b <= 0:
         raise PlanError(f"no sequence of {seq_len:,} tokens fits the KV pool at tp={tp}; lower --seq-len")
-    comm_parts = plan.details["comm_bytes"]
+    comm = plan.term("comm")
+    comm_parts = comm.parts
     rows = []
     for key in links:
         link = get_interconnect(key)
@@ -62,7 +64,7 @@ def comm_report(model, gpu="h100-sxm", tp: int = 4, *, batch: int = 32, seq_len:
             "nccl_nvls_bytes": comm_parts["nccl_tp"]["nvls"],
             "nccl_pp_bytes": comm_parts["nccl_pp"],
             "staging_bytes": comm_parts["staging"],
-            "comm_gib": plan.per_gpu["comm_gib"],
+            "comm_gib": gib(comm.bytes),
             "settings": (plan_kwargs.get("nccl").to_dict() if plan_kwargs.get("nccl") else None),
         },
         "rows": rows,

@@ -11,9 +11,7 @@ import difflib
 from dataclasses import asdict, dataclass
 
 from ..errors import InvalidArgumentError
-
-MIB = 1 << 20
-GIB = 1 << 30
+from .units import GIB, MIB  # noqa: F401 (GIB: re-exported, `from kvpool.plan.hardware import GIB`)
 
 
 @dataclass(frozen=True)

@@ -4,21 +4,18 @@ This is the contract between the planner (bytes per block) and `kvpool.cache.Pag
 tensors): ``PagedKVCache.memory_bytes() == plan.kv_cache.bytes_per_block_per_gpu * num_blocks``.
 
 The pool keeps one block table for all layers, so every layer's pages span the whole pool whatever its
-sliding window; `bytes_per_token` therefore counts every layer at full length. Window-aware figures are
-in `kvpool.plan.memory` (``max_concurrency_window_aware``).
+sliding window; `bytes_per_token` therefore counts every layer at full length. What an engine with a
+per-layer-type pool would hold instead is `window_aware_bytes_per_seq`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import InvalidArgumentError, PlanError
-from .checks import check_block_size, check_positive_int
+from ..errors import InvalidArgumentError
+from .checks import check_block_size, check_choice, check_int
+from .dtypes import DTYPES, resolve_kv_dtype, serving_dtype
+from .parallel import check_kv_head_split, check_tp
 
-KV_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
-KV_DTYPE_ALIASES = {
-    "auto": "auto", "fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "half": "fp16",
-    "bf16": "bf16", "bfloat16": "bf16", "fp8": "fp8", "fp8_e4m3": "fp8", "fp8_e5m2": "fp8",
-}
 FP8_SCALE_MODES = ("per_token_head", "per_head", "per_tensor", "none")
 SCALE_BYTES = 4  # every fp8 scale is one float32
 
@@ -113,49 +110,6 @@ class KVShardLayout:
         }
 
 
-def resolve_kv_dtype(kv_dtype: str, model_dtype: str) -> str:
-    """Canonical KV dtype name; "auto" means `model_dtype` (the serving dtype)."""
-    key = KV_DTYPE_ALIASES.get(str(kv_dtype).lower())
-    if key is None:
-        raise InvalidArgumentError(
-            f"kv_dtype must be one of auto, fp32, fp16, bf16, fp8, got {kv_dtype!r}"
-        )
-    return model_dtype if key == "auto" else key
-
-
-def serving_dtype(spec, dtype: str | None) -> str:
-    """The dtype activations and unquantized weights run in: ``dtype`` or the checkpoint's; fp32
-    checkpoints are served in bf16 as vLLM does by default (``--dtype auto``)."""
-    if dtype is None or str(dtype).lower() == "auto":
-        return "bf16" if spec.dtype == "fp32" else spec.dtype
-    key = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}.get(
-        str(dtype).lower(), str(dtype).lower())
-    if key not in ("fp16", "bf16", "fp32"):
-        raise InvalidArgumentError(f"dtype must be auto, fp16, bf16 or fp32, got {dtype!r}")
-    return key
-
-
-def check_tp(spec, tp) -> int:
-    """Validate the TP degree against the model's heads (the rule vLLM applies)."""
-    tp = check_positive_int("tp", tp, allow_none=False)
-    heads = spec.num_attention_heads
-    if heads % tp:
-        divisors = [d for d in range(1, heads + 1) if heads % d == 0 and d <= 64]
-        raise PlanError(
-            f"tp={tp} does not divide the {heads} attention heads of {spec.name}; use one of {divisors}"
-        )
-    kv = 1 if spec.is_mla else spec.num_kv_heads
-    if not spec.is_mla:
-        if tp <= kv and kv % tp:
-            raise PlanError(f"tp={tp} does not divide the {kv} KV heads of {spec.name}; use a divisor of {kv}")
-        if tp > kv and tp % kv:
-            raise PlanError(
-                f"tp={tp} is above the {kv} KV heads of {spec.name} but not a multiple of them, so the heads "
-                f"cannot be replicated evenly; use a multiple of {kv}"
-            )
-    return tp
-
-
 def kv_shard_layout(spec, tp: int = 1, kv_dtype: str = "auto", fp8_scales: str = "per_token_head",
                     num_layers: int | None = None) -> KVShardLayout:
     """KV page geometry of one TP rank of ``spec``.
@@ -175,18 +129,15 @@ def kv_shard_layout(spec, tp: int = 1, kv_dtype: str = "auto", fp8_scales: str =
         Layers held by this shard (a pipeline stage); default all of the model's layers.
     """
     tp = check_tp(spec, tp)
-    if fp8_scales not in FP8_SCALE_MODES:
-        raise InvalidArgumentError(f"fp8_scales must be one of {', '.join(FP8_SCALE_MODES)}, got {fp8_scales!r}")
-    dtype = resolve_kv_dtype(kv_dtype, serving_dtype(spec, None))
-    layers = spec.num_layers if num_layers is None else num_layers
-    if isinstance(layers, bool) or not isinstance(layers, int) or not 0 < layers <= spec.num_layers:
-        raise InvalidArgumentError(f"num_layers must be in 1..{spec.num_layers}, got {num_layers!r}")
+    check_choice("fp8_scales", fp8_scales, FP8_SCALE_MODES)
+    dtype = resolve_kv_dtype(kv_dtype, serving_dtype(spec))
+    layers = spec.num_layers if num_layers is None else check_int("num_layers", num_layers, maximum=spec.num_layers)
     if spec.is_mla:
         heads, k_dim, v_dim = 1, spec.kv_lora_rank + spec.qk_rope_head_dim, 0
     else:
         heads, k_dim, v_dim = max(1, spec.num_kv_heads // tp), spec.head_dim, spec.v_head_dim
     scale = SCALE_BYTES if dtype == "fp8" and fp8_scales == "per_token_head" else 0
-    return KVShardLayout(layers, heads, k_dim, v_dim, dtype, KV_DTYPE_BYTES[dtype], scale,
+    return KVShardLayout(layers, heads, k_dim, v_dim, dtype, DTYPES[dtype].bytes, scale,
                          fp8_scales if dtype == "fp8" else None)
 
 
@@ -195,15 +146,36 @@ def shard_kv_heads(num_kv_heads: int, tp: int, tp_rank: int) -> list[int]:
 
     Contiguous split when ``tp <= num_kv_heads``; when ``tp > num_kv_heads`` rank r holds the single head
     ``r * num_kv_heads // tp`` (each head replicated on ``tp // num_kv_heads`` consecutive ranks).
+
+    >>> shard_kv_heads(8, 4, 1), shard_kv_heads(2, 8, 5)
+    ([2, 3], [1])
     """
-    for label, value in (("num_kv_heads", num_kv_heads), ("tp", tp)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgumentError(f"{label} must be a positive integer, got {value!r}")
-    if isinstance(tp_rank, bool) or not isinstance(tp_rank, int) or not 0 <= tp_rank < tp:
-        raise InvalidArgumentError(f"tp_rank must be in 0..{tp - 1}, got {tp_rank!r}")
+    num_kv_heads = check_int("num_kv_heads", num_kv_heads)
+    tp = check_int("tp", tp)
+    tp_rank = check_int("tp_rank", tp_rank, minimum=0, maximum=tp - 1)
+    check_kv_head_split(num_kv_heads, tp, error=InvalidArgumentError)
     if tp >= num_kv_heads:
         return [tp_rank * num_kv_heads // tp]
-    if num_kv_heads % tp:
-        raise InvalidArgumentError(f"tp={tp} does not divide num_kv_heads={num_kv_heads}; use a divisor of it")
     per = num_kv_heads // tp
     return list(range(tp_rank * per, (tp_rank + 1) * per))
+
+
+def window_aware_bytes_per_seq(spec, per_layer_token: int, layers: range, seq_len: int) -> int:
+    """KV bytes of one sequence of ``seq_len`` tokens when sliding-window layers keep only their window
+    (what an engine with a per-layer-type pool holds; kvpool's single pool holds every layer in full).
+
+    ``per_layer_token`` is one layer's KV bytes per token on this shard.
+
+    >>> # Gemma-2-9B, 8,192 tokens: 21 global layers hold all 8,192, 21 sliding ones their 4,096-token window
+    >>> # per_layer_token x (21 x 8,192 + 21 x 4,096) = per_layer_token x 258,048
+    """
+    windows = spec.layer_sliding_windows
+    total = 0
+    for i in layers:
+        window = windows[i] if windows else None
+        total += per_layer_token * (seq_len if window is None else min(seq_len, window))
+    return total
+
+
+__all__ = ["KVShardLayout", "kv_shard_layout", "shard_kv_heads", "window_aware_bytes_per_seq", "FP8_SCALE_MODES",
+           "SCALE_BYTES", "check_tp", "serving_dtype", "resolve_kv_dtype"]

@@ -3,18 +3,19 @@
 The seed computed KV bytes per token with ``num_attention_heads`` (64 for Llama-2-70B) where the cache
 holds ``num_key_value_heads`` (8, grouped-query attention), so it planned 8x too few tokens. This class
 keeps the seed's three questions (bytes per token per GPU, tokens for a memory amount, a plan for a
-target batch and length) and answers them from `kv_shard_layout`.
+target batch and length) and answers them from `kv_shard_layout`, with the planner's one fit check
+(`kvpool.plan.workload.fit`) and its one search for a larger TP degree.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
-from ..errors import InvalidArgumentError, PlanError
-from .checks import check_block_size
-from .hardware import GIB
-from .kv import check_tp, kv_shard_layout
+from .checks import check_block_size, check_number, check_positive_int
+from .kv import kv_shard_layout
 from .model import load_model_spec
+from .parallel import check_tp
+from .units import GIB
+from .workload import Fit, first_larger_tp, fit
 
 
 @dataclass(frozen=True)
@@ -84,58 +85,44 @@ class TPKVCachePlanner:
         return _kv_bytes(kv_memory_gib) // self.layout.bytes_per_block(self.block_size)
 
     def tokens_per_request(self, kv_memory_gib: float, batch: int) -> int:
-        _positive("batch", batch)
-        return self.max_tokens(kv_memory_gib) // batch
+        return self.max_tokens(kv_memory_gib) // check_positive_int("batch", batch, allow_none=False)
 
     def plan(self, batch: int, seq_len: int, kv_memory_gib: float) -> KVWorkloadPlan:
         """Does ``batch`` x ``seq_len`` fit in ``kv_memory_gib`` per GPU? If not, what would (with numbers)."""
-        _positive("batch", batch)
-        _positive("seq_len", seq_len)
-        bpt = self.bytes_per_token_per_gpu
+        batch = check_positive_int("batch", batch, allow_none=False)
+        seq_len = check_positive_int("seq_len", seq_len, allow_none=False)
         max_tokens = self.max_tokens(kv_memory_gib)
-        blocks = self.max_blocks(kv_memory_gib)
-        per_seq_blocks = math.ceil(seq_len / self.block_size)
-        need_bytes = batch * per_seq_blocks * self.layout.bytes_per_block(self.block_size)
-        fits = batch * per_seq_blocks <= blocks
-        max_batch = blocks // per_seq_blocks
-        max_len = (blocks // batch) * self.block_size
-        if fits:
+        f = fit(self.max_blocks(kv_memory_gib), self.block_size, batch, seq_len)
+        need_bytes = f.blocks_needed * self.layout.bytes_per_block(self.block_size)
+        if f.fits:
             rec = (f"fits: {batch} x {seq_len:,} tokens need {need_bytes / GIB:.2f} of {kv_memory_gib:g} GiB per GPU; "
-                   f"up to {max_batch:,} such sequences fit")
+                   f"up to {f.max_batch:,} such sequences fit")
         else:
-            rec = self._recommend(batch, seq_len, kv_memory_gib, need_bytes, max_batch, max_len)
-        return KVWorkloadPlan(batch, seq_len, self.tp, float(kv_memory_gib), bpt, round(need_bytes / GIB, 4), fits,
-                              max_tokens, max_tokens // batch, max_batch, max_len, rec)
+            rec = self._recommend(f, kv_memory_gib, need_bytes)
+        return KVWorkloadPlan(batch, seq_len, self.tp, float(kv_memory_gib), self.bytes_per_token_per_gpu,
+                              round(need_bytes / GIB, 4), f.fits, max_tokens, max_tokens // batch, f.max_batch,
+                              f.max_seq_len, rec)
 
-    def _recommend(self, batch, seq_len, gib, need_bytes, max_batch, max_len) -> str:
+    def _at(self, tp: int | None = None, kv_dtype: str | None = None) -> "TPKVCachePlanner":
+        """This planner at another TP degree or KV dtype."""
+        return TPKVCachePlanner(self.spec, tp or self.tp, kv_dtype or self.kv_dtype, self.block_size, self.fp8_scales)
+
+    def _recommend(self, f: Fit, gib: float, need_bytes: int) -> str:
         parts = [f"does not fit: needs {need_bytes / GIB:.2f} GiB per GPU, {gib:g} GiB available"]
         # same KV memory per GPU at a higher TP degree (conservative: weights also shrink at higher TP)
-        for tp in (2, 4, 8, 16, 32, 64):
-            if tp <= self.tp:
-                continue
-            try:
-                other = TPKVCachePlanner(self.spec, tp, self.kv_dtype, self.block_size, self.fp8_scales)
-            except PlanError:
-                continue
-            cap = other.max_blocks(gib) // math.ceil(seq_len / self.block_size)
-            if cap >= batch:
-                parts.append(f"tp={tp} ({other.bytes_per_token_per_gpu:,} B/token/GPU) holds {cap:,} sequences")
-                break
+        larger = first_larger_tp(self.spec, self.tp, lambda tp: self._at(tp).max_blocks(gib), f.blocks_per_seq,
+                                 f.batch)
+        if larger is not None and larger.fits:
+            parts.append(f"tp={larger.tp} ({self._at(larger.tp).bytes_per_token_per_gpu:,} B/token/GPU) holds "
+                         f"{larger.sequences:,} sequences")
         if self.layout.kv_dtype != "fp8":
-            fp8 = TPKVCachePlanner(self.spec, self.tp, "fp8", self.block_size, self.fp8_scales)
-            cap = fp8.max_blocks(gib) // math.ceil(seq_len / self.block_size)
-            parts.append(f"fp8 KV holds {cap:,} sequences ({fp8.bytes_per_token_per_gpu:,} B/token/GPU)")
-        parts.append(f"batch <= {max_batch:,} at {seq_len:,} tokens")
-        parts.append(f"seq_len <= {max_len:,} at batch {batch}")
+            fp8 = self._at(kv_dtype="fp8")
+            parts.append(f"fp8 KV holds {fp8.max_blocks(gib) // f.blocks_per_seq:,} sequences "
+                         f"({fp8.bytes_per_token_per_gpu:,} B/token/GPU)")
+        parts.append(f"batch <= {f.max_batch:,} at {f.seq_len:,} tokens")
+        parts.append(f"seq_len <= {f.max_seq_len:,} at batch {f.batch}")
         return "; ".join(parts)
 
 
-def _positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _kv_bytes(gib) -> int:
-    if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not gib > 0 or gib != gib:
-        raise InvalidArgumentError(f"kv memory must be a positive number of GiB, got {gib!r}")
-    return int(gib * GIB)
+def _kv_bytes(kv_memory_gib) -> int:
+    return int(check_number("kv_memory_gib", kv_memory_gib, unit="GiB", positive=True) * GIB)

@@ -17,11 +17,12 @@ import math
 from ..errors import PlanError
 from .checks import check_names, check_positive_int, check_tp_degrees
 from .comm import allreduce_seconds, allreduces_per_forward
+from .dtypes import dtype_bytes
 from .hardware import get_gpu, get_interconnect
-from .kv import check_tp
 from .memory import plan_memory
 from .model import load_model_spec
-from .weights import DTYPE_BYTES
+from .parallel import check_pp
+from .units import gib
 
 
 def _moe_touched_fraction(spec, tokens: int) -> float:
@@ -29,11 +30,6 @@ def _moe_touched_fraction(spec, tokens: int) -> float:
     if not spec.is_moe:
         return 1.0
     return 1.0 - (1.0 - spec.num_experts_per_tok / spec.num_experts) ** tokens
-
-
-def _expert_bytes(plan) -> int:
-    parts = plan.details["weights_by_part_gib"]
-    return int(parts.get("experts", 0.0) * (1 << 30))
 
 
 def _attention_flops(spec, tp: int, tokens: int, context: float) -> float:
@@ -45,12 +41,12 @@ def _attention_flops(spec, tp: int, tokens: int, context: float) -> float:
 
 def step_model(spec, plan, gpu, link, batch: int, context: int) -> dict:
     """Seconds of one decode step (``batch`` sequences at ``context`` tokens) on one rank."""
-    tp, pp = plan.parallel["tp"], plan.parallel["pp"]
-    elem = DTYPE_BYTES[plan.details["dtype"]]
-    weights = plan.per_gpu["weights_gib"] * (1 << 30)
-    experts = _expert_bytes(plan)
-    read = (weights - experts) + experts * _moe_touched_fraction(spec, batch)
-    kv_read = batch * context * plan.kv_cache["bytes_per_token_per_gpu"]
+    tp, pp = plan.request.tp, plan.request.pp
+    elem = dtype_bytes(plan.request.serving_dtype)
+    weights = plan.term("weights")
+    experts = weights.parts.get("experts", 0)  # the shard's expert weights, of which a batch reads some
+    read = (weights.bytes - experts) + experts * _moe_touched_fraction(spec, batch)
+    kv_read = batch * context * plan.kv_cache.bytes_per_token_per_gpu
     params = spec.parameter_counts()["active"]
     flops = 2.0 * params / (tp * pp) * batch + _attention_flops(spec, tp * pp, batch, context)
     t_mem = (read + kv_read) / (gpu.hbm_gbps * 1e9)
@@ -63,16 +59,16 @@ def step_model(spec, plan, gpu, link, batch: int, context: int) -> dict:
 
 
 def prefill_seconds(spec, plan, gpu, link, prompt: int, chunk: int) -> dict:
-    tp = plan.parallel["tp"] * plan.parallel["pp"]
-    elem = DTYPE_BYTES[plan.details["dtype"]]
+    tp = plan.request.tp
+    elem = dtype_bytes(plan.request.serving_dtype)
     params = spec.parameter_counts()["active"]
     chunks = math.ceil(prompt / chunk)
-    flops = 2.0 * params / tp * prompt + _attention_flops(spec, tp, prompt, prompt / 2)
-    weights = plan.per_gpu["weights_gib"] * (1 << 30)
+    flops = 2.0 * params / (tp * plan.request.pp) * prompt + _attention_flops(spec, tp * plan.request.pp, prompt,
+                                                                                 prompt / 2)
+    weights = plan.term("weights").bytes
     t = max(flops / (gpu.bf16_tflops * 1e12), chunks * weights / (gpu.hbm_gbps * 1e9))
     per_chunk = min(prompt, chunk)
-    comm = chunks * allreduces_per_forward(spec, plan.parallel["tp"]) * allreduce_seconds(
-        per_chunk * spec.hidden_size * elem, plan.parallel["tp"], link)
+    comm = chunks * allreduces_per_forward(spec, tp) * allreduce_seconds(per_chunk * spec.hidden_size * elem, tp, link)
     return {"compute_s": t, "comm_s": comm, "total_s": t + comm}
 
 
@@ -89,38 +85,32 @@ def scale(model, gpu="h100-sxm", tps=(1, 2, 4, 8), *, seq_len: int = 4096, batch
     tps = check_tp_degrees(tps)
     seq_len = check_positive_int("seq_len", seq_len, allow_none=False, fix="give a sequence length in tokens")
     batch = check_positive_int("batch", batch, fix="leave it unset for the largest batch that fits")
-    pp = check_positive_int("pp", pp, allow_none=False)
     spec = load_model_spec(model)
     gpu_preset = get_gpu(gpu)
-    if pp > spec.num_layers:
-        raise PlanError(f"pp={pp} is larger than the {spec.num_layers} layers of {spec.name}; use pp <= {spec.num_layers}")
+    pp = check_pp(spec, pp)  # a bad pp is an error, not a "does not fit" row
     link = get_interconnect(interconnect or gpu_preset.interconnect)
-    max_seqs = plan_kwargs.get("max_seqs") or 256
-    chunk = plan_kwargs.get("max_batched_tokens") or 8192
     rows = []
     for tp in tps:
         row = {"tp": tp, "pp": pp, "gpus": tp * pp}
         try:
-            check_tp(spec, tp)
-            plan = plan_memory(spec, tp, pp, gpu_preset, interconnect=_link_key(link),
-                               **plan_kwargs)
+            plan = plan_memory(spec, tp, pp, gpu_preset, interconnect=link, **plan_kwargs)
         except PlanError as exc:  # this degree does not suit the model or does not fit; bad values propagate
             row.update({"fits": False, "reason": str(exc)})
             rows.append(row)
             continue
         blocks_per_seq = math.ceil(seq_len / plan.block_size)
         capacity_batch = plan.num_blocks // blocks_per_seq
-        b = min(capacity_batch, max_seqs) if batch is None else min(batch, capacity_batch)
-        row.update({"fits": b > 0, "weights_gib": plan.per_gpu["weights_gib"], "kv_cache_gib": plan.per_gpu["kv_cache_gib"],
-                    "kv_tokens": plan.kv_cache["tokens"], "max_batch_at_seq_len": capacity_batch, "batch": b,
-                    "batch_requested": batch})
+        b = min(capacity_batch, plan.request.max_seqs) if batch is None else min(batch, capacity_batch)
+        row.update({"fits": b > 0, "weights_gib": gib(plan.term("weights").bytes),
+                    "kv_cache_gib": gib(plan.kv_cache.kv_bytes_per_gpu), "kv_tokens": plan.kv_cache.tokens,
+                    "max_batch_at_seq_len": capacity_batch, "batch": b, "batch_requested": batch})
         if b <= 0:
             row["reason"] = f"no sequence of {seq_len:,} tokens fits in the KV pool"
             rows.append(row)
             continue
         step = step_model(spec, plan, gpu_preset, link, b, seq_len)
         one = step_model(spec, plan, gpu_preset, link, 1, seq_len)
-        pre = prefill_seconds(spec, plan, gpu_preset, link, seq_len, chunk)
+        pre = prefill_seconds(spec, plan, gpu_preset, link, seq_len, plan.request.max_batched_tokens)
         row.update({
             "decode_step_ms": step["step_s"] * 1e3, "decode_tokens_per_s": b / step["step_s"],
             "token_latency_ms": one["step_s"] * 1e3, "comm_share": step["comm_s"] / step["step_s"],
@@ -189,29 +179,22 @@ def _by_seq_len(spec, gpu, link, ok, pp, plan_kwargs) -> list[dict]:
     lo, hi = ok[0]["tp"], ok[-1]["tp"]
     out = []
     try:
-        p_lo = plan_memory(spec, lo, pp, gpu, interconnect=_link_key(link), **plan_kwargs)
-        p_hi = plan_memory(spec, hi, pp, gpu, interconnect=_link_key(link), **plan_kwargs)
+        p_lo = plan_memory(spec, lo, pp, gpu, interconnect=link, **plan_kwargs)
+        p_hi = plan_memory(spec, hi, pp, gpu, interconnect=link, **plan_kwargs)
     except PlanError:
         return []
-    max_seqs = plan_kwargs.get("max_seqs") or 256
     for L in (512, 2048, 8192, 32768, 131072):
-        if L > p_lo.kv_cache["max_model_len"]:
+        if L > p_lo.kv_cache.max_model_len:
             break
         res = {}
         for name, p in (("lo", p_lo), ("hi", p_hi)):
-            b = min(p.num_blocks // math.ceil(L / p.block_size), max_seqs)
+            b = min(p.num_blocks // math.ceil(L / p.block_size), p.request.max_seqs)
             res[name] = b / step_model(spec, p, gpu, link, b, L)["step_s"] if b > 0 else 0.0
         if res["lo"] == 0 and res["hi"] == 0:
             continue
         out.append({"seq_len": L, f"tp{lo}_tokens_per_s": res["lo"], f"tp{hi}_tokens_per_s": res["hi"],
                     "speedup": res["hi"] / res["lo"] if res["lo"] else None})
     return out
-
-
-def _link_key(link) -> str:
-    from .hardware import INTERCONNECTS
-
-    return next(k for k, v in INTERCONNECTS.items() if v is link)
 
 
 def compare_interconnects(model, gpu="h100-sxm", tp: int = 4, links=("nvlink4", "pcie5"), *, seq_len: int = 4096,

@@ -14,9 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .dtypes import dtype_bytes
 from .quant import quantized_bytes
-
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
 
 
 @dataclass(frozen=True)
@@ -151,7 +150,7 @@ def shard_weight_bytes(spec, tp: int, dtype: str, layers: range | None = None,
     in the serving ``dtype``.
     """
     per_part: dict[str, int] = {}
-    elem = DTYPE_BYTES[dtype]
+    elem = dtype_bytes(dtype)
     for t in model_tensors(spec, layers, embed, head):
         rows, cols = shard_rows(t, spec, tp)
         if t.linear and spec.quant_method and not _skipped(t.name, spec.modules_not_quantized):

@@ -1,93 +1,192 @@
-"""Check a target workload (batch B at length L) against a plan, with a recommendation when it does not fit."""
+"""Does a target workload (batch B at length L) fit a KV pool, and what would when it does not.
+
+One fit check (`fit`) and one search for a larger TP degree (`first_larger_tp`), used by `check_workload`
+(``plan_memory(batch=, seq_len=)``) and by `TPKVCachePlanner.plan` alike.
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
+from typing import Callable
 
 from ..errors import KVPoolError
-from .hardware import GIB
-from .memory import window_aware_bytes_per_seq
+from .kv import window_aware_bytes_per_seq
+from .plan_result import JSONSection
+from .parallel import larger_tps
+from .units import gib
 
 
-def _gib(nbytes: float) -> float:
-    return round(nbytes / GIB, 4)
+@dataclass(frozen=True)
+class Fit:
+    """``batch`` sequences of ``seq_len`` tokens against a pool of ``num_blocks`` blocks of ``block_size``.
 
+    A sequence holds whole blocks, its last one partly filled:
 
-def check_workload(plan, spec, batch: int, seq_len: int, recommend: bool = True, replan=None) -> dict:
-    """Whether ``batch`` sequences of ``seq_len`` tokens fit the plan's pool, and what does when not.
-
-    A sequence holds whole blocks: ``ceil(seq_len / block_size)`` of them. ``*_unpaged`` figures divide
-    bytes by bytes-per-token directly (the seed's arithmetic), ignoring block granularity.
+    >>> # 45 = (3 - 1) * 16 + 13: 45 tokens take 3 blocks of 16, the third holding 13
+    >>> fit(num_blocks=10, block_size=16, batch=3, seq_len=45).blocks_per_seq
+    3
+    >>> f = fit(num_blocks=22_937, block_size=16, batch=32, seq_len=4_096)  # the seed's Llama-2-70B pool
+    >>> # 8,192 = 32 x ceil(4,096 / 16) blocks needed; 89 = 22,937 // 256; 11,456 = (22,937 // 32) x 16
+    >>> f.blocks_needed, f.fits, f.max_batch, f.max_seq_len
+    (8192, True, 89, 11456)
     """
-    kv = plan.kv_cache
-    bs, num_blocks = kv["block_size"], kv["num_blocks"]
-    blocks_per_seq = math.ceil(seq_len / bs)
-    needed = batch * blocks_per_seq
-    kv_bytes = kv["kv_bytes_per_gpu"]
-    stage_layers = range(*plan.stages[plan.parallel["tightest_stage"]]["layers"])
-    per_layer_token = kv["bytes_per_token_per_gpu"] // len(stage_layers)
-    window_seq = window_aware_bytes_per_seq(spec, per_layer_token, stage_layers, seq_len)
-    out = {
-        "batch": batch,
-        "seq_len": seq_len,
-        "blocks_per_seq": blocks_per_seq,
-        "blocks_needed": needed,
-        "fits": needed <= num_blocks,
-        "kv_needed_gib_per_gpu": _gib(needed * kv["bytes_per_block_per_gpu"]),
-        "kv_available_gib_per_gpu": plan.per_gpu["kv_cache_gib"],
-        "pool_use": round(needed / num_blocks, 4) if num_blocks else None,
-        "max_batch_at_seq_len": num_blocks // blocks_per_seq,
-        "max_seq_len_at_batch": (num_blocks // batch) * bs,
-        "tokens_per_request_unpaged": kv["tokens_unpaged"] // batch,
-        "max_batch_at_seq_len_unpaged": kv["tokens_unpaged"] // seq_len,
-        "fits_window_aware": batch * window_seq <= kv_bytes,
-        "recommendations": [],
-    }
-    if seq_len > kv["max_model_len"]:
-        out["recommendations"].append(
-            f"seq_len {seq_len:,} is above max_model_len {kv['max_model_len']:,}: raise --max-model-len (the pool and "
-            "the activation plan assume the smaller one)"
-        )
-    if out["fits"]:
-        spare = num_blocks - needed
-        out["recommendations"].append(
-            f"fits: uses {needed:,} of {num_blocks:,} blocks ({100 * needed / num_blocks:.1f}%); room for "
-            f"{spare // blocks_per_seq:,} more sequences of {seq_len:,} tokens"
-        )
-        return out
-    recs = out["recommendations"]
-    recs.append(
-        f"does not fit: needs {needed:,} blocks ({out['kv_needed_gib_per_gpu']:.2f} GiB per GPU), the pool has "
-        f"{num_blocks:,} ({out['kv_available_gib_per_gpu']:.2f} GiB)"
-    )
-    if recommend and replan is not None:
-        tp, best = plan.parallel["tp"], None
-        for new_tp in (2, 4, 8, 16, 32, 64):
-            if new_tp <= tp:
-                continue
+
+    batch: int
+    seq_len: int
+    block_size: int
+    num_blocks: int
+
+    @property
+    def blocks_per_seq(self) -> int:
+        return math.ceil(self.seq_len / self.block_size)
+
+    @property
+    def blocks_needed(self) -> int:
+        return self.batch * self.blocks_per_seq
+
+    @property
+    def fits(self) -> bool:
+        return self.blocks_needed <= self.num_blocks
+
+    @property
+    def max_batch(self) -> int:
+        """Sequences of ``seq_len`` tokens the pool holds."""
+        return self.num_blocks // self.blocks_per_seq
+
+    @property
+    def max_seq_len(self) -> int:
+        """Tokens each of ``batch`` sequences can hold (whole blocks)."""
+        return (self.num_blocks // self.batch) * self.block_size
+
+
+def fit(num_blocks: int, block_size: int, batch: int, seq_len: int) -> Fit:
+    return Fit(batch, seq_len, block_size, num_blocks)
+
+
+@dataclass(frozen=True)
+class LargerTP:
+    """The pool at a larger TP degree: its blocks, and the sequences of the workload's length it holds."""
+
+    tp: int
+    num_blocks: int
+    sequences: int
+    fits: bool
+
+
+def first_larger_tp(spec, tp: int, blocks_at: Callable[[int], int], blocks_per_seq: int,
+                    batch: int) -> LargerTP | None:
+    """The smallest TP degree above ``tp`` whose pool holds ``batch`` sequences of ``blocks_per_seq`` blocks;
+    when none does, the largest degree that could be planned (``fits`` False); None when none could.
+
+    ``blocks_at(tp)`` is the pool's block count at that degree; a KVPoolError (it does not fit) skips it.
+    """
+    best = None
+    for candidate in larger_tps(spec, tp):
+        try:
+            blocks = blocks_at(candidate)
+        except KVPoolError:
+            continue
+        best = LargerTP(candidate, blocks, blocks // blocks_per_seq, blocks // blocks_per_seq >= batch)
+        if best.fits:
+            break
+    return best
+
+
+@dataclass(frozen=True, eq=False)
+class WorkloadCheck(JSONSection):
+    """A target workload against a plan's pool (per GPU, in bytes), and the alternatives searched when it
+    does not fit: a larger TP degree, fp8 KV (``fp8``: bytes per token per GPU, sequences it holds)."""
+
+    fit: Fit
+    bytes_per_block: int
+    kv_bytes: int
+    tokens_unpaged: int
+    max_model_len: int
+    window_seq_bytes: int  # one sequence's KV if sliding-window layers kept only their window
+    pp: int
+    larger_tp: LargerTP | None = None
+    fp8: tuple[int, int] | None = None
+
+    @property
+    def kv_needed_bytes(self) -> int:
+        return self.fit.blocks_needed * self.bytes_per_block
+
+    @property
+    def fits_window_aware(self) -> bool:
+        return self.fit.batch * self.window_seq_bytes <= self.kv_bytes
+
+    def to_dict(self) -> dict:
+        f = self.fit
+        return {
+            "batch": f.batch, "seq_len": f.seq_len, "blocks_per_seq": f.blocks_per_seq,
+            "blocks_needed": f.blocks_needed, "fits": f.fits,
+            "kv_needed_gib_per_gpu": gib(self.kv_needed_bytes), "kv_available_gib_per_gpu": gib(self.kv_bytes),
+            "pool_use": round(f.blocks_needed / f.num_blocks, 4) if f.num_blocks else None,
+            "max_batch_at_seq_len": f.max_batch, "max_seq_len_at_batch": f.max_seq_len,
+            "tokens_per_request_unpaged": self.tokens_unpaged // f.batch,
+            "max_batch_at_seq_len_unpaged": self.tokens_unpaged // f.seq_len,
+            "fits_window_aware": self.fits_window_aware,
+            "recommendations": self.recommendations(),
+        }
+
+    def recommendations(self) -> list[str]:
+        """What to change, each with its numbers (the prose of the JSON's ``recommendations``)."""
+        f, recs = self.fit, []
+        if f.seq_len > self.max_model_len:
+            recs.append(f"seq_len {f.seq_len:,} is above max_model_len {self.max_model_len:,}: raise --max-model-len "
+                        "(the pool and the activation plan assume the smaller one)")
+        if f.fits:
+            recs.append(f"fits: uses {f.blocks_needed:,} of {f.num_blocks:,} blocks "
+                        f"({100 * f.blocks_needed / f.num_blocks:.1f}%); room for "
+                        f"{(f.num_blocks - f.blocks_needed) // f.blocks_per_seq:,} more sequences of {f.seq_len:,} tokens")
+            return recs
+        recs.append(f"does not fit: needs {f.blocks_needed:,} blocks ({gib(self.kv_needed_bytes):.2f} GiB per GPU), "
+                    f"the pool has {f.num_blocks:,} ({gib(self.kv_bytes):.2f} GiB)")
+        larger = self.larger_tp
+        if larger is not None and larger.fits:
+            recs.append(f"more TP: tp={larger.tp} ({larger.tp * self.pp} GPUs) holds {larger.sequences:,} sequences "
+                        f"of {f.seq_len:,} tokens ({larger.num_blocks:,} blocks)")
+        elif larger is not None:
+            recs.append(f"more TP alone is not enough: even tp={larger.tp} holds only {larger.sequences:,} sequences "
+                        f"of {f.seq_len:,} tokens")
+        if self.fp8 is not None:
+            verdict = "fits" if self.fp8[1] >= f.batch else "still short"
+            recs.append(f"fp8 KV (--kv-dtype fp8): {self.fp8[0]:,} B/token/GPU, {self.fp8[1]:,} sequences of "
+                        f"{f.seq_len:,} tokens ({verdict})")
+        recs.append(f"smaller batch: at {f.seq_len:,} tokens at most {f.max_batch:,} sequences fit")
+        recs.append(f"shorter length: at batch {f.batch:,} each sequence can hold {f.max_seq_len:,} tokens "
+                    f"(--max-model-len {f.max_seq_len:,})")
+        return recs
+
+
+def check_workload(plan, replan: Callable) -> WorkloadCheck:
+    """``plan.request.batch`` sequences of ``plan.request.seq_len`` tokens against ``plan``'s pool.
+
+    When they do not fit and ``plan.request.recommend``, ``replan(request)`` plans the alternatives:
+    each larger TP degree (an explicit weights reservation scaled by the degree) and fp8 KV.
+    """
+    req, kv, tight = plan.request, plan.kv_cache, plan.tight
+    f = fit(kv.num_blocks, kv.block_size, req.batch, req.seq_len)
+    per_layer_token = kv.bytes_per_token_per_gpu // len(tight.layers)
+    larger = fp8 = None
+    if req.recommend and not f.fits:
+        variant = replace(req, batch=None, seq_len=None, recommend=False)
+
+        def blocks_at(tp: int) -> int:  # an explicit weights shard scales with the TP degree
+            weights = variant.reserved.weights
+            reserved = variant.reserved if weights is None else replace(variant.reserved, weights=weights * req.tp // tp)
+            return replan(replace(variant, tp=tp, reserved=reserved)).num_blocks
+
+        larger = first_larger_tp(req.spec, req.tp, blocks_at, f.blocks_per_seq, f.batch)
+        if kv.kv_dtype != "fp8":
             try:
-                p = replan(tp=new_tp)
-            except KVPoolError:
-                continue
-            cap = p.num_blocks // blocks_per_seq
-            best = (new_tp, cap, p.num_blocks)
-            if cap >= batch:
-                recs.append(f"more TP: tp={new_tp} ({new_tp * plan.parallel['pp']} GPUs) holds {cap:,} sequences of "
-                            f"{seq_len:,} tokens ({p.num_blocks:,} blocks)")
-                break
-        else:
-            if best is not None:
-                recs.append(f"more TP alone is not enough: even tp={best[0]} holds only {best[1]:,} sequences of "
-                            f"{seq_len:,} tokens")
-        if kv["kv_dtype"] != "fp8":
-            try:
-                p = replan(kv_dtype="fp8")
-                cap = p.num_blocks // blocks_per_seq
-                verdict = "fits" if cap >= batch else "still short"
-                recs.append(f"fp8 KV (--kv-dtype fp8): {p.kv_cache['bytes_per_token_per_gpu']:,} B/token/GPU, "
-                            f"{cap:,} sequences of {seq_len:,} tokens ({verdict})")
+                other = replan(replace(variant, kv_dtype="fp8"))
+                fp8 = (other.kv_cache.bytes_per_token_per_gpu, other.num_blocks // f.blocks_per_seq)
             except KVPoolError:
                 pass
-    recs.append(f"smaller batch: at {seq_len:,} tokens at most {out['max_batch_at_seq_len']:,} sequences fit")
-    recs.append(f"shorter length: at batch {batch:,} each sequence can hold {out['max_seq_len_at_batch']:,} tokens "
-                f"(--max-model-len {out['max_seq_len_at_batch']:,})")
-    return out
+    return WorkloadCheck(f, kv.bytes_per_block_per_gpu, kv.kv_bytes_per_gpu, kv.tokens_unpaged, kv.max_model_len,
+                         window_aware_bytes_per_seq(req.spec, per_layer_token, tight.layers, req.seq_len), req.pp,
+                         larger, fp8)
+
+
+__all__ = ["Fit", "fit", "LargerTP", "first_larger_tp", "WorkloadCheck", "check_workload"]

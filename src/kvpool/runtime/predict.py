@@ -1,9 +1,8 @@
 """The planner's prediction for the pool a rank just measured: same model, TP, KV dtype, budget."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional
-
-from .pool_size import GiB
 
 
 def predict(spec: Any, *, tp: int, total_bytes: int, mem_fraction: float, headroom_bytes: int, kv_dtype: str,
@@ -20,32 +19,31 @@ def predict(spec: Any, *, tp: int, total_bytes: int, mem_fraction: float, headro
     -------
     (dict or None, str or None)
         ``weights_bytes, activation_bytes, comm_bytes, overhead_bytes, non_torch_bytes, kv_bytes,
-        bytes_per_block, num_blocks`` and the plan's ``to_dict()`` under ``plan``; or None and the
-        planner's error message.
+        bytes_per_block, num_blocks`` (the plan's exact bytes) and the plan's ``to_dict()`` under ``plan``;
+        or None and the planner's error message.
     """
-    from ..plan.memory import plan_memory
+    from ..plan.memory import make_request, plan_request
+    from ..plan.units import GIB
 
     try:
-        plan = plan_memory(
-            spec, tp=tp, gpu=gpu, gpu_mem_gib=total_bytes / GiB, mem_fraction=mem_fraction,
-            headroom_gib=headroom_bytes / GiB, kv_dtype=kv_dtype, fp8_scales=fp8_scales, block_size=block_size,
-            max_batched_tokens=max_batched_tokens, max_seqs=max_seqs, cuda_graphs=False, recommend=False,
-        ).to_dict()
+        request = make_request(spec, tp=tp, gpu=gpu, mem_fraction=mem_fraction, kv_dtype=kv_dtype,
+                               fp8_scales=fp8_scales, block_size=block_size, max_batched_tokens=max_batched_tokens,
+                               max_seqs=max_seqs, cuda_graphs=False, recommend=False)
+        # the measured memory and headroom in bytes, as measured (the label as a GiB figure would show it)
+        request = replace(request, total_bytes=total_bytes, reserved=replace(request.reserved, headroom=headroom_bytes),
+                          gpu_label=f"{request.gpu.name} ({total_bytes / GIB:g} GiB)")
+        plan = plan_request(request)
     except Exception as exc:  # noqa: BLE001 - sizing never fails because the prediction does
         return None, f"{type(exc).__name__}: {exc}"
-    per_gpu, kv = plan["per_gpu"], plan["kv_cache"]
-
-    def b(key: str) -> int:
-        return int(round(per_gpu[key] * GiB))
-
+    terms = {t.name: t.bytes for t in plan.tight.terms}
     return {
-        "weights_bytes": b("weights_gib"),
-        "activation_bytes": b("activation_gib"),
-        "comm_bytes": b("comm_gib"),
-        "overhead_bytes": b("overhead_gib"),
-        "non_torch_bytes": b("comm_gib") + b("overhead_gib"),
-        "kv_bytes": b("kv_cache_gib"),
-        "bytes_per_block": int(kv["bytes_per_block_per_gpu"]),
-        "num_blocks": int(kv["num_blocks"]),
-        "plan": plan,
+        "weights_bytes": terms["weights"],
+        "activation_bytes": terms["activation"],
+        "comm_bytes": terms["comm"],
+        "overhead_bytes": terms["overhead"],
+        "non_torch_bytes": terms["comm"] + terms["overhead"],
+        "kv_bytes": plan.kv_cache.kv_bytes_per_gpu,
+        "bytes_per_block": plan.kv_cache.bytes_per_block_per_gpu,
+        "num_blocks": plan.num_blocks,
+        "plan": plan.to_dict(),
     }, None

@@ -1,0 +1,122 @@
+"""The JSON edge of a `MemoryPlan`: ``kvpool plan --json``'s sections, figures in GiB (4 decimals), prose.
+
+Only here (and in the command's renderer) do bytes become GiB and figures become sentences; the keys and
+values are the JSON contract (pinned by ``tests/test_plan_golden.py``).
+"""
+from __future__ import annotations
+
+from .units import MIB, gib
+
+ASSUMPTIONS = (
+    "activation: FlashAttention-style prefill of max_batched_tokens tokens (no TxT scores), largest layer live",
+    "sampler: max_seqs rows of logits (model dtype + fp32 logits + fp32 probs)",
+)
+
+
+def kv_cache_dict(kv) -> dict:
+    return {
+        "kv_dtype": kv.kv_dtype,
+        "bytes_per_token_per_gpu": kv.bytes_per_token_per_gpu,
+        "bytes_per_token_all_gpus": kv.bytes_per_token_all_gpus,
+        "block_size": kv.block_size,
+        "bytes_per_block_per_gpu": kv.bytes_per_block_per_gpu,
+        "num_blocks": kv.num_blocks,
+        "tokens": kv.tokens,
+        "tokens_unpaged": kv.tokens_unpaged,
+        "kv_bytes_per_gpu": kv.kv_bytes_per_gpu,
+        "max_model_len": kv.max_model_len,
+        "max_concurrency": round(kv.max_concurrency, 2),
+        "max_concurrency_window_aware": round(kv.max_concurrency_window_aware, 2),
+        "per_seq_bytes_per_gpu": kv.per_seq_bytes_per_gpu,
+        "per_seq_bytes_per_gpu_window_aware": kv.per_seq_bytes_per_gpu_window_aware,
+        "sliding_window_layers": kv.sliding_window_layers,
+        "kv_heads_per_gpu": kv.kv_heads_per_gpu,
+        "unused_bytes_per_gpu": kv.unused_bytes_per_gpu,
+    }
+
+
+def parallel_dict(plan) -> dict:
+    req = plan.request
+    return {"tp": req.tp, "pp": req.pp, "gpus": req.tp * req.pp, "tightest_stage": plan.tightest,
+            "interconnect": req.link.name}
+
+
+def per_gpu_dict(plan) -> dict:
+    req, tight = plan.request, plan.tight
+    return {
+        "total_gib": gib(req.total_bytes),
+        "budget_gib": gib(plan.budget_bytes),
+        **{f"{t.name}_gib": gib(t.bytes) for t in tight.terms},
+        "kv_cache_gib": gib(tight.kv_bytes),
+        "headroom_gib": gib(plan.headroom_bytes),
+        "budget_mode": "reservations" if req.mem_fraction is None else "mem_fraction",
+        "mem_fraction": req.mem_fraction,
+    }
+
+
+def stage_dict(stage) -> dict:
+    return {"stage": stage.index, "layers": [stage.layers.start, stage.layers.stop],
+            **{f"{t.name}_gib": gib(t.bytes) for t in stage.terms},
+            "kv_cache_gib": gib(stage.kv_bytes), "num_blocks": stage.num_blocks,
+            "bytes_per_token_per_gpu": stage.layout.bytes_per_token}
+
+
+def details_dict(plan) -> dict:
+    req, tight = plan.request, plan.tight
+    reserved, comm = req.reserved, tight.term("comm").parts
+    given = {"weights_gib": reserved.weights, "activation_gib": reserved.activation, "comm_gib": reserved.comm,
+             "overhead_gib": reserved.overhead, "headroom_gib": reserved.headroom}
+    return {
+        "dtype": req.serving_dtype,
+        "weights_total_gib": gib(plan.model_weight_bytes),
+        "weights_by_part_gib": {k: gib(v) for k, v in tight.term("weights").parts.items() if k != "total"},
+        "activation_bytes": dict(tight.term("activation").parts),
+        "comm_bytes": {**comm, "nccl_tp": dict(comm["nccl_tp"])},
+        "overhead_bytes": dict(tight.term("overhead").parts),
+        "layout": tight.layout.to_dict(),
+        "computed_gib": {t.name: gib(t.computed) for t in tight.terms},
+        "overridden": [k for k, v in given.items() if v is not None],
+        "max_batched_tokens": req.max_batched_tokens,
+        "max_seqs": req.max_seqs,
+        "parameters": req.spec.num_parameters,
+        "model_source": req.spec.source,
+    }
+
+
+def assumptions(plan) -> list[str]:
+    req = plan.request
+    nccl, nccl_tp = req.nccl, plan.term("comm").parts["nccl_tp"]
+    return [
+        *ASSUMPTIONS,
+        f"overhead: CUDA context {req.cuda_context_bytes // MIB} MiB + cuBLAS workspace"
+        + (" + CUDA-graph pool (decode batch activations)" if req.cuda_graphs else ""),
+        f"comm: NCCL {nccl_tp['channels']} channels x {nccl.peers} peers x {'+'.join(nccl.protocols)} buffers"
+        + (", NVLS" if nccl_tp["nvls"] else ""),
+    ]
+
+
+def warnings(plan) -> list[str]:
+    spec, kv = plan.request.spec, plan.kv_cache
+    out = []
+    if kv.tokens < kv.max_model_len:
+        out.append(f"the pool holds {kv.tokens:,} tokens, fewer than max_model_len={kv.max_model_len:,}: one "
+                   f"full-length request does not fit; lower --max-model-len to {kv.tokens:,} or add memory")
+    if spec.sliding_layers:
+        out.append(f"{spec.sliding_layers} of {spec.num_layers} layers use a sliding window; kvpool's single block "
+                   f"table stores them at full length ({round(kv.max_concurrency, 2)}x concurrency); an engine with "
+                   f"a per-layer-type pool would reach {round(kv.max_concurrency_window_aware, 2)}x")
+    return out
+
+
+def plan_dict(plan) -> dict:
+    out = {"model": plan.model, "gpu": plan.gpu, "parallel": parallel_dict(plan), "per_gpu": per_gpu_dict(plan),
+           "kv_cache": kv_cache_dict(plan.kv_cache)}
+    if plan.workload is not None:
+        out["workload"] = plan.workload.to_dict()
+    out.update({"stages": [stage_dict(s) for s in plan.per_stage], "details": details_dict(plan),
+                "assumptions": assumptions(plan), "warnings": warnings(plan)})
+    return out
+
+
+__all__ = ["plan_dict", "kv_cache_dict", "parallel_dict", "per_gpu_dict", "stage_dict", "details_dict",
+           "assumptions", "warnings"]

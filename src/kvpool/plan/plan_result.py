@@ -1,0 +1,179 @@
+"""The typed result of ``plan_memory``: `MemoryPlan`, its `KVPool`, in bytes; dicts only through ``to_dict()``.
+
+Readers of the earlier dict form keep working: ``plan.kv_cache["num_blocks"]``, ``plan.per_gpu["weights_gib"]``
+and ``plan.stages[0]`` read the JSON sections, while ``plan.kv_cache.num_blocks``, ``plan.term("weights").bytes``
+and ``plan.per_stage[0]`` are the exact figures.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import plan_json
+from .request import PlanRequest
+from .stage import StageMemory, Term
+
+if TYPE_CHECKING:  # workload.py builds on this module
+    from .workload import WorkloadCheck
+
+
+class JSONSection(Mapping):
+    """Read-only mapping access to a typed section through its JSON form (``section["num_blocks"]``)."""
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+    def __getitem__(self, key):
+        return self.to_dict()[key]
+
+    def __iter__(self):
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+
+@dataclass(frozen=True, eq=False)
+class KVPool(JSONSection):
+    """The KV pool of one GPU of the tightest stage (every rank holds the same block count), in bytes.
+
+    ``bytes_per_token_all_gpus`` counts every TP rank and stage (replicated heads on each rank that holds
+    them); ``per_seq_bytes_per_gpu_window_aware`` is what a sequence of ``max_model_len`` tokens would
+    hold if sliding-window layers kept only their window (an engine with a per-layer-type pool).
+    """
+
+    kv_dtype: str
+    bytes_per_token_per_gpu: int
+    bytes_per_token_all_gpus: int
+    block_size: int
+    bytes_per_block_per_gpu: int
+    num_blocks: int
+    kv_bytes_per_gpu: int
+    max_model_len: int
+    per_seq_bytes_per_gpu_window_aware: int
+    sliding_window_layers: int
+    kv_heads_per_gpu: int
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the pool holds in whole blocks."""
+        return self.num_blocks * self.block_size
+
+    @property
+    def tokens_unpaged(self) -> int:
+        """Tokens the KV bytes would hold without block rounding (bytes ÷ bytes per token)."""
+        return self.kv_bytes_per_gpu // self.bytes_per_token_per_gpu
+
+    @property
+    def per_seq_bytes_per_gpu(self) -> int:
+        return self.bytes_per_token_per_gpu * self.max_model_len
+
+    @property
+    def unused_bytes_per_gpu(self) -> int:
+        """KV bytes too few to make one more block."""
+        return self.kv_bytes_per_gpu - self.num_blocks * self.bytes_per_block_per_gpu
+
+    @property
+    def max_concurrency(self) -> float:
+        """Requests of ``max_model_len`` tokens the pool holds at once."""
+        return self.tokens / self.max_model_len
+
+    @property
+    def max_concurrency_window_aware(self) -> float:
+        return self.kv_bytes_per_gpu / self.per_seq_bytes_per_gpu_window_aware
+
+    def to_dict(self) -> dict:
+        return plan_json.kv_cache_dict(self)
+
+
+@dataclass(frozen=True, eq=False)
+class MemoryPlan:
+    """A computed deployment plan, in bytes. ``to_dict()`` is what ``kvpool plan --json`` prints.
+
+    Attributes
+    ----------
+    request : PlanRequest
+        The checked inputs (model spec, GPU preset, degrees, settings).
+    per_stage : tuple of StageMemory
+        Each pipeline stage's per-GPU memory; ``tightest`` indexes the one with the fewest blocks,
+        which decides the pool (one block table for the whole model).
+    budget_bytes, headroom_bytes : int
+        What each GPU's process may use, and what it leaves unused (``total = budget + headroom``).
+    model_weight_bytes : int
+        The whole model's weights in the serving dtype (one GPU, every layer).
+    kv_cache : KVPool
+        The pool of one GPU; ``plan.kv_cache.num_blocks`` or ``plan.kv_cache["num_blocks"]``.
+    workload : WorkloadCheck or None
+        Whether ``request.batch`` sequences of ``request.seq_len`` tokens fit (when asked).
+    """
+
+    request: PlanRequest
+    per_stage: tuple[StageMemory, ...]
+    tightest: int
+    budget_bytes: int
+    headroom_bytes: int
+    model_weight_bytes: int
+    kv_cache: KVPool
+    workload: "WorkloadCheck | None" = None
+
+    # ---------------------------------------------------------------- exact figures
+    @property
+    def tight(self) -> StageMemory:
+        """The stage that decides the block count."""
+        return self.per_stage[self.tightest]
+
+    def term(self, name: str) -> Term:
+        """The tightest stage's term ``name`` ("weights", "activation", "comm", "overhead")."""
+        return self.tight.term(name)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.request.total_bytes
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_cache.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.kv_cache.block_size
+
+    # ---------------------------------------------------------------- the JSON sections (GiB, prose)
+    @property
+    def model(self) -> str:
+        return self.request.spec.name
+
+    @property
+    def gpu(self) -> str:
+        return self.request.gpu_label
+
+    @property
+    def parallel(self) -> dict:
+        return plan_json.parallel_dict(self)
+
+    @property
+    def per_gpu(self) -> dict:
+        return plan_json.per_gpu_dict(self)
+
+    @property
+    def stages(self) -> list[dict]:
+        return [plan_json.stage_dict(s) for s in self.per_stage]
+
+    @property
+    def details(self) -> dict:
+        return plan_json.details_dict(self)
+
+    @property
+    def assumptions(self) -> list[str]:
+        return plan_json.assumptions(self)
+
+    @property
+    def warnings(self) -> list[str]:
+        return plan_json.warnings(self)
+
+    def to_dict(self) -> dict:
+        return plan_json.plan_dict(self)
+
+
+__all__ = ["MemoryPlan", "KVPool", "JSONSection"]

@@ -1,0 +1,157 @@
+"""One pipeline stage's per-GPU memory: the four reserved terms, each with how it was computed, and the KV rest.
+
+Every TP rank of a stage holds the same bytes, so one `StageMemory` describes each of its GPUs. The
+terms are in bytes; ``Term.how`` is the planner's own one-line account of a term, so a reader never
+re-derives what is split and what is replicated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .activation import activation_bytes
+from .comm import nccl_buffer_bytes, staging_bytes
+from .dtypes import DTYPES
+from .kv import KVShardLayout, kv_shard_layout
+from .request import PlanRequest
+from .units import GIB, MIB
+from .weights import shard_weight_bytes
+
+CUDA_GRAPH_MAX_BATCH = 512  # vLLM captures decode graphs up to this batch size
+CUBLAS_WORKSPACE = 32 * MIB  # torch's cuBLAS workspace on Hopper (4 MiB x 8 on older cards; we take the larger)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One reservation of a GPU's budget.
+
+    Attributes
+    ----------
+    name : str
+        "weights", "activation", "comm" or "overhead".
+    bytes : int
+        What the plan reserves: the caller's figure when ``given``, else ``computed``.
+    how : str
+        How the planner computed it, one line (figures in GiB with two decimals).
+    computed : int
+        The planner's own figure.
+    given : bool
+        Whether the caller reserved ``bytes`` explicitly (``weights_gib=``, ...).
+    parts : dict
+        The computed figure's parts in bytes (weights by part, activation phases, NCCL buffers, ...).
+    """
+
+    name: str
+    bytes: int
+    how: str
+    computed: int
+    given: bool = False
+    parts: dict = field(default_factory=dict, compare=False)
+
+
+def _term(name: str, computed: int, how: str, parts: dict, given: int | None) -> Term:
+    return Term(name, computed if given is None else given, how, computed, given is not None, parts)
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """The per-GPU memory of one pipeline stage (each of its ``tp`` GPUs holds the same)."""
+
+    index: int
+    layers: range
+    layout: KVShardLayout
+    terms: tuple[Term, ...]  # weights, activation, comm, overhead
+    kv_bytes: int  # budget − the terms (negative when they overflow it)
+    num_blocks: int  # whole KV blocks in kv_bytes
+
+    def term(self, name: str) -> Term:
+        return next(t for t in self.terms if t.name == name)
+
+    @property
+    def reserved_bytes(self) -> int:
+        return sum(t.bytes for t in self.terms)
+
+
+def stage_layers(num_layers: int, pp: int) -> list[range]:
+    """Contiguous layer ranges of each pipeline stage; the first ``num_layers % pp`` stages get one more.
+
+    >>> stage_layers(126, 4)  # 126 = 2 x 32 + 2 x 31
+    [range(0, 32), range(32, 64), range(64, 95), range(95, 126)]
+    """
+    base, extra = divmod(num_layers, pp)
+    out, start = [], 0
+    for s in range(pp):
+        n = base + (1 if s < extra else 0)
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+def weights_term(req: PlanRequest, layers: range, first: bool, last: bool, model_bytes: int) -> Term:
+    """This stage's shard of the weights (the embedding on the first stage, the LM head on the last)."""
+    spec, tp = req.spec, req.tp
+    parts = shard_weight_bytes(spec, tp, req.serving_dtype, layers, embed=first, head=last)
+    dtype = (f"{spec.quant_method} {spec.weight_bits}-bit linear layers, {req.serving_dtype} rest"
+             if spec.quant_method else req.serving_dtype)
+    how = f"1/{tp} of {model_bytes / GIB:.2f} GiB ({dtype}) + replicated norms"
+    how += (", router" if spec.is_moe else "") + (", KV heads" if spec.num_kv_heads < tp and not spec.is_mla else "")
+    if req.pp > 1:
+        how += f", layers {layers.start}–{layers.stop - 1}"
+    return _term("weights", parts["total"], how, parts, req.reserved.weights)
+
+
+def activation_term(req: PlanRequest, last: bool) -> Term:
+    """The activation peak of one prefill step (and, on the last stage, the sampler)."""
+    spec = req.spec
+    parts = activation_bytes(spec, req.tp, req.max_batched_tokens, req.max_seqs, DTYPES[req.serving_dtype].bytes,
+                             last_stage=last)
+    how = (f"max(prefill of {req.max_batched_tokens:,} tokens {parts['forward_peak'] / GIB:.2f}, sampler for "
+           f"{req.max_seqs} seqs × {spec.vocab_size:,} vocab {parts['sampler'] / GIB:.2f} + hidden)")
+    return _term("activation", parts["peak"], how, parts, req.reserved.activation)
+
+
+def comm_term(req: PlanRequest) -> Term:
+    """NCCL's buffers for the TP group (and the pipeline's send/recv), plus all-reduce staging."""
+    nccl, tp = req.nccl, req.tp
+    nccl_tp = nccl_buffer_bytes(tp, req.link, nccl)
+    nccl_pp = nccl_buffer_bytes(2, req.pipeline_link(), nccl)["protocol_buffers"] if req.pp > 1 else 0
+    staging = staging_bytes(req.spec.hidden_size, req.max_seqs, DTYPES[req.serving_dtype].bytes, nccl) if tp > 1 else 0
+    if tp > 1:
+        how = (f"NCCL {nccl_tp['channels']} channels × {nccl.peers} peers × ({'+'.join(nccl.protocols)}) = "
+               f"{nccl_tp['protocol_buffers'] / GIB:.2f}" + (f", NVLS {nccl_tp['nvls'] / GIB:.2f}" if nccl_tp["nvls"] else "")
+               + f", staging {staging / GIB:.3f}")
+    else:
+        how = "no TP all-reduce (one GPU per stage)"
+    if nccl_pp:
+        how += f", pipeline send/recv {nccl_pp / GIB:.2f}"
+    parts = {"nccl_tp": nccl_tp, "nccl_pp": nccl_pp, "staging": staging}
+    return _term("comm", nccl_tp["total"] + nccl_pp + staging, how, parts, req.reserved.comm)
+
+
+def overhead_term(req: PlanRequest) -> Term:
+    """Memory outside torch's tensors: the CUDA context, cuBLAS's workspace, the CUDA-graph pool."""
+    graphs = 0
+    if req.cuda_graphs:  # the graph pool keeps the activations of the largest captured decode batch
+        graphs = activation_bytes(req.spec, req.tp, min(req.max_seqs, CUDA_GRAPH_MAX_BATCH), req.max_seqs,
+                                  DTYPES[req.serving_dtype].bytes, last_stage=False)["peak"]
+    parts = {"cuda_context": req.cuda_context_bytes, "cublas_workspace": CUBLAS_WORKSPACE, "cuda_graphs": graphs}
+    how = (f"context {req.cuda_context_bytes / GIB:.2f} + cuBLAS {CUBLAS_WORKSPACE / GIB:.2f} + graph pool "
+           f"{graphs / GIB:.2f}")
+    return _term("overhead", sum(parts.values()), how, parts, req.reserved.overhead)
+
+
+def plan_stage(req: PlanRequest, index: int, layers: range, budget: int, shared: tuple[Term, Term],
+               model_bytes: int) -> StageMemory:
+    """Stage ``index`` (holding ``layers``): its terms, and the whole KV blocks its ``budget`` has left.
+
+    ``shared`` are the terms every stage has alike (comm, overhead); ``model_bytes`` the whole model's
+    weights, for the weights term's account.
+    """
+    first, last = index == 0, index == req.pp - 1
+    layout = kv_shard_layout(req.spec, req.tp, req.kv_dtype, req.fp8_scales, num_layers=len(layers))
+    terms = (weights_term(req, layers, first, last, model_bytes), activation_term(req, last), *shared)
+    kv_bytes = budget - sum(t.bytes for t in terms)
+    return StageMemory(index, layers, layout, terms, kv_bytes, max(0, kv_bytes) // layout.bytes_per_block(req.block_size))
+
+
+__all__ = ["Term", "StageMemory", "stage_layers", "plan_stage", "weights_term", "activation_term", "comm_term",
+           "overhead_term", "CUDA_GRAPH_MAX_BATCH", "CUBLAS_WORKSPACE"]
