@@ -1,38 +1,40 @@
 """Read per-GPU memory snapshots and name what the numbers show, with the fix.
 
-Inputs:
-
-- a JSON list of per-rank figures as torch reports them, in bytes unless the key says ``_mib`` / ``_gib``:
-  ``{"rank": 0, "total": ..., "free": ..., "allocated": ..., "reserved": ..., "peak": ...}``
-  (``total``/``free`` from ``torch.cuda.mem_get_info``, ``allocated``/``reserved`` from
-  ``torch.cuda.memory_allocated``/``memory_reserved``, ``peak`` from ``max_memory_allocated``);
-  a dict ``{"ranks": [...]}`` is accepted too;
-- the CSV ``nvidia-smi --query-gpu=index,memory.used,memory.total --format=csv`` prints.
+Each finding comes from one small rule below, with its thresholds named and the reason for each; a rule
+that compares with a plan (``kvpool diagnose --model``) reads the plan's bytes. The snapshots themselves
+(torch's JSON figures or ``nvidia-smi``'s CSV) are read by `kvpool.plan.snapshots`.
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import InvalidArgumentError
-from .hardware import GIB, MIB
+from .snapshots import Snapshot, parse_snapshots
+from .units import GIB, gib_text
 
-FIELDS = ("total", "free", "allocated", "reserved", "peak", "used")
-
-
-@dataclass
-class Snapshot:
-    rank: int
-    total: int
-    used: int
-    allocated: int | None = None
-    reserved: int | None = None
-    peak: int | None = None
+# A rank is "much heavier" when it uses more than the median rank by both: 1 GiB (two stray CUDA
+# contexts; below that the spread is allocator slack) and 2% of the card (on a 180 GiB card 1 GiB is noise).
+HEAVY_RANK_BYTES, HEAVY_RANK_SHARE = 1 * GIB, 0.02
+# One CUDA context created on cuda:0 by another rank (context + lazily loaded kernels) costs about 0.5 GiB.
+STRAY_CONTEXT_BYTES = GIB // 2
+# Reserved above allocated by 2 GiB and 10% of reserved is fragmentation: the caching allocator's own
+# slack (rounding blocks, one free segment per stream) stays well under both.
+FRAGMENTATION_BYTES, FRAGMENTATION_SHARE = 2 * GIB, 0.10
+# Without a plan to compare with, non-torch memory (NCCL buffers, CUDA context, graphs) rarely passes 2 GiB.
+NON_TORCH_BYTES = 2 * GIB
+# Slack over the plan's comm + overhead: its CUDA-context figure is an estimate on most cards.
+NON_TORCH_SLACK_BYTES = GIB // 4
+# A peak above the steady allocation by 1 GiB and 10% of it is a transient (a prefill step, the
+# sampler) that the pool must leave room for, not allocator noise.
+PEAK_BYTES, PEAK_SHARE = 1 * GIB, 0.10
+# Under 0.5 GiB (or 1% of the card) free, the next allocation outside the pool (a graph capture, a
+# longer prefill, NCCL growing) runs out of memory.
+FREE_BYTES, FREE_SHARE = GIB // 2, 0.01
+# Used above the plan's budget by more than 0.5 GiB: more than the caching allocator's rounding and the small
+# buffers no plan counts (library handles, scratch tensors) add.
+ABOVE_PLAN_BYTES = GIB // 2
 
 
 @dataclass
@@ -46,191 +48,105 @@ class Finding:
         return asdict(self)
 
 
-def _bytes(entry: dict, name: str, where: str) -> int | None:
-    for suffix, scale in (("", 1), ("_bytes", 1), ("_mib", MIB), ("_gib", GIB)):
-        key = name + suffix
-        if key in entry and entry[key] is not None:
-            value = entry[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise InvalidArgumentError(f"{where}: {key!r} must be a finite non-negative number, got {value!r}")
-            return int(value * scale)
+def heavy_rank(snaps: list[Snapshot], plan) -> list[Finding]:
+    """One rank far above the median: stray CUDA contexts on rank 0, or uneven KV pools."""
+    median = statistics.median(s.used for s in snaps)
+    heavy = max(snaps, key=lambda s: s.used)
+    extra = heavy.used - median
+    if len(snaps) < 2 or extra <= max(HEAVY_RANK_BYTES, HEAVY_RANK_SHARE * snaps[0].total):
+        return []
+    if heavy.rank == 0:
+        cause = ("rank 0 often holds extra CUDA contexts when other ranks touch cuda:0 before "
+                 f"torch.cuda.set_device (~0.5 GiB each: about {extra / STRAY_CONTEXT_BYTES:.0f} here), the "
+                 "sampler's logits, or buffers created only on the driver rank")
+    else:
+        cause = "that rank allocated more KV blocks than its peers or keeps extra activations"
+    return [Finding(
+        "warning", f"rank {heavy.rank} is much heavier than the others",
+        f"rank {heavy.rank} uses {gib_text(heavy.used)}, the median rank {gib_text(median)} (+{gib_text(extra)})",
+        f"{cause}; call torch.cuda.set_device(local_rank) before any CUDA work, and size the pool with the MIN "
+        "over the TP group (kvpool.runtime.size_kv_pool does) so every rank holds the same blocks")]
+
+
+def _on_rank(s: Snapshot, severity: str, title: str, evidence: str, fix: str) -> Finding:
+    return Finding(severity, f"rank {s.rank}: {title}", evidence, fix)
+
+
+def fragmentation(s: Snapshot, plan) -> Finding | None:
+    """Reserved far above allocated: cached segments torch cannot reuse."""
+    gap = None if s.allocated is None or s.reserved is None else s.reserved - s.allocated
+    if gap is not None and gap > max(FRAGMENTATION_BYTES, FRAGMENTATION_SHARE * s.reserved):
+        return _on_rank(s, "warning", "reserved far above allocated (fragmentation)",
+                        f"reserved {gib_text(s.reserved)}, allocated {gib_text(s.allocated)}: {gib_text(gap)} "
+                        "cached but unused", "set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, and call "
+                        "torch.cuda.empty_cache() after the profile run, before allocating the KV pool")
     return None
 
 
-def parse_snapshots(text: str, source: str = "input") -> list[Snapshot]:
-    """Snapshots from JSON (list of per-rank dicts) or nvidia-smi CSV text."""
-    stripped = text.strip()
-    if not stripped:
-        raise InvalidArgumentError(f"{source} is empty; give a JSON list of per-rank figures or nvidia-smi CSV")
-    if stripped[0] in "[{":
-        try:
-            data = json.loads(stripped)
-        except json.JSONDecodeError as exc:
-            raise InvalidArgumentError(f"{source} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
-        if isinstance(data, dict):
-            data = data.get("ranks")
-        if not isinstance(data, list) or not data:
-            raise InvalidArgumentError(f"{source}: expected a non-empty JSON list of per-rank objects")
-        out = []
-        for i, entry in enumerate(data):
-            where = f"{source} entry {i}"
-            if not isinstance(entry, dict):
-                raise InvalidArgumentError(f"{where} must be an object, got {entry!r:.60}")
-            total = _bytes(entry, "total", where)
-            free, used = _bytes(entry, "free", where), _bytes(entry, "used", where)
-            if total is None or (free is None and used is None):
-                raise InvalidArgumentError(f"{where} needs 'total' and 'free' (or 'used'), as torch.cuda.mem_get_info gives")
-            _check_total(total, used, free, where)
-            used = used if used is not None else total - free
-            out.append(Snapshot(_rank(entry.get("rank", i), where), total, used, _bytes(entry, "allocated", where),
-                                _bytes(entry, "reserved", where), _bytes(entry, "peak", where)))
-        return _unique_ranks(out, source)
-    return _unique_ranks(_parse_csv(stripped, source), source)
+def non_torch_memory(s: Snapshot, plan) -> Finding | None:
+    """Memory outside torch's allocator above the plan's comm + overhead (or 2 GiB without a plan)."""
+    non_torch = None if s.allocated is None or s.reserved is None else s.used - s.reserved
+    limit = plan.term("comm").bytes + plan.term("overhead").bytes if plan else NON_TORCH_BYTES
+    if non_torch is not None and non_torch > limit + NON_TORCH_SLACK_BYTES:
+        return _on_rank(s, "warning", "memory outside torch's allocator is high",
+                        f"used {gib_text(s.used)} - reserved {gib_text(s.reserved)} = {gib_text(non_torch)} non-torch "
+                        "memory" + (f" vs {gib_text(limit)} planned for comm + overhead" if plan else " (more than 2 GiB)"),
+                        "this is NCCL buffers (NCCL_BUFFSIZE, channels, NVLS) and CUDA graphs: lower NCCL_BUFFSIZE, "
+                        "set NCCL_NVLS_ENABLE=0, capture fewer graph sizes (or --enforce-eager), or plan with "
+                        "`kvpool plan --comm-gib` set to the measured figure")
+    return None
 
 
-def _check_total(total: int, used: int | None, free: int | None, where: str) -> None:
-    """A GPU's figures must be possible: total > 0, used and free each within total."""
-    if total <= 0:
-        raise InvalidArgumentError(f"{where}: 'total' must be above 0 bytes, got {total}; give the GPU's memory "
-                                   "as torch.cuda.mem_get_info()[1] reports it")
-    if free is not None and free > total:
-        raise InvalidArgumentError(f"{where}: free {free} is above total {total}; the two figures belong together "
-                                   "(free, total = torch.cuda.mem_get_info())")
-    if used is not None and used > total:
-        raise InvalidArgumentError(f"{where}: used {used} is above total {total}")
+def transient_peak(s: Snapshot, plan) -> Finding | None:
+    """A peak well above the steady allocation: a prefill step or the sampler spiking."""
+    if s.peak is not None and s.allocated is not None and s.peak > s.allocated + max(PEAK_BYTES,
+                                                                                      PEAK_SHARE * s.allocated):
+        return _on_rank(s, "warning", "transient peak well above steady allocation",
+                        f"peak {gib_text(s.peak)} vs allocated now {gib_text(s.allocated)} "
+                        f"(+{gib_text(s.peak - s.allocated)})", "a large prefill step or sampler batch spikes memory: "
+                        "lower --max-num-batched-tokens / --max-num-seqs or keep that much free (the planner's "
+                        "activation term)")
+    return None
 
 
-def _rank(value, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidArgumentError(f"{where}: 'rank' must be an integer >= 0, got {value!r}")
-    return value
+def no_free_memory(s: Snapshot, plan) -> Finding | None:
+    """Almost nothing free: the next allocation outside the pool fails."""
+    free = s.total - s.used
+    if free < max(FREE_BYTES, FREE_SHARE * s.total):
+        return _on_rank(s, "error", "almost no free memory", f"{gib_text(free)} free of {gib_text(s.total)}",
+                        "any allocation outside the pool (CUDA graphs, a longer prefill, NCCL growing) will OOM: "
+                        "lower --gpu-memory-utilization by 0.02-0.05 or reserve more headroom")
+    return None
 
 
-def _unique_ranks(snaps: list[Snapshot], source: str) -> list[Snapshot]:
-    seen: set[int] = set()
-    for s in snaps:
-        if s.rank in seen:
-            raise InvalidArgumentError(f"{source}: rank {s.rank} appears twice; give one snapshot per rank")
-        seen.add(s.rank)
-    return snaps
+def above_plan(s: Snapshot, plan) -> Finding | None:
+    """A rank using more than the plan's budget: terms the plan did not count."""
+    if plan is not None and s.used > plan.budget_bytes + ABOVE_PLAN_BYTES:
+        return _on_rank(s, "warning", "memory above plan", f"uses {gib_text(s.used)}, the plan's budget is "
+                        f"{gib_text(plan.budget_bytes)} (+{gib_text(s.used - plan.budget_bytes)})",
+                        "the difference is usually communication buffers or CUDA graphs the plan did not count: "
+                        "measure them and pass --comm-gib / --overhead-gib, or lower --mem-fraction")
+    return None
 
 
-def _mib(cell: str, where: str) -> int:
-    text = cell.strip().replace("MiB", "").strip()
-    try:
-        value = float(text)
-    except ValueError:
-        raise InvalidArgumentError(f"{where}: cannot read {cell!r} as MiB") from None
-    if not math.isfinite(value) or value < 0:
-        raise InvalidArgumentError(f"{where}: {cell.strip()!r} is not a finite non-negative number of MiB")
-    return int(value * MIB)
+def each_rank(*rules):
+    """A rule over all snapshots from per-rank rules: rank by rank, each rule in turn."""
+    def rule(snaps: list[Snapshot], plan) -> list[Finding]:
+        return [f for s in snaps for r in rules if (f := r(s, plan)) is not None]
+    return rule
 
 
-def _parse_csv(text: str, source: str) -> list[Snapshot]:
-    rows = list(csv.reader(io.StringIO(text)))
-    header = [h.strip().lower() for h in rows[0]]
-    try:
-        i_idx = next(i for i, h in enumerate(header) if h.startswith("index"))
-        i_used = next(i for i, h in enumerate(header) if h.startswith("memory.used"))
-        i_total = next(i for i, h in enumerate(header) if h.startswith("memory.total"))
-    except StopIteration:
-        raise InvalidArgumentError(
-            f"{source}: CSV header must hold index, memory.used, memory.total "
-            "(nvidia-smi --query-gpu=index,memory.used,memory.total --format=csv)"
-        ) from None
-    out = []
-    for n, row in enumerate(rows[1:], start=2):
-        if not row or not any(c.strip() for c in row):
-            continue
-        where = f"{source} line {n}"
-        if len(row) <= max(i_idx, i_used, i_total):
-            raise InvalidArgumentError(f"{where}: expected {len(header)} columns, got {len(row)}")
-        try:
-            index = int(row[i_idx].strip())
-        except ValueError:
-            raise InvalidArgumentError(f"{where}: the GPU index {row[i_idx].strip()!r} is not an integer") from None
-        total, used = _mib(row[i_total], where), _mib(row[i_used], where)
-        _check_total(total, used, None, where)
-        out.append(Snapshot(_rank(index, where), total, used))
-    if not out:
-        raise InvalidArgumentError(f"{source}: the CSV has a header but no GPU rows")
-    return out
-
-
-def _g(nbytes: float) -> str:
-    return f"{nbytes / GIB:.2f} GiB"
+#: The rules in the order their findings are listed.
+RULES = (heavy_rank, each_rank(fragmentation, non_torch_memory, transient_peak, no_free_memory), each_rank(above_plan))
 
 
 def diagnose(snapshots: list[Snapshot], plan=None) -> list[Finding]:
-    """Findings for ``snapshots`` (one per rank); ``plan`` (a MemoryPlan) adds the above-plan check."""
-    findings: list[Finding] = []
-    used = [s.used for s in snapshots]
-    median = statistics.median(used)
-    total = snapshots[0].total
-    heavy = max(snapshots, key=lambda s: s.used)
-    if len(snapshots) > 1 and heavy.used - median > max(1 * GIB, 0.02 * total):
-        extra = heavy.used - median
-        contexts = extra / (0.5 * GIB)
-        cause = ("rank 0 often holds extra CUDA contexts when other ranks touch cuda:0 before "
-                 f"torch.cuda.set_device (~0.5 GiB each: about {contexts:.0f} here), the sampler's logits, or "
-                 "buffers created only on the driver rank") if heavy.rank == 0 else \
-            "that rank allocated more KV blocks than its peers or keeps extra activations"
-        findings.append(Finding(
-            "warning", f"rank {heavy.rank} is much heavier than the others",
-            f"rank {heavy.rank} uses {_g(heavy.used)}, the median rank {_g(median)} (+{_g(extra)})",
-            f"{cause}; call torch.cuda.set_device(local_rank) before any CUDA work, and size the pool with the MIN "
-            "over the TP group (kvpool.runtime.size_kv_pool does) so every rank holds the same blocks",
-        ))
-    for s in snapshots:
-        if s.allocated is not None and s.reserved is not None:
-            gap = s.reserved - s.allocated
-            if gap > max(2 * GIB, 0.1 * s.reserved):
-                findings.append(Finding(
-                    "warning", f"rank {s.rank}: reserved far above allocated (fragmentation)",
-                    f"reserved {_g(s.reserved)}, allocated {_g(s.allocated)}: {_g(gap)} cached but unused",
-                    "set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, and call torch.cuda.empty_cache() after "
-                    "the profile run, before allocating the KV pool",
-                ))
-            non_torch = s.used - s.reserved
-            limit = (plan.per_gpu["comm_gib"] + plan.per_gpu["overhead_gib"]) * GIB if plan else 2 * GIB
-            if non_torch > limit + 0.25 * GIB:
-                findings.append(Finding(
-                    "warning", f"rank {s.rank}: memory outside torch's allocator is high",
-                    f"used {_g(s.used)} - reserved {_g(s.reserved)} = {_g(non_torch)} non-torch memory"
-                    + (f" vs {_g(limit)} planned for comm + overhead" if plan else " (more than 2 GiB)"),
-                    "this is NCCL buffers (NCCL_BUFFSIZE, channels, NVLS) and CUDA graphs: lower NCCL_BUFFSIZE, set "
-                    "NCCL_NVLS_ENABLE=0, capture fewer graph sizes (or --enforce-eager), or plan with "
-                    "`kvpool plan --comm-gib` set to the measured figure",
-                ))
-        if s.peak is not None and s.allocated is not None and s.peak > s.allocated + max(1 * GIB, 0.1 * s.allocated):
-            findings.append(Finding(
-                "warning", f"rank {s.rank}: transient peak well above steady allocation",
-                f"peak {_g(s.peak)} vs allocated now {_g(s.allocated)} (+{_g(s.peak - s.allocated)})",
-                "a large prefill step or sampler batch spikes memory: lower --max-num-batched-tokens / --max-num-seqs "
-                "or keep that much free (the planner's activation term)",
-            ))
-        free = s.total - s.used
-        if free < max(0.5 * GIB, 0.01 * s.total):
-            findings.append(Finding(
-                "error", f"rank {s.rank}: almost no free memory",
-                f"{_g(free)} free of {_g(s.total)}",
-                "any allocation outside the pool (CUDA graphs, a longer prefill, NCCL growing) will OOM: lower "
-                "--gpu-memory-utilization by 0.02-0.05 or reserve more headroom",
-            ))
-    if plan is not None:
-        budget = plan.per_gpu["budget_gib"] * GIB
-        for s in snapshots:
-            if s.used > budget + 0.5 * GIB:
-                findings.append(Finding(
-                    "warning", f"rank {s.rank}: memory above plan",
-                    f"uses {_g(s.used)}, the plan's budget is {_g(budget)} (+{_g(s.used - budget)})",
-                    "the difference is usually communication buffers or CUDA graphs the plan did not count: measure "
-                    "them and pass --comm-gib / --overhead-gib, or lower --mem-fraction",
-                ))
+    """Findings for ``snapshots`` (one per rank); ``plan`` (a MemoryPlan) adds the checks against it."""
+    findings = [f for rule in RULES for f in rule(snapshots, plan)]
     if not findings:
-        findings.append(Finding("ok", "no problem found",
-                                f"{len(snapshots)} rank(s), used {_g(min(used))} to {_g(max(used))} of {_g(total)}",
-                                "nothing to change"))
+        used = [s.used for s in snapshots]
+        findings.append(Finding("ok", "no problem found", f"{len(snapshots)} rank(s), used {gib_text(min(used))} to "
+                                f"{gib_text(max(used))} of {gib_text(snapshots[0].total)}", "nothing to change"))
     return findings
 
 
@@ -242,3 +158,6 @@ def diagnose_file(path, plan=None) -> tuple[list[Snapshot], list[Finding]]:
         raise InvalidArgumentError(f"cannot read {path}: {exc.strerror}") from None
     snaps = parse_snapshots(text, source=str(path))
     return snaps, diagnose(snaps, plan)
+
+
+__all__ = ["Finding", "diagnose", "diagnose_file", "parse_snapshots", "Snapshot", "RULES"]
