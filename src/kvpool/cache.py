@@ -22,34 +22,21 @@ import torch
 from ._arrays import as_int, check_geometry
 from ._device_check import checked_device
 from .errors import InvalidArgumentError
+from .plan.dtypes import DTYPES, KV_DTYPE_NAMES, SERVING_DTYPE_NAMES, find_dtype
 
-KV_DTYPES = {
-    "fp32": torch.float32,
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
-    "fp8": torch.float8_e4m3fn,
-}
-_DTYPE_ALIASES = {
-    "fp32": "fp32", "float32": "fp32", "float": "fp32",
-    "fp16": "fp16", "float16": "fp16", "half": "fp16",
-    "bf16": "bf16", "bfloat16": "bf16",
-    "fp8": "fp8", "fp8_e4m3": "fp8", "float8_e4m3fn": "fp8",
-}
+#: The torch dtype of each KV dtype name of kvpool's one dtype table (``kvpool.plan.dtypes``).
+KV_DTYPES = {name: getattr(torch, d.torch_name) for name, d in DTYPES.items()}
 LAYOUTS = ("NHD", "HND")  # page layouts: a block's tokens before its heads, or heads first
 FP8_SCALES = ("per_token_head", "per_head", "per_tensor")
 _SCALE_DTYPE = torch.float32
 
 
 def dtype_name(dtype, what: str = "dtype", allow_fp8: bool = True) -> str:
-    """Normalise a torch dtype or a name (``"bf16"``, ``"bfloat16"``, ``torch.bfloat16``) to fp32/fp16/bf16/fp8."""
-    if isinstance(dtype, torch.dtype):
-        key = str(dtype).removeprefix("torch.")
-    else:
-        key = str(dtype).strip().lower()
-    name = _DTYPE_ALIASES.get(key)
-    if name is None or (name == "fp8" and not allow_fp8):
-        allowed = "fp32, fp16, bf16" + (", fp8" if allow_fp8 else "")
-        raise InvalidArgumentError(f"{what}={dtype!r} is not supported; use one of {allowed}")
+    """The table's name (fp32/fp16/bf16/fp8) of a torch dtype or any spelling (``"bfloat16"``, ``torch.bfloat16``)."""
+    allowed = KV_DTYPE_NAMES if allow_fp8 else SERVING_DTYPE_NAMES
+    name = find_dtype(dtype)
+    if name not in allowed:
+        raise InvalidArgumentError(f"{what}={dtype!r} is not supported; use one of {', '.join(allowed)}")
     return name
 
 
@@ -129,32 +116,22 @@ def _check_choices(page_layout, fp8_scales) -> None:
                                    "or 'per_tensor'")
 
 
-def _check_tp_splits_kv_heads(spec, tp_size: int) -> None:
-    if spec.is_mla:
-        return
-    total_heads = int(spec.num_kv_heads)
-    if tp_size <= total_heads and total_heads % tp_size:
-        raise InvalidArgumentError(
-            f"tp_size={tp_size} does not divide the {total_heads} KV heads of {spec.name}; "
-            f"use a divisor of {total_heads} or a multiple of it")
-    if tp_size > total_heads and tp_size % total_heads:
-        raise InvalidArgumentError(
-            f"tp_size={tp_size} exceeds the {total_heads} KV heads of {spec.name} but is not a multiple "
-            "of them, so heads cannot be replicated evenly; use a multiple of the head count")
-
-
 def _checked_shard(spec, num_blocks, block_size, tp_rank, tp_size, device, dtype, kv_dtype, page_layout,
                    fp8_scales) -> tuple[_Shard, _Bytes]:
     """Every check of ``for_shard``, in order; the planner's layout of the shard and its byte counts.
 
     Bad input raises ``InvalidArgumentError``; the asserts state what the planner and the cache agree on.
     """
-    from .plan.kv import kv_shard_layout, serving_dtype, shard_kv_heads  # noqa: PLC0415 (keeps the import light)
+    from .plan.dtypes import serving_dtype  # noqa: PLC0415 (keeps `import kvpool.cache` light)
+    from .plan.kv import kv_shard_layout, shard_kv_heads  # noqa: PLC0415
+    from .plan.parallel import check_kv_head_split  # noqa: PLC0415
 
     num_blocks, block_size, tp_rank, tp_size = _check_counts(num_blocks, block_size, tp_rank, tp_size)
     _check_choices(page_layout, fp8_scales)
-    _check_tp_splits_kv_heads(spec, tp_size)
-    compute = dtype_name(serving_dtype(spec, None) if dtype is None else dtype, "dtype", allow_fp8=False)
+    if not spec.is_mla:  # the planner's rule, in this call's words (its own check_tp also checks query heads)
+        check_kv_head_split(int(spec.num_kv_heads), tp_size, model=spec.name, tp_name="tp_size",
+                            error=InvalidArgumentError)
+    compute = dtype_name(serving_dtype(spec) if dtype is None else dtype, "dtype", allow_fp8=False)
     kv_name = compute if str(kv_dtype).lower() == "auto" else dtype_name(kv_dtype, "kv_dtype")
     shard_layout = kv_shard_layout(spec, tp=tp_size, kv_dtype=kv_name, fp8_scales=fp8_scales)
     head_ids = [int(h) for h in shard_kv_heads(1 if spec.is_mla else int(spec.num_kv_heads), tp_size, tp_rank)]

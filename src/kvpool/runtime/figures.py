@@ -11,7 +11,8 @@ from typing import Optional
 
 from . import measure as _measure
 from .group import Group
-from .pool_size import GiB, RankFigures
+from ..plan.units import gib_text
+from .pool_size import RankFigures
 from .prepare import Prepared
 
 
@@ -54,9 +55,7 @@ def rank_figures(prep: Prepared, grp: Group, global_rank: int, warmed: Warmed) -
 
 def no_block_message(d: RankFigures, prep: Prepared, world: int) -> str:
     """Why rank ``d`` has no block, with its arithmetic and what to change."""
-    def g(x: int) -> str:
-        return f"{x / GiB:.2f} GiB"
-
+    g = gib_text  # "37.70 GiB"
     short = prep.bytes_per_block - d.kv_budget_bytes
     where = f"rank {d.rank} of {world}" if world > 1 else "this device"
     return (

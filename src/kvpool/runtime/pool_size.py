@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
-GiB = 1024**3
+from ..plan.units import GIB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,14 +157,14 @@ class PoolSize:
         """``comparison()`` as a text table (GiB for memory terms)."""
         head = (
             f"kvpool pool size: {self.num_blocks} blocks x {self.block_size} tokens "
-            f"({self.num_tokens} tokens, {self.kv_bytes / GiB:.3f} GiB per rank) on {self.device}, "
+            f"({self.num_tokens} tokens, {self.kv_bytes / GIB:.3f} GiB per rank) on {self.device}, "
             f"tp={self.tp_size}, decided by rank {self.deciding_rank}"
             + ("" if self.measured else " (declared terms, CPU)")
         )
         lines = [head, f"{'term':<26}{'measured':>14}{'planned':>14}{'plan-meas':>14}{'diff %':>9}"]
         for row in self.comparison():
             is_count = row["term"] in ("blocks", "bytes per block")
-            fmt = (lambda v: f"{v:,}") if is_count else (lambda v: f"{v / GiB:.3f} GiB")
+            fmt = (lambda v: f"{v:,}") if is_count else (lambda v: f"{v / GIB:.3f} GiB")
             meas = fmt(row["measured_bytes"])
             pred = "-" if row["predicted_bytes"] is None else fmt(row["predicted_bytes"])
             diff = "-" if row["diff_bytes"] is None else fmt(row["diff_bytes"])

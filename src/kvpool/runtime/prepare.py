@@ -18,8 +18,6 @@ from . import digest as _digest
 from . import measure as _measure
 from .group import Group
 
-_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 @dataclasses.dataclass(frozen=True)
 class SizeRequest:
@@ -153,6 +151,14 @@ def _first_snapshot(dev: torch.device, args: Arguments) -> Optional[_measure.Sna
     return first
 
 
+def _activation_dtype(spec: Any) -> torch.dtype:
+    """The warm-up message's dtype: the checkpoint's when activations may run in it, else bf16."""
+    from ..plan.dtypes import SERVING_DTYPE_NAMES, find_dtype, torch_dtype_name
+
+    name = find_dtype(spec.dtype)
+    return getattr(torch, torch_dtype_name(name)) if name in SERVING_DTYPE_NAMES else torch.bfloat16
+
+
 def prepare(grp: Group, request: SizeRequest) -> Prepared:
     """Check every argument, load the spec, lay out one block, compute the digest, take the first snapshot."""
     from ..plan.kv import kv_shard_layout
@@ -164,7 +170,7 @@ def prepare(grp: Group, request: SizeRequest) -> Prepared:
 
     spec = load_model_spec(request.spec)
     layout = kv_shard_layout(spec, tp=args.tp_size, kv_dtype=request.kv_dtype, fp8_scales=args.fp8_scales)
-    torch_dtype = _TORCH_DTYPES.get(spec.dtype, torch.bfloat16)
+    torch_dtype = _activation_dtype(spec)
     settings = _digest.settings(
         spec, block_size=args.block_size, kv_dtype=layout.kv_dtype, fp8_scales=args.fp8_scales,
         tp_size=args.tp_size, mem_fraction=args.mem_fraction, headroom=args.headroom,
