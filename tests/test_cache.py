@@ -1,4 +1,6 @@
 """PagedKVCache: one allocation per shard, exact agreement with the planner, views, errors."""
+import re
+
 import pytest
 import torch
 
@@ -6,6 +8,7 @@ from kvpool.cache import PagedKVCache
 from kvpool.errors import InvalidArgumentError, KVPoolError
 from kvpool.kernels.reference import gather_kv_reference, write_kv_reference
 from kvpool.plan import kv_shard_layout, load_model_spec, plan_memory
+from kvpool.plan.dtypes import DTYPES
 from kvpool.plan.kv import serving_dtype
 
 # An MQA-like model (one KV head), as a Hugging Face config dict built here.
@@ -171,3 +174,21 @@ def test_cuda_views_are_256_byte_aligned():
     cache = PagedKVCache.for_shard("llama-3.1-8b", 64, 16, 0, 2, "cuda", kv_dtype="fp8")
     assert cache.device.type == "cuda"
     assert all(t.data_ptr() % 256 == 0 for t in cache.block_tensors())
+
+
+_SPELLINGS = sorted({s for d in DTYPES.values() for s in (d.name, *d.aliases)} | {"BF16", "torch.float16", "fp8_e5m2"})
+
+
+@pytest.mark.parametrize("spelling", _SPELLINGS)
+def test_the_cache_and_the_planner_read_one_dtype_table(spelling):
+    # the cache once had its own alias table: kv_dtype="fp8_e5m2" planned as e4m3 but refused by the cache
+    spec = load_model_spec("llama-3.1-8b")
+    try:
+        layout = kv_shard_layout(spec, 2, spelling)
+    except InvalidArgumentError:
+        with pytest.raises(InvalidArgumentError, match=re.escape(f"kv_dtype={spelling!r}")):
+            PagedKVCache.for_shard(spec, 1, 16, 0, 2, "cpu", kv_dtype=spelling)
+        return
+    cache = PagedKVCache.for_shard(spec, 1, 16, 0, 2, "cpu", kv_dtype=spelling)
+    assert cache.kv_dtype == getattr(torch, DTYPES[layout.kv_dtype].torch_name)
+    assert cache.memory_bytes() == layout.bytes_per_block(16)
