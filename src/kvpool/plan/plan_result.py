@@ -6,6 +6,7 @@ and ``plan.per_stage[0]`` are the exact figures.
 """
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -21,8 +22,9 @@ if TYPE_CHECKING:  # workload.py builds on this module
 class JSONSection(Mapping):
     """Read-only mapping access to a typed section through its JSON form (``section["num_blocks"]``)."""
 
+    @abstractmethod
     def to_dict(self) -> dict:
-        raise NotImplementedError
+        """The section's JSON form; every subclass defines it (mapping access reads through it)."""
 
     def __getitem__(self, key):
         return self.to_dict()[key]
