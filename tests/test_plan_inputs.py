@@ -5,7 +5,7 @@ import math
 import pytest
 
 from kvpool.errors import InvalidArgumentError, PlanError
-from kvpool.plan import NCCLSettings, compare_interconnects, plan_memory, scale
+from kvpool.plan import NCCLSettings, compare_interconnects, make_request, plan_memory, scale
 from kvpool.plan.comm_report import comm_report
 from kvpool.plan.diagnose import parse_snapshots
 
@@ -114,3 +114,16 @@ def test_comm_figures_of_a_numpy_tp_are_json():
     for report in (comm_report("llama-3.1-70b", "h100-sxm", np.int64(4)),
                    compare_interconnects("llama-3.1-70b", "h100-sxm", np.int64(4))):
         assert json.dumps(report, allow_nan=False)
+
+
+@pytest.mark.parametrize("gpu, tokens, seqs", [("h100-sxm", 8192, 1024), ("h200", 8192, 1024),
+                                               ("a100-80gb", 2048, 256), ("l40s", 2048, 256)])
+def test_defaults_are_vllm_serves_for_the_card(gpu, tokens, seqs):
+    request = make_request("llama-3.1-8b", 1, gpu=gpu)
+    assert (request.max_batched_tokens, request.max_seqs) == (tokens, seqs)
+
+
+def test_default_max_seqs_is_capped_by_max_batched_tokens_and_a_given_one_is_checked():
+    assert make_request("llama-3.1-8b", 1, max_batched_tokens=512).max_seqs == 512
+    with pytest.raises(InvalidArgumentError, match=r"max_seqs \(600\) must be at most max_batched_tokens \(512\)"):
+        make_request("llama-3.1-8b", 1, max_batched_tokens=512, max_seqs=600)

@@ -79,7 +79,7 @@ def test_block_count_agrees_with_the_planner_given_the_same_terms():
 
 def test_predicted_terms_are_the_planners_own_for_the_same_settings():
     size = _cpu(device_memory_bytes=80 * GiB, in_use_bytes=15 * GiB, activation_bytes=GiB)
-    plan = plan_memory("llama-3.1-8b", tp=1, gpu_mem_gib=80.0, mem_fraction=0.9, cuda_graphs=False)
+    plan = plan_memory("llama-3.1-8b", tp=1, gpu_mem_gib=80.0, mem_fraction=0.9, cuda_graphs=False, max_seqs=256)
     p = size.predicted
     assert size.prediction_error is None
     assert p["num_blocks"] == plan.num_blocks

@@ -20,8 +20,8 @@ from .parallel import check_pp, check_tp
 from .units import GIB, MIB
 
 DEFAULT_MEM_FRACTION = 0.9  # vLLM's default gpu_memory_utilization
-DEFAULT_MAX_BATCHED_TOKENS = 8192  # vLLM's default max_num_batched_tokens
-DEFAULT_MAX_SEQS = 256  # vLLM's default max_num_seqs
+DEFAULT_MAX_BATCHED_TOKENS = 8192  # vLLM's `vllm serve` max_num_batched_tokens on a large GPU (see serve_defaults)
+DEFAULT_MAX_SEQS = 1024  # vLLM's `vllm serve` max_num_seqs on a large GPU (see serve_defaults)
 TERMS = ("weights", "activation", "comm", "overhead")  # the reservations of a per-GPU budget, in print order
 
 
@@ -88,6 +88,23 @@ class PlanRequest:
         return self.link if self.tp * self.pp <= 8 else INTERCONNECTS["ib-ndr"]
 
 
+def serve_defaults(total_bytes: int, gpu_name: str) -> tuple[int, int]:
+    """``(max_num_batched_tokens, max_num_seqs)`` that `vllm serve` picks when the command line gives none.
+
+    vLLM 0.19 (``EngineArgs._set_default_max_num_seqs_and_batched_tokens_args``): 8,192 and 1,024 on a GPU
+    with at least 70 GiB that is not an A100 (H100, H200, B200), else 2,048 and 256 (A100 excluded on
+    purpose: larger batches lowered its throughput, vLLM PR #17885). Both shape the profile run vLLM
+    measures: the dummy prefill of ``max_num_batched_tokens`` tokens and the sampler's warm-up of
+    ``max_num_seqs`` rows.
+
+    >>> serve_defaults(80 * GIB, "H100-SXM5-80GB"), serve_defaults(80 * GIB, "A100-SXM4-80GB")
+    ((8192, 1024), (2048, 256))
+    """
+    if total_bytes >= 70 * GIB and "a100" not in gpu_name.lower():
+        return DEFAULT_MAX_BATCHED_TOKENS, DEFAULT_MAX_SEQS
+    return 2048, 256
+
+
 def _bytes(name: str, gib) -> int | None:
     """A reservation given in GiB (checked: finite, >= 0) as bytes; None stays None."""
     value = check_gib(name, gib)
@@ -132,15 +149,24 @@ def make_request(model, tp: int = 1, pp: int = 1, gpu="h100-sxm", *, gpu_mem_gib
     act_dtype = serving_dtype(spec, dtype)
     if mem_fraction is None and not reserved.any_given:
         mem_fraction = DEFAULT_MEM_FRACTION
+    total_bytes = gpu_preset.memory_bytes if gpu_mem_gib is None else int(gpu_mem_gib * GIB)
+    default_tokens, default_seqs = serve_defaults(total_bytes, gpu_preset.name)
+    max_batched_tokens = max_batched_tokens or default_tokens
+    if max_seqs is not None and max_seqs > max_batched_tokens:
+        raise InvalidArgumentError(
+            f"max_seqs ({max_seqs}) must be at most max_batched_tokens ({max_batched_tokens}): a step schedules "
+            "at least one token per sequence (vLLM refuses it too); lower --max-seqs or raise --max-batched-tokens")
+    # like vLLM, the default max_num_seqs is capped at max_num_batched_tokens
+    max_seqs = max_seqs or min(default_seqs, max_batched_tokens)
     return PlanRequest(
         spec=spec, gpu=gpu_preset, tp=tp, pp=pp,
         gpu_label=gpu_preset.name if gpu_mem_gib is None else f"{gpu_preset.name} ({gpu_mem_gib:g} GiB)",
-        total_bytes=gpu_preset.memory_bytes if gpu_mem_gib is None else int(gpu_mem_gib * GIB),
+        total_bytes=total_bytes,
         mem_fraction=mem_fraction,
         reserved=reserved, serving_dtype=act_dtype, kv_dtype=resolve_kv_dtype(kv_dtype, act_dtype),
         fp8_scales=check_choice("fp8_scales", fp8_scales, FP8_SCALE_MODES), block_size=block_size,
         max_model_len=max_model_len or spec.max_position_embeddings,
-        max_batched_tokens=max_batched_tokens or DEFAULT_MAX_BATCHED_TOKENS, max_seqs=max_seqs or DEFAULT_MAX_SEQS,
+        max_batched_tokens=max_batched_tokens, max_seqs=max_seqs,
         link=get_interconnect(interconnect or gpu_preset.interconnect),
         pp_link=get_interconnect(pp_interconnect) if pp_interconnect else None, nccl=nccl or NCCLSettings(),
         cuda_graphs=bool(cuda_graphs), batch=batch, seq_len=seq_len, recommend=bool(recommend),
@@ -148,4 +174,4 @@ def make_request(model, tp: int = 1, pp: int = 1, gpu="h100-sxm", *, gpu_mem_gib
 
 
 __all__ = ["PlanRequest", "Reservations", "make_request", "TERMS", "DEFAULT_MEM_FRACTION",
-           "DEFAULT_MAX_BATCHED_TOKENS", "DEFAULT_MAX_SEQS"]
+           "DEFAULT_MAX_BATCHED_TOKENS", "DEFAULT_MAX_SEQS", "serve_defaults"]
