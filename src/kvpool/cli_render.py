@@ -69,7 +69,24 @@ def _kv_rows(plan, spec) -> list[list[str]]:
     if kv.sliding_window_layers:
         rows.append(["window-aware concurrency", f"{kv.max_concurrency_window_aware:,.2f}×",
                      "if sliding-window layers kept only their window (per-layer-type pool; not kvpool's single pool)"])
-    return rows
+    return rows + _vllm_rows(kv)
+
+
+def _vllm_rows(kv) -> list[list[str]]:
+    """The figures vLLM's start-up log prints for the same KV bytes (its groups, padding, tokens)."""
+    v = kv.vllm
+    if v is None:
+        return []
+    groups = " + ".join(f"{n} × {'full' if w is None else f'sliding {w:,}'}" for w, n in v.groups)
+    how = f"{v.num_groups} KV-cache group(s) of {v.group_size} layers ({groups})"
+    if v.padding_layers:
+        how += f", {v.padding_layers} padding layers"
+    return [
+        ["vLLM: GPU KV cache size", f"{v.tokens:,} tokens", f"{v.num_blocks:,} blocks ÷ {v.num_groups} groups × "
+         f"{kv.block_size}; {how}"],
+        ["vLLM: max concurrency", f"{v.max_concurrency:,.2f}×",
+         f"{v.num_blocks:,} blocks ÷ {v.blocks_per_request:,} per request of {kv.max_model_len:,} tokens"],
+    ]
 
 
 def _workload(plan) -> list:

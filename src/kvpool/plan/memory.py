@@ -21,6 +21,7 @@ from dataclasses import replace
 
 from ..errors import PlanError
 from .kv import window_aware_bytes_per_seq
+from .vllm_kv import vllm_kv_figures
 from .plan_result import KVPool, MemoryPlan
 from .request import PlanRequest, make_request
 from .stage import StageMemory, comm_term, overhead_term, plan_stage, stage_layers
@@ -108,7 +109,11 @@ def assemble(req: PlanRequest, stages: tuple[StageMemory, ...], budget: int, hea
         kv_bytes_per_gpu=tight.kv_bytes, max_model_len=req.max_model_len,
         per_seq_bytes_per_gpu_window_aware=window_aware_bytes_per_seq(
             spec, layout.bytes_per_token // layout.num_layers, tight.layers, req.max_model_len),
-        sliding_window_layers=spec.sliding_layers, kv_heads_per_gpu=layout.kv_heads)
+        sliding_window_layers=spec.sliding_layers, kv_heads_per_gpu=layout.kv_heads,
+        vllm=vllm_kv_figures(
+            (spec.layer_sliding_windows[i] if spec.layer_sliding_windows else None for i in tight.layers),
+            (layout.bytes_per_token - layout.scale_bytes_per_token) // layout.num_layers * req.block_size,
+            tight.kv_bytes, req.block_size, req.max_model_len, req.max_batched_tokens))
     plan = MemoryPlan(req, stages, tight.index, budget, headroom, model_bytes, kv_cache)
     if req.batch is not None:
         from .workload import check_workload  # only a workload check needs it: `kvpool plan` starts faster

@@ -32,6 +32,7 @@ def kv_cache_dict(kv) -> dict:
         "sliding_window_layers": kv.sliding_window_layers,
         "kv_heads_per_gpu": kv.kv_heads_per_gpu,
         "unused_bytes_per_gpu": kv.unused_bytes_per_gpu,
+        "vllm": kv.vllm.to_dict() if kv.vllm is not None else None,
     }
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from . import plan_json
 from .request import PlanRequest
 from .stage import StageMemory, Term
+from .vllm_kv import VLLMKVFigures
 
 if TYPE_CHECKING:  # workload.py builds on this module
     from .workload import WorkloadCheck
@@ -56,6 +57,7 @@ class KVPool(JSONSection):
     per_seq_bytes_per_gpu_window_aware: int
     sliding_window_layers: int
     kv_heads_per_gpu: int
+    vllm: VLLMKVFigures | None = None  # what vLLM's log prints for the same KV bytes (`plan.vllm_kv`)
 
     @property
     def tokens(self) -> int:
