@@ -52,22 +52,58 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+def _apply_vllm_log(args):
+    """Read ``--vllm-log`` and fill every setting the command line left unset from it (None without a log)."""
+    if not args.vllm_log:
+        return None
+    from .plan.vllm_log import read_vllm_log
+
+    log = read_vllm_log(args.vllm_log)
+    if not (args.model_flag or args.model_pos) and log.model:
+        args.model_pos = log.model
+    for name, value in log.settings.items():
+        if name == "enforce_eager":
+            args.enforce_eager = args.enforce_eager or bool(value)
+        elif name == "kv_dtype":
+            args.kv_dtype = value if args.kv_dtype == "auto" else args.kv_dtype
+        elif name == "block_size":
+            args.block_size = value if args.block_size == 16 else args.block_size
+        elif getattr(args, name, None) is None:
+            setattr(args, name, value)
+    return log
+
+
 def cmd_plan(args) -> int:
     from .plan.memory import plan_memory
 
+    log = _apply_vllm_log(args)
     model, gpu = _model_and_gpu(args)
-    plan = plan_memory(model, args.tp, args.pp, gpu, interconnect=args.interconnect, batch=args.batch,
-                       seq_len=args.seq_len, **_plan_kwargs(args))
+    tp, pp = (1 if v is None else v for v in (args.tp, args.pp))
+    plan = plan_memory(model, tp, pp, gpu, interconnect=args.interconnect, batch=args.batch, seq_len=args.seq_len,
+                       **_plan_kwargs(args))
+    rows = None
+    if log is not None:
+        from .plan.vllm_log import compare_with_plan
+
+        rows = compare_with_plan(log, plan)
     if args.plot:
         from .cli_plots import plot_plan
 
         plot_plan(plan, args.plot)
     if args.json:
-        _print_json(plan.to_dict())
+        out = plan.to_dict()
+        if log is not None:
+            out["vllm_log"] = {"version": log.version, "model": log.model, "settings": log.settings,
+                               "rows": [r.to_dict() for r in rows]}
+        _print_json(out)
     else:
         from .cli_render import render_plan
 
         render_plan(plan, plot=args.plot)
+        if log is not None:
+            from .cli_vllm_log import render_vllm_log
+
+            render_vllm_log(log, rows)
     return 0
 
 

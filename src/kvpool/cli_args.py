@@ -39,14 +39,15 @@ def _add_target(p: argparse.ArgumentParser, gpu_default: str = "h100-sxm") -> No
     p.set_defaults(gpu_default=gpu_default)
 
 
-def _add_tp(g, default: int, what: str) -> None:
-    g.add_argument("--tp", "--tensor-parallel-size", "-tp", dest="tp", type=int, default=default, metavar="N",
-                   help=f"tensor-parallel degree: {what} (default {default})")
+def _add_tp(g, default: int, what: str, unset: bool = False) -> None:
+    """``--tp``; ``unset``: its value stays None when not given (the caller applies ``default``)."""
+    g.add_argument("--tp", "--tensor-parallel-size", "-tp", dest="tp", type=int, default=None if unset else default,
+                   metavar="N", help=f"tensor-parallel degree: {what} (default {default})")
 
 
-def _add_pp(g) -> None:
-    g.add_argument("--pp", "--pipeline-parallel-size", "-pp", dest="pp", type=int, default=1, metavar="N",
-                   help="pipeline-parallel degree (default 1); the tightest stage decides the block count")
+def _add_pp(g, unset: bool = False) -> None:
+    g.add_argument("--pp", "--pipeline-parallel-size", "-pp", dest="pp", type=int, default=None if unset else 1,
+                   metavar="N", help="pipeline-parallel degree (default 1); the tightest stage decides the block count")
     g.add_argument("--pp-interconnect", metavar="LINK",
                    help="link between pipeline stages (default: the GPU's link within 8 GPUs, else ib-ndr)")
 
@@ -71,9 +72,11 @@ def _add_memory_args(p: argparse.ArgumentParser, max_model_len: bool = True) -> 
                        help="longest request in tokens, for the concurrency figure (default: the model's "
                             "max_position_embeddings)")
     g.add_argument("--max-batched-tokens", "--max-num-batched-tokens", dest="max_batched_tokens", type=int,
-                   metavar="TOKENS", help="largest prefill step in tokens, sizes the activation peak (default 8192)")
+                   metavar="TOKENS", help="largest prefill step in tokens, sizes the activation peak (default: vLLM "
+                        "serve's, 8192 on GPUs of 70 GiB or more except A100, else 2048)")
     g.add_argument("--max-seqs", "--max-num-seqs", dest="max_seqs", type=int, metavar="N",
-                   help="most sequences per step, sizes the sampler (default 256)")
+                   help="most sequences per step, sizes the sampler (default: vLLM serve's, 1024 on GPUs of 70 GiB or "
+                        "more except A100, else 256)")
     g.add_argument("--mem-fraction", "--gpu-memory-utilization", dest="mem_fraction", type=float, metavar="F",
                    help="fraction of GPU memory the server may use, in (0, 1] (vLLM semantics; default 0.9)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, so no graph pool (vLLM flag)")
@@ -112,12 +115,16 @@ def _add_plan(sub) -> None:
                                    "--seq-len, whether that workload fits.")
     _add_target(p)
     g = p.add_argument_group("parallelism and workload")
-    _add_tp(g, 1, "GPUs that split every layer")
-    _add_pp(g)
+    _add_tp(g, 1, "GPUs that split every layer", unset=True)  # unset: a --vllm-log's degree fills it
+    _add_pp(g, unset=True)
     g.add_argument("--batch", type=int, metavar="N", help="target batch: check it fits (with --seq-len)")
     g.add_argument("--seq-len", type=int, metavar="TOKENS", help="target tokens per sequence (with --batch)")
     _add_memory_args(p)
     _add_output(p, plot="one stacked bar of memory per GPU")
+    p.add_argument_group("compare with vLLM").add_argument(
+        "--vllm-log", metavar="FILE",
+        help="a `vllm serve` start-up log: plan with its settings (flags given here win) and print each figure it "
+             "logged (weights, KV GiB, tokens, concurrency; torch peak and non-torch at debug level) beside the plan's")
 
 
 def _add_scale(sub) -> None:
