@@ -93,3 +93,22 @@ def test_a_file_that_is_not_a_vllm_log_is_refused_by_name(tmp_path, capsys):
     assert "none of vLLM's start-up lines" in capsys.readouterr().err
     assert cli.main(["plan", "llama-3.1-8b", "--vllm-log", str(tmp_path / "missing.log")]) == 2
     assert "cannot read the vLLM log" in capsys.readouterr().err
+
+
+def test_the_accuracy_script_summarises_a_set_of_logs(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "plan_vs_vllm_logs.py"
+    spec = importlib.util.spec_from_file_location("plan_vs_vllm_logs", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    good, refused = tmp_path / "a.log", tmp_path / "b.log"
+    good.write_text(LOG)
+    refused.write_text(LOG.replace("meta-llama/Llama-3.1-8B-Instruct", "acme/NoSuchModel-1B"))
+    rows = [module.plan_log(str(good), "h100-sxm"), module.plan_log(str(refused), "h100-sxm")]
+    plan = plan_memory("llama-3.1-8b", tp=2, max_model_len=32768, mem_fraction=0.92, max_seqs=512, dtype="bfloat16")
+    assert rows[0]["kv_error"] == pytest.approx((plan.tight.kv_bytes - round(62.01 * GIB)) / round(62.01 * GIB))
+    assert "unknown model" in rows[1]["refused"]
+    s = module.summary(rows)
+    assert s["logs"] == 2 and s["refused"] == 1 and s["kv_median_abs_error"] == abs(rows[0]["kv_error"])
