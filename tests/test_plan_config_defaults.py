@@ -4,14 +4,20 @@ import json
 import pytest
 
 from kvpool.plan import load_model_spec
-from kvpool.plan.config_defaults import ARCH_DEFAULTS
+from kvpool.plan.config_defaults import ARCH_DEFAULTS, VISION_DEFAULTS
 from kvpool.plan.model import PRESET_DIR, spec_from_config
 
 transformers = pytest.importorskip("transformers")
 CONFIG_MAPPING = transformers.CONFIG_MAPPING
 
-# the architecture of every preset, plus the Gemma generations the issue names
-PRESET_TYPES = sorted({json.loads(p.read_text())["model_type"] for p in PRESET_DIR.glob("*.json")})
+
+def _language_type(cfg: dict) -> str:
+    """The language model's model_type (a multimodal wrapper's text_config's)."""
+    return cfg.get("text_config", cfg)["model_type"]
+
+
+# the language model of every preset, plus the Gemma generations the issue names
+PRESET_TYPES = sorted({_language_type(json.loads(p.read_text())) for p in PRESET_DIR.glob("*.json")})
 
 
 def _preset(name: str) -> dict:
@@ -40,7 +46,9 @@ def _class_default(model_type: str, field: str):
         return rope.get("full_attention", rope)["rope_theta"]
     if field == "sliding_window_pattern":  # the period of "full_attention" in the derived layer_types
         return config.layer_types.index("full_attention") + 1
-    if field == "topk_method":  # DeepSeek-V3's router always carries the noaux_tc correction bias
+    if field == "rope_scaling":  # transformers 5 keeps it in rope_parameters, beside rope_theta
+        return {k: v for k, v in config.rope_parameters.items() if k != "rope_theta"}
+    if field == "topk_method" and model_type == "deepseek_v3":  # its router always has the noaux_tc bias
         from transformers.models.deepseek_v3 import modeling_deepseek_v3 as m
 
         router = m.DeepseekV3TopkRouter(config)
@@ -68,6 +76,8 @@ SHAPES = [{}, {"hidden_size": 2048, "num_attention_heads": 128, "num_hidden_laye
 @pytest.mark.parametrize("model_type", sorted(ARCH_DEFAULTS))
 def test_a_bare_config_reads_as_transformers_fills_it(model_type, shape):
     """{"model_type": t, ...} parsed by kvpool == the dict transformers' config class builds from it."""
+    if model_type == "deepseek_v2":  # DeepseekV2Config leaves num_experts_per_tok None: no router without it
+        shape = {**shape, "num_experts_per_tok": 6}
     filled = CONFIG_MAPPING[model_type](**shape).to_dict()
     assert _comparable(spec_from_config({"model_type": model_type, **shape})) == _comparable(spec_from_config(filled))
 
@@ -121,3 +131,33 @@ def test_explicit_null_in_the_file_wins_over_the_default():
     assert load_model_spec(cfg).sliding_layers == 0
     del cfg["sliding_window"]
     assert load_model_spec(cfg).sliding_layers == cfg["num_hidden_layers"]
+
+
+@pytest.mark.parametrize("model_type,field", [(t, f) for t, fields in VISION_DEFAULTS.items() for f in fields])
+def test_vision_table_equals_transformers_config_class(model_type, field):
+    assert VISION_DEFAULTS[model_type][field] == getattr(CONFIG_MAPPING[model_type](), field)
+
+
+def test_gemma3_wrapper_reads_the_text_model_as_transformers_fills_it():
+    """google/gemma-3-4b-it's text_config gives no heads, head_dim, vocabulary or tie flag: Gemma3TextConfig's."""
+    cfg = _preset("gemma-3-4b")
+    text = CONFIG_MAPPING["gemma3"](**{k: v for k, v in cfg.items() if k != "model_type"}).text_config
+    spec = load_model_spec(cfg)
+    assert (spec.num_attention_heads, spec.num_kv_heads, spec.head_dim, spec.vocab_size) == (
+        text.num_attention_heads, text.num_key_value_heads, text.head_dim, text.vocab_size) == (8, 4, 256, 262208)
+    assert spec.tie_word_embeddings and text.tie_word_embeddings
+    assert [w is not None for w in spec.layer_sliding_windows] == [t == "sliding_attention" for t in text.layer_types]
+    assert spec.model_type == "gemma3_text" and spec.dtype == "bf16" and spec.qk_norm
+
+
+@pytest.mark.parametrize("name", ["qwen3-8b", "qwen3-30b-a3b", "gpt-oss-20b", "deepseek-v2-lite"])
+def test_current_preset_stripped_of_defaulted_fields_counts_as_transformers(name):
+    """The new architectures' tables: every covered field removed, kvpool and transformers count the same."""
+    cfg = _preset(name)
+    cfg.pop("quantization_config", None)
+    cfg.pop("layer_types", None)  # derived by both from the layer count
+    stripped = {k: v for k, v in cfg.items() if k not in ARCH_DEFAULTS[cfg["model_type"]]}
+    stripped.update(model_type=cfg["model_type"], num_hidden_layers=2)
+    if name == "deepseek-v2-lite":  # its remote code's config fields, as transformers' DeepseekV2Config reads them
+        stripped.update(num_hidden_layers=3, first_k_dense_replace=1)
+    assert load_model_spec(stripped).num_parameters == _hf_count(stripped)

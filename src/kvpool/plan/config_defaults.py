@@ -13,8 +13,15 @@ does: ``head_dim = hidden_size // num_attention_heads`` (Llama, Mistral, Mixtral
 Two entries are not attributes of the config class but facts of its model code:
 ``sliding_window_pattern`` (every n-th layer is global; transformers builds ``layer_types`` from it) and
 DeepSeek-V3's ``topk_method`` (its router always has the ``e_score_correction_bias`` of "noaux_tc").
+gpt-oss's ``rope_scaling`` is transformers' ``rope_parameters`` without ``rope_theta`` (vLLM sizes its
+rotary cache from it). DeepSeek-V2's class leaves ``num_experts_per_tok`` None (no working router), so
+that field stays required.
 A ``model_type`` not listed here keeps the generic fallbacks in `kvpool.plan.model`, and the fields
 without one (layers, hidden size, heads, vocabulary, MLP size) stay required.
+
+Multimodal wrappers hold the language model under ``text_config`` (or ``language_config``, ``llm_config``);
+``WRAPPED_TEXT_TYPE`` names the language model's ``model_type`` when the inner dict omits it, and
+``VISION_DEFAULTS`` lists the vision tower's defaults (transformers' ``SiglipVisionConfig``).
 """
 from __future__ import annotations
 
@@ -54,6 +61,23 @@ ARCH_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
                     num_attention_heads=64, max_position_embeddings=8192, layer_norm_eps=1e-5,
                     rope_theta=10000.0, tie_word_embeddings=True, attention_bias=False, sliding_window=4096,
                     sliding_window_pattern=4),
+    "qwen3_moe": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24,
+                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                      rope_theta=10000.0, tie_word_embeddings=False, attention_bias=False, use_sliding_window=False,
+                      sliding_window=4096, decoder_sparse_step=1, moe_intermediate_size=768, num_experts_per_tok=8,
+                      num_local_experts=128, mlp_only_layers=[]),
+    "gpt_oss": dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36,
+                    num_attention_heads=64, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+                    rms_norm_eps=1e-5, rope_theta=150000.0, tie_word_embeddings=False, attention_bias=True,
+                    sliding_window=128, sliding_window_pattern=2, num_local_experts=128, num_experts_per_tok=4,
+                    rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                                      original_max_position_embeddings=4096)),
+    "deepseek_v2": dict(vocab_size=102400, hidden_size=4096, intermediate_size=11008, moe_intermediate_size=1407,
+                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, n_shared_experts=2,
+                        n_routed_experts=64, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128,
+                        qk_nope_head_dim=128, first_k_dense_replace=0, max_position_embeddings=2048,
+                        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, attention_bias=False,
+                        mlp_bias=False, topk_method="greedy"),
     "deepseek_v3": dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
                         num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
                         n_shared_experts=1, n_routed_experts=256, kv_lora_rank=512, q_lora_rank=1536,
@@ -61,6 +85,14 @@ ARCH_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
                         first_k_dense_replace=3, max_position_embeddings=4096, rms_norm_eps=1e-6,
                         rope_theta=10000.0, tie_word_embeddings=False, attention_bias=False,
                         num_nextn_predict_layers=1, topk_method="noaux_tc"),
+})
+
+# a wrapper's language model when its text_config gives no model_type (transformers' sub-config class)
+WRAPPED_TEXT_TYPE: Mapping[str, str] = MappingProxyType({"gemma3": "gemma3_text"})
+
+VISION_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
+    "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                num_channels=3, image_size=224, patch_size=16, layer_norm_eps=1e-6),
 })
 
 

@@ -1,15 +1,25 @@
 """A Hugging Face ``config.json`` (as a dict) read field by field into the arguments of a `ModelSpec`.
 
 A field the file leaves out takes its architecture's transformers default (`config_defaults`); a field
-that is required and missing, or holds an odd value, is a ConfigError naming it.
+that is required and missing, or holds an odd value, is a ConfigError naming it. A multimodal wrapper's
+language model (``text_config``, ``language_config``, ``llm_config``) is what is planned; its vision tower
+is read by `kvpool.plan.vision`.
 """
 from __future__ import annotations
 
 from typing import Mapping
 
 from ..errors import ConfigError
-from .config_defaults import with_arch_defaults
+from .config_defaults import WRAPPED_TEXT_TYPE, with_arch_defaults
 from .dtypes import SERVING_DTYPE_NAMES, find_dtype
+from .rope_cache import rope_caches
+from .vision import vision_fields
+
+LANGUAGE_MODEL_KEYS = ("text_config", "language_config", "llm_config")
+# architectures whose model code has these weights whatever the config says (transformers' and vLLM's code)
+QK_NORM_TYPES = frozenset({"qwen3", "qwen3_moe", "gemma3_text"})  # q_norm / k_norm over head_dim
+SINK_TYPES = frozenset({"gpt_oss"})  # self_attn.sinks: one learned logit per head
+EXPERT_BIAS_TYPES = frozenset({"gpt_oss"})  # experts' gate_up_proj_bias / down_proj_bias, router bias
 
 
 def _get(cfg: Mapping, *keys, default=..., kind=None):
@@ -133,6 +143,8 @@ def _quantization(cfg: Mapping) -> dict:
                     modules_not_quantized=skip)
     if method in ("w8a8", "int8", "w8a8_int8", "smoothquant"):
         return dict(quant_method="int8", weight_bits=8, modules_not_quantized=skip)
+    if method == "mxfp4":  # gpt-oss: 4-bit e2m1 values, one e8m0 scale per 32, on the MoE experts only
+        return dict(quant_method="mxfp4", weight_bits=4, quant_group_size=32, modules_not_quantized=skip)
     if method == "compressed-tensors":
         groups = q.get("config_groups") or {}
         try:
@@ -148,7 +160,7 @@ def _quantization(cfg: Mapping) -> dict:
         return dict(quant_method=name, weight_bits=bits, quant_group_size=int(group), modules_not_quantized=skip)
     raise ConfigError(
         f"quantization_config 'quant_method' is {method!r}; supported: fp8, fbgemm_fp8, awq, gptq, w8a8/int8, "
-        "compressed-tensors"
+        "compressed-tensors, mxfp4"
     )
 
 
@@ -172,6 +184,18 @@ def _attention_shape(cfg: Mapping, hidden: int, heads: int, kv_heads: int) -> di
     return dict(head_dim=head_dim, v_head_dim=_nonneg_int(cfg, "v_head_dim") or head_dim, num_kv_heads=kv_heads)
 
 
+def _dense_mlp_layers(cfg: Mapping, num_layers: int, first_dense: int) -> tuple:
+    """Layers past ``first_k_dense_replace`` that keep a dense MLP: Qwen-MoE's ``mlp_only_layers`` and
+    ``decoder_sparse_step`` (MoE where ``(i + 1) % step == 0``), DeepSeek's ``moe_layer_freq`` (MoE where
+    ``i % freq == 0``), as vLLM's ``qwen3_moe.py`` / ``deepseek_v2.py`` decoder layers decide."""
+    only = cfg.get("mlp_only_layers") or []
+    if not isinstance(only, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in only):
+        raise ConfigError(f"model config field 'mlp_only_layers' must be a list of layer indices, got {only!r:.80}")
+    step = _nonneg_int(cfg, "decoder_sparse_step", 1) or 1
+    freq = _nonneg_int(cfg, "moe_layer_freq", 1) or 1
+    return tuple(i for i in range(first_dense, num_layers) if i in only or (i + 1) % step or i % freq)
+
+
 def _moe(cfg: Mapping, intermediate: int, num_layers: int) -> dict:
     """The mixture-of-experts fields ({} for a dense model)."""
     experts = _nonneg_int(cfg, "num_local_experts") or _nonneg_int(cfg, "n_routed_experts") or _nonneg_int(cfg, "num_experts")
@@ -187,10 +211,12 @@ def _moe(cfg: Mapping, intermediate: int, num_layers: int) -> dict:
         num_shared_experts=_nonneg_int(cfg, "n_shared_experts"),
         shared_expert_intermediate_size=_nonneg_int(cfg, "shared_expert_intermediate_size"),
         first_dense_layers=_nonneg_int(cfg, "first_k_dense_replace"),
-        router_bias=cfg.get("topk_method") == "noaux_tc",
+        router_bias=cfg.get("topk_method") == "noaux_tc" or cfg.get("model_type") in EXPERT_BIAS_TYPES,
+        expert_bias=cfg.get("model_type") in EXPERT_BIAS_TYPES,
     )
     if moe["first_dense_layers"] > num_layers:
         raise ConfigError(f"first_k_dense_replace ({moe['first_dense_layers']}) exceeds num_hidden_layers ({num_layers})")
+    moe["mlp_only_layers"] = _dense_mlp_layers(cfg, num_layers, moe["first_dense_layers"])
     return moe
 
 
@@ -205,14 +231,44 @@ def _soft_caps(cfg: Mapping) -> dict:
     return out
 
 
+def _language_model(cfg: Mapping) -> tuple[Mapping, Mapping | None]:
+    """(the language model's config, the multimodal wrapper or None): a wrapper's text/language/llm config,
+    typed by its ``model_type`` (else the wrapper's sub-config type), with the wrapper's dtype, name and
+    quantization where the inner config has none."""
+    key = next((k for k in LANGUAGE_MODEL_KEYS if isinstance(cfg.get(k), Mapping)), None)
+    if key is None or "hidden_size" in cfg:
+        return cfg, None
+    inner = dict(cfg[key])
+    wrapper_type = str(cfg.get("model_type") or "")
+    if not inner.get("model_type") and wrapper_type in WRAPPED_TEXT_TYPE:
+        inner["model_type"] = WRAPPED_TEXT_TYPE[wrapper_type]
+    if inner.get("torch_dtype") is None and inner.get("dtype") is None:
+        inner["torch_dtype"] = cfg.get("torch_dtype") or cfg.get("dtype")
+    for field in ("_name_or_path", "quantization_config"):
+        if inner.get(field) is None and cfg.get(field) is not None:
+            inner[field] = cfg[field]
+    return inner, cfg
+
+
+def _buffers_and_tower(cfg: Mapping, wrapper: Mapping | None, attention: dict, max_pos: int, windows: tuple,
+                       hidden: int) -> dict:
+    """vLLM's rope caches and a multimodal wrapper's vision tower."""
+    if attention.get("is_mla"):
+        rotary = attention["qk_rope_head_dim"]
+    else:
+        factor = _get(cfg, "partial_rotary_factor", default=1.0, kind=float)
+        rotary = int(attention["head_dim"] * factor)
+    out = {"rope_caches": rope_caches(cfg, rotary, max_pos, any(w is not None for w in windows))}
+    if wrapper is not None:
+        out.update(vision_fields(wrapper, hidden))
+    return out
+
+
 def config_fields(cfg: Mapping, name: str | None = None) -> dict:
     """The `ModelSpec` fields of a Hugging Face config dict; ConfigError names any missing or odd field."""
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"model config must be a JSON object, got {type(cfg).__name__}")
-    if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrappers hold the LM in text_config
-        inner = dict(cfg["text_config"])
-        inner.setdefault("torch_dtype", cfg.get("torch_dtype"))
-        cfg = inner
+    cfg, wrapper = _language_model(cfg)
     cfg = with_arch_defaults(cfg)
     name = name or str(cfg.get("_name_or_path") or cfg.get("model_type") or "model")
     model_type = str(cfg.get("model_type", ""))
@@ -234,6 +290,7 @@ def config_fields(cfg: Mapping, name: str | None = None) -> dict:
     attention = _attention_shape(cfg, hidden, heads, kv_heads)
     moe, soft_caps = _moe(cfg, intermediate, num_layers), _soft_caps(cfg)
     qkv_bias = bool(cfg.get("attention_bias", False)) or model_type in ("qwen2", "qwen2_moe")
+    windows = _sliding_windows(cfg, num_layers)
     return dict(
         name=name,
         num_layers=num_layers,
@@ -246,17 +303,20 @@ def config_fields(cfg: Mapping, name: str | None = None) -> dict:
         max_position_embeddings=max_pos,
         rms_norm_eps=eps,
         rope_theta=theta,
-        layer_sliding_windows=_sliding_windows(cfg, num_layers),
+        layer_sliding_windows=windows,
         model_type=model_type,
         checkpoint=str(cfg.get("_name_or_path") or ""),
         qkv_bias=qkv_bias,
         o_bias=bool(cfg.get("attention_bias", False)),
         mlp_bias=bool(cfg.get("mlp_bias", False)),
         norms_per_layer=4 if model_type in ("gemma2", "gemma3_text") else 2,
+        qk_norm=model_type in QK_NORM_TYPES,
+        attention_sinks=model_type in SINK_TYPES,
         q_lora_rank=_nonneg_int(cfg, "q_lora_rank"),
         num_mtp_layers=_nonneg_int(cfg, "num_nextn_predict_layers"),
         **attention,
         **soft_caps,
         **moe,
         **_quantization(cfg),
+        **_buffers_and_tower(cfg, wrapper, attention, max_pos, windows, hidden),
     )

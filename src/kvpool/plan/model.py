@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from ..errors import ConfigError
 from .hf_cache import cached_config, hub_cache_dir, is_repo_id
 from .hf_config import config_fields
+from .vision import VisionTower
 
 PRESET_DIR = Path(__file__).with_name("presets")
 
@@ -30,6 +31,10 @@ class ModelSpec:
     ``head_dim`` is the attention head size (Q and K; for MLA the "nope" + "rope" query size);
     ``v_head_dim`` is V's head size (equal to ``head_dim`` unless the config says otherwise).
     ``layer_sliding_windows[i]`` is layer i's attention window in tokens, or None for full attention.
+    ``rope_caches`` are vLLM's rotary cos/sin caches, ``(rows, rotary_dim, dtype)`` each (dtype "" for the
+    serving dtype, "fp32"; see `kvpool.plan.rope_cache`). ``vision`` is a multimodal checkpoint's image
+    encoder (its weights count, the planner plans the language model); ``vision_uncounted`` names a tower
+    whose weights the planner cannot count.
     """
 
     name: str
@@ -61,6 +66,8 @@ class ModelSpec:
     final_logit_soft_cap: float | None = None
     q_lora_rank: int = 0
     qk_nope_head_dim: int = 0
+    qk_norm: bool = False  # an RMS norm over head_dim on q and on k (Qwen3, Gemma-3)
+    attention_sinks: bool = False  # one learned logit per attention head and layer (gpt-oss)
     # mixture of experts (num_experts == 0: dense MLP everywhere)
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -68,7 +75,9 @@ class ModelSpec:
     num_shared_experts: int = 0
     shared_expert_intermediate_size: int = 0
     first_dense_layers: int = 0
+    mlp_only_layers: tuple = ()  # further layers with a dense MLP (Qwen-MoE mlp_only_layers / sparse step)
     router_bias: bool = False
+    expert_bias: bool = False  # biases on the experts' gate/up and down projections (gpt-oss)
     num_mtp_layers: int = 0
     # weight quantization of the checkpoint (None: weights stored in ``dtype``)
     quant_method: str | None = None
@@ -77,6 +86,10 @@ class ModelSpec:
     quant_block_size: tuple = ()
     quant_zero_point: bool = False
     modules_not_quantized: tuple = ()
+    # buffers vLLM allocates while loading, and a multimodal checkpoint's image encoder
+    rope_caches: tuple = ()
+    vision: VisionTower | None = None
+    vision_uncounted: str = ""
     # where the spec was read from ("preset llama-3.1-8b", a config.json path, the local Hugging Face cache);
     # not part of the model's identity: left out of equality and of to_dict()
     source: str = dataclasses.field(default="", compare=False)
@@ -87,11 +100,11 @@ class ModelSpec:
         return self.num_experts > 0
 
     def is_moe_layer(self, layer: int) -> bool:
-        return self.is_moe and layer >= self.first_dense_layers
+        return self.is_moe and layer >= self.first_dense_layers and layer not in self.mlp_only_layers
 
     @property
     def num_moe_layers(self) -> int:
-        return max(0, self.num_layers - self.first_dense_layers) if self.is_moe else 0
+        return sum(1 for i in range(self.num_layers) if self.is_moe_layer(i))
 
     @property
     def sliding_layers(self) -> int:
@@ -102,7 +115,7 @@ class ModelSpec:
         del d["source"]
         for key, value in d.items():
             if isinstance(value, tuple):
-                d[key] = list(value)
+                d[key] = [list(v) if isinstance(v, tuple) else v for v in value]
         return d
 
     # ---------------------------------------------------------------- parameter counts
