@@ -41,7 +41,7 @@ def test_terms_are_the_planners_exact_bytes():
     assert weights.bytes != round(plan.per_gpu["weights_gib"] * GIB)  # what readers rebuilt: off by kilobytes
     assert plan.tight.kv_bytes == plan.budget_bytes - sum(t.bytes for t in plan.tight.terms)
     assert plan.budget_bytes + plan.headroom_bytes == plan.total_bytes == 80 * GIB
-    assert "1/4 of 131.42 GiB (bf16) + replicated norms" == weights.how
+    assert "1/4 of 131.45 GiB (bf16) + replicated norms, rope cache 0.03" == weights.how
 
 
 def test_a_given_reservation_keeps_the_computed_figure_beside_it():

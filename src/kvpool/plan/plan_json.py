@@ -6,6 +6,7 @@ values are the JSON contract (pinned by ``tests/test_plan_golden.py``).
 from __future__ import annotations
 
 from .units import MIB, gib
+from .weights import weights_assumptions
 
 ASSUMPTIONS = (
     "activation: FlashAttention-style prefill of max_batched_tokens tokens (no TxT scores), largest layer live",
@@ -93,6 +94,7 @@ def assumptions(plan) -> list[str]:
         + (" + CUDA-graph pool (decode batch activations)" if req.cuda_graphs else ""),
         f"comm: NCCL {nccl_tp['channels']} channels x {nccl.peers} peers x {'+'.join(nccl.protocols)} buffers"
         + (", NVLS" if nccl_tp["nvls"] else ""),
+        *weights_assumptions(req.spec),
     ]
 
 

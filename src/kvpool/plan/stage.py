@@ -92,8 +92,12 @@ def weights_term(req: PlanRequest, layers: range, first: bool, last: bool, model
     parts = shard_weight_bytes(spec, tp, req.serving_dtype, layers, embed=first, head=last)
     dtype = (f"{spec.quant_method} {spec.weight_bits}-bit linear layers, {req.serving_dtype} rest"
              if spec.quant_method else req.serving_dtype)
+    if spec.quant_method == "mxfp4":
+        dtype = f"MXFP4 experts in vLLM's Hopper layout, {req.serving_dtype} rest"
     how = f"1/{tp} of {model_bytes / GIB:.2f} GiB ({dtype}) + replicated norms"
     how += (", router" if spec.is_moe else "") + (", KV heads" if spec.num_kv_heads < tp and not spec.is_mla else "")
+    how += f", rope cache {parts['rope_cache'] / GIB:.2f}" if parts["rope_cache"] else ""
+    how += f", vision tower {parts['vision'] / GIB:.2f}" if parts.get("vision") else ""
     if req.pp > 1:
         how += f", layers {layers.start}–{layers.stop - 1}"
     return _term("weights", parts["total"], how, parts, req.reserved.weights)
