@@ -149,10 +149,25 @@ QWEN3_06B = {**_preset("qwen3-8b"), "_name_or_path": "Qwen/Qwen3-0.6B", "hidden_
              "tie_word_embeddings": True}
 
 
-@pytest.mark.parametrize("model,logged_gib", [("llama-3.1-8b", 14.99), (QWEN3_06B, 1.12), ("gpt-oss-20b", 13.47)])
+# gemma-3-4b-it: 8.5834 GiB in a public vLLM 0.11-era log (RTX 4080): 8.01 GiB of parameters + the two rope caches
+# (64 + 512 MiB); without the global layers' 8x linear cache the plan would be 6.5% short
+@pytest.mark.parametrize("model,logged_gib", [("llama-3.1-8b", 14.99), (QWEN3_06B, 1.12), ("gpt-oss-20b", 13.47),
+                                              ("gemma-3-4b", 8.5834)])
 def test_weights_within_two_percent_of_vllms_logged_figure(model, logged_gib):
     planned = shard_weight_bytes(load_model_spec(model), 1, "bf16")["total"] / GIB
     assert abs(planned - logged_gib) / logged_gib < 0.02, planned
+
+
+FP8_BLOCK = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+
+
+@pytest.mark.parametrize("max_positions,logged_gib", [(40960, 29.0435), (262144, 29.0972)])
+def test_qwen3_30b_a3b_fp8_matches_vllms_logged_figure(max_positions, logged_gib):
+    """Public vLLM logs, one GPU: Qwen/Qwen3-30B-A3B-FP8 "Model loading took 29.0435 GiB" and
+    Qwen3-30B-A3B-Instruct-2507-FP8 (max_position_embeddings 262,144: a 64 MiB rope cache) 29.0972 GiB."""
+    cfg = {**_preset("qwen3-30b-a3b"), "quantization_config": FP8_BLOCK, "max_position_embeddings": max_positions}
+    planned = shard_weight_bytes(load_model_spec(cfg), 1, "bf16")["total"] / GIB
+    assert abs(planned - logged_gib) < 0.002, planned
 
 
 def test_llama_and_qwen3_small_match_vllm_to_the_logged_hundredth():
@@ -191,3 +206,11 @@ def test_parameter_count_equals_transformers(name):
     if name == "deepseek-v2-lite":
         cfg["num_hidden_layers"] = 3
     assert load_model_spec(cfg).num_parameters == _hf_count(cfg)
+
+
+@pytest.mark.parametrize("module", ["quant", "rope_cache", "config_defaults"])
+def test_docstring_examples_hold(module):
+    import doctest
+    import importlib
+
+    assert doctest.testmod(importlib.import_module(f"kvpool.plan.{module}")).failed == 0
