@@ -71,7 +71,8 @@ def test_comm_reads_nccl_env(capsys, monkeypatch):
     monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
     _, out, _ = run(capsys, "comm", "llama-3.1-70b", "--tp", "4", "--gpu", "h100-sxm", "--nccl-channels", "8", "--json")
     m = json.loads(out)["memory"]
-    assert m["nccl_protocol_buffers_bytes"] == 8 * 2 * (1 << 20) and m["nccl_nvls_bytes"] == 0
+    # NCCL_PROTO leaves the buffers alone: 4,096 + LL + LL128 + 1 MiB -> 8 MiB received, 2 MiB sent, per channel
+    assert m["nccl_protocol_buffers_bytes"] == 8 * (8 + 2) * (1 << 20) and m["nccl_nvls_bytes"] == 0
 
 
 def test_diagnose(tmp_path, capsys):

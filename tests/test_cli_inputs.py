@@ -111,7 +111,8 @@ def test_explicit_values_do_what_they_say(capsys):
     _, small, _ = run(capsys, "plan", *M70, "--tp", "4", "--nccl-buffsize", str(1 << 20), "--nccl-channels", "8",
                       "--no-nvls", "--json")
     nccl = json.loads(small)["details"]["comm_bytes"]["nccl_tp"]
-    assert nccl["channels"] == 8 and nccl["protocol_buffers"] == 8 * 2 * ((1 << 20) + 512 * 1024 + 4915200)
+    # per channel: 4,096 + LL + LL128 + 1 MiB received (-> 8 MiB, 2 MiB multiples) + 4,096 sent (-> 2 MiB)
+    assert nccl["channels"] == 8 and nccl["protocol_buffers"] == 8 * (8 + 2) * (1 << 20)
 
 
 def test_scale_sorts_and_dedupes_tps(capsys):

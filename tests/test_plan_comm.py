@@ -13,15 +13,26 @@ def test_nccl_defaults_are_nccls():
     assert LL128_DEFAULT == 4_915_200
 
 
-def test_buffer_bytes_channels_peers_protocols_nvls():
-    nv = get_interconnect("nvlink4")
+def test_buffer_bytes_per_connection_channels_nvls():
+    """One communicator of 4 H100s, by hand from NCCL 2.27.5's constants (see kvpool.plan.nccl_buffers)."""
+    nv, mib = get_interconnect("nvlink4"), 1 << 20
     got = nccl_buffer_bytes(4, nv, NCCLSettings())
-    assert got["protocol_buffers"] == 16 * 2 * (SIMPLE_DEFAULT + LL_DEFAULT + LL128_DEFAULT)
-    assert got["nvls"] == 16 * 2 * 128 * 1024 * 8 * 4
+    # p2p.cc: receiver 4,096 + LL + LL128 + Simple -> 2 MiB multiple = 10 MiB; sender 4,096 -> 2 MiB; 24 channels
+    assert got["protocol_buffers"] == 24 * (10 + 2) * mib
+    # 32 P2P channels x 3 arrays + 2 devComm arrays + 24 NVLS peer arrays + credits, 2 MiB granules each
+    assert got["setup"] == (32 * 3 + 2 + 24 + 1) * 2 * mib
+    assert got["nvls"] == 16 * 2 * 128 * 1024 * 8 * 4  # nvls.cc: channels x 2 x chunk x steps x heads
     small = nccl_buffer_bytes(4, nv, NCCLSettings(buffsize=1 << 20, protocols=("Simple",), channels=4, nvls=False))
-    assert small == {"channels": 4, "protocol_buffers": 4 * 2 * (1 << 20), "nvls": 0, "total": 8 << 20}
+    # NCCL_PROTO does not shrink the buffers; 4,096 + LL + LL128 + 1 MiB = 6.2 MiB -> 8 MiB received, 2 MiB sent
+    assert small == {"channels": 4, "setup": (4 * 3 + 2) * 2 * mib, "protocol_buffers": 4 * (8 + 2) * mib,
+                     "nvls": 0, "total": (28 + 40) * mib}
     assert nccl_buffer_bytes(1, nv, NCCLSettings())["total"] == 0
+    assert nccl_buffer_bytes(2, nv, NCCLSettings())["nvls"] == 0  # nvls.cc: no NVLS for 2 GPUs
     assert nccl_buffer_bytes(4, get_interconnect("pcie4"), NCCLSettings())["channels"] == 2
+    # Ampere over NVLink reads: Simple moves to the sender (6 MiB each side, 12 MiB per channel either way)
+    assert nccl_buffer_bytes(2, nv, NCCLSettings(), p2p_read=True)["protocol_buffers"] == 24 * 12 * mib
+    # without cuMem the small arrays are cudaMalloc'd as asked (no 2 MiB granule)
+    assert nccl_buffer_bytes(2, nv, NCCLSettings(cumem=False))["setup"] == (32 * 3 + 2) * 4096
 
 
 def test_settings_from_env():

@@ -1,16 +1,9 @@
-"""Communication under tensor parallelism: NCCL's buffer memory and an all-reduce cost model.
+"""Communication under tensor parallelism: NCCL's settings, its buffer memory and an all-reduce cost model.
 
-Memory (per GPU, per communicator), from NCCL's own defaults (src/init.cc, src/include/*.h):
-
-- Simple protocol: ``NCCL_BUFFSIZE`` (default 4 MiB = 1 << 22) per connection;
-- LL: ``NCCL_LL_BUFFSIZE`` default 8 lines/thread x 512 threads x 8 steps x 16 B = 512 KiB;
-- LL128: ``NCCL_LL128_BUFFSIZE`` default 120 elems/thread x 640 threads x 8 steps x 8 B = 4,915,200 B;
-- one buffer set per channel per connected peer (ring: previous + next rank);
-- NVLS (NVLink SHARP on NVSwitch systems): channels x 2 x (``NCCL_NVLS_CHUNKSIZE`` x 8 steps) x ranks
-  (src/transport/nvls.cc, ``nvlsPerRankSize * nHeads``).
-
-Plus staging buffers for the all-reduced activations of a decode batch (hidden x batch x dtype x 2 for
-double buffering), once per layer only if the framework keeps per-layer buffers (``staging_layers``).
+Memory: what NCCL allocates per communicator is computed in `kvpool.plan.nccl_buffers` (read from NCCL's
+source); which communicators vLLM 0.19 creates, and whether before or after its start-up snapshot, in
+`kvpool.plan.vllm_comm`. This module holds the knobs (``NCCL_*`` variables, ``--nccl-*`` flags) and
+`nccl_buffer_bytes`, one communicator's memory.
 
 Time: one all-reduce of ``n`` bytes over ``p`` ranks on a ring costs
 ``base + 2(p-1) * hop + 2(p-1)/p * n / bandwidth`` (NCCL's own latency constants; see hardware.py).
@@ -23,13 +16,17 @@ from dataclasses import asdict, dataclass
 from ..errors import InvalidArgumentError
 from .checks import check_positive_int
 from .hardware import Interconnect
+from .nccl_buffers import (LL128_DEFAULT, LL_DEFAULT, NCCL_STEPS, NVLS_CHANNELS_SM90, NVLS_CHUNK_DEFAULT,
+                           SIMPLE_DEFAULT, NCCLBufferSizes, nvls_buffer_bytes, ring_bytes, setup_bytes)
 
-NCCL_STEPS = 8
-SIMPLE_DEFAULT = 1 << 22
-LL_DEFAULT = 8 * 512 * NCCL_STEPS * 16
-LL128_DEFAULT = 120 * 640 * NCCL_STEPS * 8
-NVLS_CHUNK_DEFAULT = 128 * 1024
 PROTOCOLS = ("LL", "LL128", "Simple")
+# Collective channels NCCL builds (NCCL_DEBUG=INFO "N coll channels"): 24 on NVSwitch boards, READ in published
+# logs (8 x H100 on AWS p5.48xlarge: "24 coll channels, 16 nvls channels, 32 p2p channels"; 4 x H100 under vLLM,
+# vllm-project/vllm#10453: channels 00-23; A100 SXM4: "24 coll channels"). The ring search depends on each GPU's
+# NVLink bandwidth to the switch, not on the GPU count, so tp 2 gets the same (estimate). PCIe / network: 2
+# (estimate). NCCL_MAX_NCHANNELS / --nccl-channels give the count instead.
+NVLINK_COLL_CHANNELS = 24
+PCIE_COLL_CHANNELS = 2
 
 
 @dataclass(frozen=True)
@@ -39,13 +36,15 @@ class NCCLSettings:
     buffsize: int = SIMPLE_DEFAULT  # NCCL_BUFFSIZE
     ll_buffsize: int = LL_DEFAULT  # NCCL_LL_BUFFSIZE
     ll128_buffsize: int = LL128_DEFAULT  # NCCL_LL128_BUFFSIZE
-    protocols: tuple = PROTOCOLS  # NCCL_PROTO
-    channels: int | None = None  # NCCL_MAX_NCHANNELS (NCCL picks 16-32 on NVLink, 2-4 on PCIe)
-    nvls: bool | None = None  # NCCL_NVLS_ENABLE (default: on for NVLink 4/5 switch systems)
-    nvls_channels: int = 16  # NCCL_NVLS_NCHANNELS
+    protocols: tuple = PROTOCOLS  # NCCL_PROTO: picks algorithms; buffers are allocated for all three (p2p.cc)
+    channels: int | None = None  # collective channels (NCCL_MAX_NCHANNELS; default 24 on NVLink, 2 on PCIe)
+    nvls: bool | None = None  # NCCL_NVLS_ENABLE (default: on for multicast NVSwitch boards with > 2 ranks)
+    nvls_channels: int = NVLS_CHANNELS_SM90  # NCCL_NVLS_NCHANNELS
     nvls_chunksize: int = NVLS_CHUNK_DEFAULT  # NCCL_NVLS_CHUNKSIZE
-    peers: int = 2  # ring neighbours per channel (previous and next rank)
-    staging_layers: int = 1  # 1: in-place all-reduce reuses one buffer; num_layers: a buffer per layer
+    peers: int = 2  # ring neighbours per channel (previous and next rank): one receive + one send connection
+    staging_layers: int = 1  # all-reduce staging buffers a framework keeps beyond vLLM's (1: none extra)
+    cumem: bool = True  # NCCL_CUMEM_ENABLE: cuMem allocations (2 MiB granules) and, with it, runtime connect
+    runtime_connect: bool = True  # NCCL_RUNTIME_CONNECT: connect each algorithm when a collective first needs it
 
     def __post_init__(self):
         # a negative or zero size would shrink the communication term and buy KV blocks that do not exist
@@ -61,6 +60,9 @@ class NCCLSettings:
                            fix="--staging-layers is 1 (one reused buffer) or the number of layers")
         if self.nvls is not None and not isinstance(self.nvls, bool):
             raise InvalidArgumentError(f"nccl nvls must be True, False or None (NCCL's default), got {self.nvls!r}")
+        for key in ("cumem", "runtime_connect"):
+            if not isinstance(getattr(self, key), bool):
+                raise InvalidArgumentError(f"nccl {key} must be True or False, got {getattr(self, key)!r}")
         protocols = tuple(self.protocols) if isinstance(self.protocols, (tuple, list)) else None
         if not protocols or any(p not in PROTOCOLS for p in protocols):
             raise InvalidArgumentError(
@@ -70,14 +72,17 @@ class NCCLSettings:
     @classmethod
     def from_env(cls, env: dict | None = None, **overrides) -> "NCCLSettings":
         """Read ``NCCL_BUFFSIZE``, ``NCCL_LL_BUFFSIZE``, ``NCCL_LL128_BUFFSIZE``, ``NCCL_PROTO``,
-        ``NCCL_MAX_NCHANNELS``, ``NCCL_NVLS_ENABLE``, ``NCCL_NVLS_NCHANNELS``, ``NCCL_NVLS_CHUNKSIZE``."""
+        ``NCCL_MAX_NCHANNELS``, ``NCCL_NVLS_ENABLE``, ``NCCL_NVLS_NCHANNELS``, ``NCCL_NVLS_CHUNKSIZE``,
+        ``NCCL_CUMEM_ENABLE``, ``NCCL_RUNTIME_CONNECT``."""
         env = os.environ if env is None else env
         values: dict = {}
         for key, name in _ENV_NAMES.items():
             if env.get(name):
                 values[key] = _env_int(env[name], name)
-        if env.get("NCCL_NVLS_ENABLE"):
-            values["nvls"] = env["NCCL_NVLS_ENABLE"].strip() not in ("0", "false", "False")
+        for key, name in (("nvls", "NCCL_NVLS_ENABLE"), ("cumem", "NCCL_CUMEM_ENABLE"),
+                          ("runtime_connect", "NCCL_RUNTIME_CONNECT")):
+            if env.get(name):
+                values[key] = env[name].strip() not in ("0", "false", "False")
         if env.get("NCCL_PROTO"):
             values["protocols"] = parse_protocols(env["NCCL_PROTO"])
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -87,6 +92,15 @@ class NCCLSettings:
         d = asdict(self)
         d["protocols"] = list(self.protocols)
         return d
+
+    def buffer_sizes(self, p2p_read: bool = False) -> NCCLBufferSizes:
+        """The sizes NCCL's allocations follow; ``p2p_read`` for Ampere (compute capability 8.0) over NVLink."""
+        return NCCLBufferSizes(self.buffsize, self.ll_buffsize, self.ll128_buffsize, self.cumem, p2p_read)
+
+    @property
+    def lazy_connect(self) -> bool:
+        """NCCL connects algorithms at their first use (init.cc: ``runtimeConn = cuMemSupport && RUNTIME_CONNECT``)."""
+        return self.cumem and self.runtime_connect
 
 
 _ENV_NAMES = {"buffsize": "NCCL_BUFFSIZE", "ll_buffsize": "NCCL_LL_BUFFSIZE", "ll128_buffsize": "NCCL_LL128_BUFFSIZE",
@@ -120,26 +134,40 @@ def parse_protocols(text: str) -> tuple:
 
 
 def default_channels(link: Interconnect) -> int:
-    """NCCL's usual ring channel count: 16 on NVLink (bandwidth-bound), 2 on PCIe / network."""
-    return 16 if link.name.startswith("NVLink") else 2
+    """NCCL's collective channel count: 24 on NVLink (readings, see `NVLINK_COLL_CHANNELS`), 2 on PCIe / network."""
+    return NVLINK_COLL_CHANNELS if link.name.startswith("NVLink") else PCIE_COLL_CHANNELS
 
 
-def nccl_buffer_bytes(tp: int, link: Interconnect, nccl: NCCLSettings) -> dict:
-    """Bytes NCCL allocates on one GPU for a communicator of ``tp`` ranks over ``link``."""
+def nvls_default(link: Interconnect) -> bool:
+    """NVLS without a GPU preset to ask: NVLink 4/5 switch systems (H100/H200/B200 SXM) support multicast."""
+    return link.name.startswith("NVLink 4") or link.name.startswith("NVLink 5")
+
+
+def nccl_buffer_bytes(tp: int, link: Interconnect, nccl: NCCLSettings, *, p2p_read: bool = False,
+                      multicast: bool | None = None) -> dict:
+    """Bytes NCCL allocates on one GPU for a communicator of ``tp`` ranks whose ring and NVLS are connected.
+
+    ``setup`` is what ``ncclCommInitRank`` allocates, ``protocol_buffers`` the ring's connections (all three
+    protocols, `kvpool.plan.nccl_buffers.ring_bytes`), ``nvls`` the NVLS buffers when NVLS is on (more than 2
+    ranks, ``transport/nvls.cc``; ``multicast`` says whether the GPUs support it, default: NVLink 4/5).
+    """
     if tp <= 1:
-        return {"channels": 0, "protocol_buffers": 0, "nvls": 0, "total": 0}
+        return {"channels": 0, "setup": 0, "protocol_buffers": 0, "nvls": 0, "total": 0}
     channels = nccl.channels or default_channels(link)
-    per_set = sum({"LL": nccl.ll_buffsize, "LL128": nccl.ll128_buffsize, "Simple": nccl.buffsize}[p]
-                  for p in nccl.protocols)
-    protocol = channels * nccl.peers * per_set
-    nvls_on = nccl.nvls if nccl.nvls is not None else (link.name.startswith("NVLink 4") or link.name.startswith("NVLink 5"))
-    nvls = nccl.nvls_channels * 2 * nccl.nvls_chunksize * NCCL_STEPS * tp if (nvls_on and tp > 2) else 0
-    return {"channels": channels, "protocol_buffers": protocol, "nvls": nvls, "total": protocol + nvls}
+    sizes = nccl.buffer_sizes(p2p_read)
+    supported = nvls_default(link) if multicast is None else multicast
+    nvls_on = tp > 2 and (nccl.nvls if nccl.nvls is not None else supported)
+    setup = setup_bytes(channels, nvls_on, sizes)
+    ring = ring_bytes(channels, sizes, nccl.peers)
+    nvls = nvls_buffer_bytes(tp, nccl.nvls_channels, nccl.nvls_chunksize, sizes) if nvls_on else 0
+    return {"channels": channels, "setup": setup, "protocol_buffers": ring, "nvls": nvls,
+            "total": setup + ring + nvls}
 
 
 def staging_bytes(hidden: int, batch: int, dtype_bytes: int, nccl: NCCLSettings) -> int:
-    """All-reduce staging: hidden x batch x dtype x 2 (double buffering) x staging_layers."""
-    return hidden * batch * dtype_bytes * 2 * nccl.staging_layers
+    """Staging a framework keeps beyond vLLM's (whose all-reduce outputs are torch activations and whose custom
+    all-reduce buffers exist before its snapshot): ``staging_layers - 1`` double-buffered decode batches."""
+    return hidden * batch * dtype_bytes * 2 * (nccl.staging_layers - 1)
 
 
 def allreduce_seconds(nbytes: float, ranks: int, link: Interconnect) -> float:
@@ -176,4 +204,5 @@ def forward_comm(spec, tp: int, tokens: int, dtype_bytes: int, link: Interconnec
 
 
 __all__ = ["NCCLSettings", "nccl_buffer_bytes", "staging_bytes", "allreduce_seconds", "forward_comm",
-           "allreduces_per_forward", "parse_protocols", "p2p_seconds"]
+           "allreduces_per_forward", "parse_protocols", "p2p_seconds", "default_channels", "nvls_default",
+           "NCCL_STEPS", "SIMPLE_DEFAULT", "LL_DEFAULT", "LL128_DEFAULT", "NVLS_CHUNK_DEFAULT"]
