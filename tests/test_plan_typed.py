@@ -71,7 +71,7 @@ def test_scaling_reads_the_weights_bytes_not_rounded_gib():
 
 def test_diagnose_compares_with_the_plans_bytes():
     plan = plan_memory("llama-3.1-70b", tp=4, gpu="a100-80gb")
-    limit = plan.term("comm").bytes + plan.term("overhead").bytes + NON_TORCH_SLACK_BYTES
+    limit = plan.term("comm").bytes + plan.term("overhead").bytes + plan.before_snapshot.bytes + NON_TORCH_SLACK_BYTES
     reserved = 60 * GIB
 
     def non_torch_warned(non_torch):
@@ -122,11 +122,14 @@ def test_the_workload_check_and_the_seed_planner_share_one_fit():
 
 
 def test_comm_row_names_the_nccl_protocols_in_use(capsys, monkeypatch):
+    # NCCL 2.27 allocates every connection for LL, LL128 and Simple whatever NCCL_PROTO says (p2p.cc
+    # p2pRecvSetup), so NCCL_PROTO leaves the bytes alone and the row says which buffers it counts
     monkeypatch.setenv("COLUMNS", "200")
     plan = plan_memory("llama-3.1-70b", tp=4, nccl=NCCLSettings(protocols=("Simple",)))
-    assert "× 2 peers × (Simple) = " in plan.term("comm").how
+    assert plan.term("comm").bytes == plan_memory("llama-3.1-70b", tp=4).term("comm").bytes
+    assert "of LL+LL128+Simple" in plan.term("comm").how
     assert main(["plan", "llama-3.1-70b", "--tp", "4", "--nccl-proto", "Simple"]) == 0
-    assert "(Simple)" in capsys.readouterr().out  # printed "(LL+LL128+Simple)" whatever NCCL_PROTO said
+    assert "LL+LL128+Simple" in capsys.readouterr().out
 
 
 def _plan_imports(path: Path) -> set[str]:

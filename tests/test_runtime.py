@@ -85,7 +85,8 @@ def test_predicted_terms_are_the_planners_own_for_the_same_settings():
     assert p["num_blocks"] == plan.num_blocks
     assert p["weights_bytes"] == plan.term("weights").bytes  # the plan's bytes, not rebuilt from rounded GiB
     assert p["kv_bytes"] == plan.kv_cache.kv_bytes_per_gpu
-    assert p["non_torch_bytes"] == p["comm_bytes"] + p["overhead_bytes"]
+    assert p["non_torch_bytes"] == p["comm_bytes"] + p["overhead_bytes"] + p["before_snapshot_bytes"]
+    assert p["before_snapshot_bytes"] == plan.before_snapshot.bytes > 0  # the CUDA context at least
     rows = {r["term"]: r for r in size.comparison()}
     kv = rows["KV cache"]
     assert kv["measured_bytes"] == size.kv_budget_bytes

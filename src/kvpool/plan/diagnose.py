@@ -84,9 +84,13 @@ def fragmentation(s: Snapshot, plan) -> Finding | None:
 
 
 def non_torch_memory(s: Snapshot, plan) -> Finding | None:
-    """Memory outside torch's allocator above the plan's comm + overhead (or 2 GiB without a plan)."""
+    """Memory outside torch's allocator above the plan's comm + overhead + what exists before vLLM's snapshot
+    (CUDA context, communicator set-up), or 2 GiB without a plan."""
     non_torch = None if s.allocated is None or s.reserved is None else s.used - s.reserved
-    limit = plan.term("comm").bytes + plan.term("overhead").bytes if plan else NON_TORCH_BYTES
+    limit = NON_TORCH_BYTES
+    if plan:
+        limit = plan.term("comm").bytes + plan.term("overhead").bytes + (
+            plan.before_snapshot.bytes if plan.before_snapshot is not None else 0)
     if non_torch is not None and non_torch > limit + NON_TORCH_SLACK_BYTES:
         return _on_rank(s, "warning", "memory outside torch's allocator is high",
                         f"used {gib_text(s.used)} - reserved {gib_text(s.reserved)} = {gib_text(non_torch)} non-torch "

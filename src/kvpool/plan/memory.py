@@ -7,7 +7,9 @@ GiB only appear in ``MemoryPlan.to_dict()`` and the command's tables.
 Two budget modes:
 
 - ``mem_fraction`` (vLLM's ``gpu_memory_utilization``): the process may use F x total;
-  KV = F x total - weights - activation peak - non-torch memory (CUDA context, NCCL, CUDA graphs).
+  KV = F x total - weights - activation peak - the non-torch memory added after vLLM's start-up snapshot
+  (comm + overhead). What exists before that snapshot (CUDA context, communicator set-up) is shown as
+  ``MemoryPlan.before_snapshot`` and comes out of the ``(1 - F) x total`` headroom, as in vLLM.
 - explicit reservations (``weights_gib``, ``activation_gib``, ``comm_gib``, ``overhead_gib``,
   ``headroom_gib``), each overriding its computed value; when any is given and ``mem_fraction`` is not,
   the budget is total - headroom (headroom defaults to 0: the seed's reservation list is the whole budget).
@@ -24,9 +26,10 @@ from .kv import window_aware_bytes_per_seq
 from .vllm_kv import vllm_kv_figures
 from .plan_result import KVPool, MemoryPlan
 from .request import PlanRequest, make_request
-from .stage import StageMemory, comm_term, overhead_term, plan_stage, stage_layers
+from .stage import StageMemory, before_snapshot_term, comm_term, overhead_term, plan_stage, stage_layers
 from .parallel import larger_tps
 from .units import gib_text
+from .vllm_comm import nontorch
 from .weights import shard_weight_bytes
 
 
@@ -81,14 +84,15 @@ def plan_request(req: PlanRequest) -> MemoryPlan:
     """The plan of a checked request: each stage planned, then assembled (see `assemble`)."""
     budget, headroom = req.budget()
     model_bytes = shard_weight_bytes(req.spec, 1, req.serving_dtype)["total"]
-    shared = (comm_term(req), overhead_term(req))
+    nt = nontorch(req)  # vLLM's non-torch memory, split at its start-up snapshot
+    shared = (comm_term(req, nt), overhead_term(req, nt))
     stages = tuple(plan_stage(req, s, layers, budget, shared, model_bytes)
                    for s, layers in enumerate(stage_layers(req.spec.num_layers, req.pp)))
-    return assemble(req, stages, budget, headroom, model_bytes)
+    return assemble(req, stages, budget, headroom, model_bytes, before_snapshot_term(req, nt))
 
 
 def assemble(req: PlanRequest, stages: tuple[StageMemory, ...], budget: int, headroom: int,
-             model_bytes: int) -> MemoryPlan:
+             model_bytes: int, before_snapshot=None) -> MemoryPlan:
     """The plan of ``stages``: the one with the fewest blocks decides the pool; PlanError when it holds none."""
     tight = min(stages, key=lambda st: (st.num_blocks, st.kv_bytes))
     weights = tight.term("weights").bytes
@@ -114,7 +118,8 @@ def assemble(req: PlanRequest, stages: tuple[StageMemory, ...], budget: int, hea
             (spec.layer_sliding_windows[i] if spec.layer_sliding_windows else None for i in tight.layers),
             (layout.bytes_per_token - layout.scale_bytes_per_token) // layout.num_layers * req.block_size,
             tight.kv_bytes, req.block_size, req.max_model_len, req.max_batched_tokens))
-    plan = MemoryPlan(req, stages, tight.index, budget, headroom, model_bytes, kv_cache)
+    plan = MemoryPlan(req, stages, tight.index, budget, headroom, model_bytes, kv_cache,
+                      before_snapshot=before_snapshot or before_snapshot_term(req))
     if req.batch is not None:
         from .workload import check_workload  # only a workload check needs it: `kvpool plan` starts faster
 

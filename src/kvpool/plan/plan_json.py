@@ -6,6 +6,7 @@ values are the JSON contract (pinned by ``tests/test_plan_golden.py``).
 from __future__ import annotations
 
 from .units import MIB, gib
+from .vllm_comm import nontorch
 from .weights import weights_assumptions
 
 ASSUMPTIONS = (
@@ -53,7 +54,13 @@ def per_gpu_dict(plan) -> dict:
         "headroom_gib": gib(plan.headroom_bytes),
         "budget_mode": "reservations" if req.mem_fraction is None else "mem_fraction",
         "mem_fraction": req.mem_fraction,
+        "before_snapshot_gib": gib(_before(plan)),
     }
+
+
+def _before(plan) -> int:
+    """Bytes before vLLM's start-up snapshot (0 for a plan assembled without them)."""
+    return plan.before_snapshot.bytes if plan.before_snapshot is not None else 0
 
 
 def stage_dict(stage) -> dict:
@@ -75,6 +82,8 @@ def details_dict(plan) -> dict:
         "activation_bytes": dict(tight.term("activation").parts),
         "comm_bytes": {**comm, "nccl_tp": dict(comm["nccl_tp"])},
         "overhead_bytes": dict(tight.term("overhead").parts),
+        "before_snapshot_bytes": dict(plan.before_snapshot.parts) if plan.before_snapshot is not None else {},
+        "nccl_communicators": _communicators(req),
         "layout": tight.layout.to_dict(),
         "computed_gib": {t.name: gib(t.computed) for t in tight.terms},
         "overridden": [k for k, v in given.items() if v is not None],
@@ -85,22 +94,40 @@ def details_dict(plan) -> dict:
     }
 
 
+def _communicators(req) -> list[dict]:
+    """The NCCL communicators vLLM 0.19 creates for this deployment, each with its bytes on one GPU."""
+    nt = nontorch(req)
+    return [{"name": c.name, "ranks": c.ranks, "before_snapshot": c.before_snapshot, "setup": c.setup,
+             "ring": c.ring, "nvls": c.nvls} for c in nt.communicators] + (
+        [{"allreduce_path": nt.allreduce_path}] if req.tp > 1 else [])
+
+
 def assumptions(plan) -> list[str]:
     req = plan.request
-    nccl, nccl_tp = req.nccl, plan.term("comm").parts["nccl_tp"]
-    return [
+    nccl_tp = plan.term("comm").parts["nccl_tp"]
+    out = [
         *ASSUMPTIONS,
-        f"overhead: CUDA context {req.cuda_context_bytes // MIB} MiB + cuBLAS workspace"
-        + (" + CUDA-graph pool (decode batch activations)" if req.cuda_graphs else ""),
-        f"comm: NCCL {nccl_tp['channels']} channels x {nccl.peers} peers x {'+'.join(nccl.protocols)} buffers"
-        + (", NVLS" if nccl_tp["nvls"] else ""),
+        f"overhead: kernels loaded after vLLM's snapshot ~{plan.term('overhead').computed // MIB} MiB (vLLM's tp-1 "
+        "reading on H100, an estimate elsewhere); CUDA context "
+        f"{req.cuda_context_bytes // MIB} MiB after a forward, its rest before the snapshot (headroom)",
         *weights_assumptions(req.spec),
     ]
+    if req.tp > 1:
+        out.append(f"comm: vLLM 0.19 + NCCL 2.27 defaults: torch's NCCL comm ({nccl_tp['channels']} ring channels, "
+                   "all three protocols' buffers, 2 MiB cuMem granules) created after the snapshot; "
+                   "FlashInfer AR-fusion workspace at the 512 MiB multicast granularity (H100 reading); "
+                   "NCCL's algorithm for the profile all-reduce (NVLS vs ring) is NCCL's tuning choice, not read")
+    return out
 
 
 def warnings(plan) -> list[str]:
-    spec, kv = plan.request.spec, plan.kv_cache
+    spec, kv, req = plan.request.spec, plan.kv_cache, plan.request
     out = []
+    before = _before(plan)
+    if req.mem_fraction is not None and before > plan.headroom_bytes:
+        out.append(f"{gib(before)} GiB exists before vLLM's start-up snapshot (CUDA context, NCCL set-up) but the "
+                   f"headroom is {gib(plan.headroom_bytes)} GiB: vLLM refuses to start when free memory is below "
+                   "gpu_memory_utilization x total; lower --mem-fraction")
     if kv.tokens < kv.max_model_len:
         out.append(f"the pool holds {kv.tokens:,} tokens, fewer than max_model_len={kv.max_model_len:,}: one "
                    f"full-length request does not fit; lower --max-model-len to {kv.tokens:,} or add memory")

@@ -110,6 +110,9 @@ class MemoryPlan:
         The pool of one GPU; ``plan.kv_cache.num_blocks`` or ``plan.kv_cache["num_blocks"]``.
     workload : WorkloadCheck or None
         Whether ``request.batch`` sequences of ``request.seq_len`` tokens fit (when asked).
+    before_snapshot : Term or None
+        Device memory that exists before vLLM's start-up snapshot (CUDA context, NCCL communicators, custom
+        all-reduce and symmetric-memory buffers): shown, never subtracted; it sits in the headroom.
     """
 
     request: PlanRequest
@@ -120,6 +123,7 @@ class MemoryPlan:
     model_weight_bytes: int
     kv_cache: KVPool
     workload: "WorkloadCheck | None" = None
+    before_snapshot: Term | None = None
 
     # ---------------------------------------------------------------- exact figures
     @property

@@ -7,6 +7,7 @@ turns GiB into bytes. A variant of a plan (another TP degree, fp8 KV) is
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import InvalidArgumentError
@@ -78,7 +79,8 @@ class PlanRequest:
         headroom = self.reserved.headroom or 0
         if self.mem_fraction is None:
             return self.total_bytes - headroom, headroom
-        budget = int(self.total_bytes * self.mem_fraction) - headroom
+        # vLLM 0.19 v1/worker/utils.py request_memory: ceil(total x gpu_memory_utilization)
+        budget = math.ceil(self.total_bytes * self.mem_fraction) - headroom
         return budget, self.total_bytes - budget
 
     def pipeline_link(self) -> Interconnect:

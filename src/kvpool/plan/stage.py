@@ -9,15 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .activation import activation_bytes
-from .comm import nccl_buffer_bytes, staging_bytes
+from .comm import staging_bytes
 from .dtypes import DTYPES
 from .kv import KVShardLayout, kv_shard_layout
 from .request import PlanRequest
 from .units import GIB, MIB
+from .nccl_buffers import connection_bytes
+from .vllm_comm import NonTorch, coll_channels, nontorch
 from .weights import shard_weight_bytes
 
 CUDA_GRAPH_MAX_BATCH = 512  # vLLM captures decode graphs up to this batch size
-CUBLAS_WORKSPACE = 32 * MIB  # torch's cuBLAS workspace on Hopper (4 MiB x 8 on older cards; we take the larger)
+# torch's cuBLAS(Lt) workspace on Hopper: allocated by torch's caching allocator, so vLLM counts it in its torch
+# peak (the activation term), not in the non-torch memory; kept for readers of the earlier overhead term
+CUBLAS_WORKSPACE = 32 * MIB
 
 
 @dataclass(frozen=True)
@@ -113,34 +117,66 @@ def activation_term(req: PlanRequest, last: bool) -> Term:
     return _term("activation", parts["peak"], how, parts, req.reserved.activation)
 
 
-def comm_term(req: PlanRequest) -> Term:
-    """NCCL's buffers for the TP group (and the pipeline's send/recv), plus all-reduce staging."""
-    nccl, tp = req.nccl, req.tp
-    nccl_tp = nccl_buffer_bytes(tp, req.link, nccl)
-    nccl_pp = nccl_buffer_bytes(2, req.pipeline_link(), nccl)["protocol_buffers"] if req.pp > 1 else 0
-    staging = staging_bytes(req.spec.hidden_size, req.max_seqs, DTYPES[req.serving_dtype].bytes, nccl) if tp > 1 else 0
-    if tp > 1:
-        how = (f"NCCL {nccl_tp['channels']} channels × {nccl.peers} peers × ({'+'.join(nccl.protocols)}) = "
-               f"{nccl_tp['protocol_buffers'] / GIB:.2f}" + (f", NVLS {nccl_tp['nvls'] / GIB:.2f}" if nccl_tp["nvls"] else "")
-               + f", staging {staging / GIB:.3f}")
+def comm_term(req: PlanRequest, nt: NonTorch | None = None) -> Term:
+    """Communication memory vLLM 0.19 allocates AFTER its start-up snapshot (`kvpool.plan.vllm_comm`): torch's
+    NCCL communicator of the TP group, NVLS buffers, FlashInfer's all-reduce fusion workspace."""
+    nt = nt or nontorch(req)
+    after = nt.after_comm
+    torch_comm = next((c for c in nt.communicators if not c.before_snapshot), None)
+    staging = staging_bytes(req.spec.hidden_size, req.max_seqs, DTYPES[req.serving_dtype].bytes, req.nccl)
+    staging = staging if req.tp > 1 else 0
+    if torch_comm is None:
+        how = "no TP communicator (one GPU per stage); pipeline communicators exist before vLLM's snapshot"
+        nccl_tp = {"channels": 0, "setup": 0, "protocol_buffers": 0, "nvls": 0, "total": 0}
     else:
-        how = "no TP all-reduce (one GPU per stage)"
-    if nccl_pp:
-        how += f", pipeline send/recv {nccl_pp / GIB:.2f}"
-    parts = {"nccl_tp": nccl_tp, "nccl_pp": nccl_pp, "staging": staging}
-    return _term("comm", nccl_tp["total"] + nccl_pp + staging, how, parts, req.reserved.comm)
+        channels = coll_channels(req)
+        nccl_tp = {"channels": channels, "setup": torch_comm.setup, "protocol_buffers": torch_comm.ring,
+                   "nvls": after["nvls_buffers"], "total": torch_comm.total + after["nvls_buffers"]}
+        how = (f"torch's NCCL comm {torch_comm.total / GIB:.2f} (set-up {torch_comm.setup / GIB:.2f} + ring "
+               f"{channels} ch × {_pair(req) >> 20} MiB of LL+LL128+Simple)"
+               + (f", NVLS {after['nvls_buffers'] / GIB:.2f}" if after["nvls_buffers"] else "")
+               + (f", FlashInfer AR-fusion workspace {after['flashinfer_workspace'] / GIB:.2f}"
+                  if after["flashinfer_workspace"] else "")
+               + (f", staging {staging / GIB:.3f}" if staging else ""))
+    parts = {"nccl_tp": nccl_tp, "nccl_pp": 0, "staging": staging, "nvls_buffers": after["nvls_buffers"],
+             "flashinfer_workspace": after["flashinfer_workspace"]}
+    return _term("comm", nt.after_comm_bytes + staging, how, parts, req.reserved.comm)
 
 
-def overhead_term(req: PlanRequest) -> Term:
-    """Memory outside torch's tensors: the CUDA context, cuBLAS's workspace, the CUDA-graph pool."""
+def _pair(req: PlanRequest) -> int:
+    """One ring channel's receive + send connection on this GPU."""
+    read = req.gpu.compute_capability == "8.0" and req.link.name.startswith("NVLink")
+    return connection_bytes(req.nccl.buffer_sizes(read)).pair * (req.nccl.peers // 2)
+
+
+def overhead_term(req: PlanRequest, nt: NonTorch | None = None) -> Term:
+    """Memory outside torch that vLLM's profile run adds besides communication: lazily loaded kernels and
+    library handles. The CUDA context exists before vLLM's snapshot (`before_snapshot_term`); CUDA graphs are
+    captured after the KV cache is sized; cuBLAS's workspace is torch memory (the activation term)."""
+    nt = nt or nontorch(req)
     graphs = 0
-    if req.cuda_graphs:  # the graph pool keeps the activations of the largest captured decode batch
+    if req.cuda_graphs:  # shown only: the graph pool comes out of the headroom after the KV cache is allocated
         graphs = activation_bytes(req.spec, req.tp, min(req.max_seqs, CUDA_GRAPH_MAX_BATCH), req.max_seqs,
                                   DTYPES[req.serving_dtype].bytes, last_stage=False)["peak"]
-    parts = {"cuda_context": req.cuda_context_bytes, "cublas_workspace": CUBLAS_WORKSPACE, "cuda_graphs": graphs}
-    how = (f"context {req.cuda_context_bytes / GIB:.2f} + cuBLAS {CUBLAS_WORKSPACE / GIB:.2f} + graph pool "
-           f"{graphs / GIB:.2f}")
-    return _term("overhead", sum(parts.values()), how, parts, req.reserved.overhead)
+    parts = {"lazy_kernels": nt.after_kernels, "cuda_context": 0, "cublas_workspace": 0, "cuda_graphs": 0,
+             "cuda_graphs_after_kv_estimate": graphs}
+    how = (f"kernels and library handles loaded by the profile run {nt.after_kernels / GIB:.2f} "
+           "(vLLM's tp-1 reading); context before the snapshot, graphs after the KV cache")
+    return _term("overhead", nt.after_kernels, how, parts, req.reserved.overhead)
+
+
+def before_snapshot_term(req: PlanRequest, nt: NonTorch | None = None) -> Term:
+    """What exists before vLLM's start-up snapshot (CUDA context, communicator set-up): shown, never subtracted
+    (vLLM's KV arithmetic measures from that snapshot, so it sits in the ``1 - util`` headroom)."""
+    nt = nt or nontorch(req)
+    b = nt.before
+    how = f"CUDA context {b['cuda_context'] / GIB:.2f}"
+    if b["nccl_communicators"]:
+        names = ", ".join(c.name for c in nt.communicators if c.before_snapshot)
+        how += f" + NCCL {b['nccl_communicators'] / GIB:.2f} ({names}: set-up + ring)"
+    if b["custom_allreduce"] or b["symm_mem"]:
+        how += f" + custom all-reduce {b['custom_allreduce'] / GIB:.2f} + symmetric memory {b['symm_mem'] / GIB:.2f}"
+    return Term("before_snapshot", nt.before_bytes, how, nt.before_bytes, False, dict(b))
 
 
 def plan_stage(req: PlanRequest, index: int, layers: range, budget: int, shared: tuple[Term, Term],
@@ -158,4 +194,4 @@ def plan_stage(req: PlanRequest, index: int, layers: range, budget: int, shared:
 
 
 __all__ = ["Term", "StageMemory", "stage_layers", "plan_stage", "weights_term", "activation_term", "comm_term",
-           "overhead_term", "CUDA_GRAPH_MAX_BATCH", "CUBLAS_WORKSPACE"]
+           "overhead_term", "before_snapshot_term", "CUDA_GRAPH_MAX_BATCH", "CUBLAS_WORKSPACE"]

@@ -18,8 +18,8 @@ def predict(spec: Any, *, tp: int, total_bytes: int, mem_fraction: float, headro
     Returns
     -------
     (dict or None, str or None)
-        ``weights_bytes, activation_bytes, comm_bytes, overhead_bytes, non_torch_bytes, kv_bytes,
-        bytes_per_block, num_blocks`` (the plan's exact bytes) and the plan's ``to_dict()`` under ``plan``;
+        ``weights_bytes, activation_bytes, comm_bytes, overhead_bytes, before_snapshot_bytes, non_torch_bytes,
+        kv_bytes, bytes_per_block, num_blocks`` (the plan's exact bytes) and the plan's ``to_dict()`` under ``plan``;
         or None and the planner's error message.
     """
     from ..plan.memory import make_request, plan_request
@@ -41,7 +41,9 @@ def predict(spec: Any, *, tp: int, total_bytes: int, mem_fraction: float, headro
         "activation_bytes": terms["activation"],
         "comm_bytes": terms["comm"],
         "overhead_bytes": terms["overhead"],
-        "non_torch_bytes": terms["comm"] + terms["overhead"],
+        # what a rank measures outside torch: the plan's comm + overhead and what exists before vLLM's snapshot
+        "before_snapshot_bytes": plan.before_snapshot.bytes,
+        "non_torch_bytes": terms["comm"] + terms["overhead"] + plan.before_snapshot.bytes,
         "kv_bytes": plan.kv_cache.kv_bytes_per_gpu,
         "bytes_per_block": plan.kv_cache.bytes_per_block_per_gpu,
         "num_blocks": plan.num_blocks,
