@@ -84,7 +84,7 @@ def test_plan_explanations_wrap_but_stay_whole(capsys, monkeypatch):
     words = " ".join(out.split())
     # the "how it is computed" text is still all there, wrapped rather than cut
     assert "sampler for 256 seqs × 128,256 vocab" in words
-    assert "NCCL 16 channels × 2 peers × (LL+LL128+Simple)" in words
+    assert "ring 24 ch × 12 MiB of LL+LL128+Simple" in words
 
 
 def _env(**extra):

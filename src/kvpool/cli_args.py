@@ -86,13 +86,15 @@ def _add_memory_args(p: argparse.ArgumentParser, max_model_len: bool = True) -> 
     r.add_argument("--weights-gib", type=float, metavar="GIB", help="reserve this for weights")
     r.add_argument("--activation-gib", type=float, metavar="GIB", help="reserve this for activations")
     r.add_argument("--comm-gib", type=float, metavar="GIB", help="reserve this for communication buffers")
-    r.add_argument("--overhead-gib", type=float, metavar="GIB", help="reserve this for CUDA context, workspaces, graphs")
+    r.add_argument("--overhead-gib", type=float, metavar="GIB", help="reserve this for the non-torch memory vLLM's profile run adds besides "
+                   "communication (lazily loaded kernels)")
     r.add_argument("--headroom", dest="headroom_gib", type=float, metavar="GIB", help="keep this many GiB free")
-    r.add_argument("--cuda-context-mib", type=int, metavar="MIB", help="measured CUDA context size in MiB")
+    r.add_argument("--cuda-context-mib", type=int, metavar="MIB", help="measured non-torch MiB after a forward at tp 1 (CUDA context + kernels); "
+                   "its context part exists before vLLM's snapshot")
     n = p.add_argument_group("NCCL (default: the NCCL_* environment, else NCCL's defaults)")
     n.add_argument("--nccl-buffsize", type=int, metavar="BYTES", help="NCCL_BUFFSIZE (default 4 MiB)")
     n.add_argument("--nccl-channels", type=int, metavar="N",
-                   help="NCCL_MAX_NCHANNELS (default 16 on NVLink, 2 on PCIe)")
+                   help="NCCL's collective channels, NCCL_MAX_NCHANNELS (default 24 on NVLink, 2 on PCIe)")
     n.add_argument("--nccl-proto", metavar="PROTOS", help="NCCL_PROTO, e.g. ^LL128 (default LL,LL128,Simple)")
     n.add_argument("--nvls", dest="nvls", action="store_true", default=None,
                    help="count NVLink SHARP buffers (default: on NVLink 4/5 with more than 2 ranks)")

@@ -10,7 +10,7 @@ from .plan.units import GIB, gib
 
 # (per-GPU term, legend label, colour), bottom to top of a bar; the keys of MemoryPlan.to_dict()'s per_gpu
 PLAN_TERMS = (("weights_gib", "weights", "#4c72b0"), ("activation_gib", "activation peak", "#dd8452"),
-              ("comm_gib", "communication", "#c44e52"), ("overhead_gib", "CUDA context, workspaces, graphs", "#8172b3"),
+              ("comm_gib", "communication", "#c44e52"), ("overhead_gib", "kernels loaded lazily", "#8172b3"),
               ("kv_cache_gib", "KV cache", "#55a868"), ("headroom_gib", "headroom (not used)", "#cccccc"))
 SMALL_TERMS = ("activation_gib", "comm_gib", "overhead_gib")  # under a GiB: slivers on a bar, so a panel of their own
 

@@ -33,18 +33,23 @@ def _gib(nbytes: float) -> str:
 
 
 _TERM_LABELS = {"weights": "weights", "activation": "activation peak", "comm": "communication",
-                "overhead": "CUDA context, workspaces, graphs"}
+                "overhead": "kernels loaded lazily"}
 
 
 def _memory_rows(plan) -> list[list[str]]:
     """The tightest stage's terms (the planner's own account of each), the KV rest, headroom and total."""
     rows = [[_TERM_LABELS[t.name], _gib(t.bytes), f"[yellow]given[/] (computed {_gib(t.computed)})" if t.given else t.how]
             for t in plan.tight.terms]
-    return rows + [
+    rows += [
         ["[bold green]KV cache[/]", f"[bold green]{_gib(plan.tight.kv_bytes)}[/]", "what is left of the budget"],
         ["headroom (not used)", _gib(plan.headroom_bytes), "total − budget"],
-        ["total", _gib(plan.total_bytes), ""],
     ]
+    before = plan.before_snapshot
+    if before is not None and before.bytes:
+        where = ("inside the headroom (vLLM measures from its snapshot)" if plan.request.mem_fraction is not None
+                 else "not in vLLM's budget arithmetic")
+        rows.append(["  before vLLM's snapshot", _gib(before.bytes), f"{before.how}; {where}"])
+    return rows + [["total", _gib(plan.total_bytes), ""]]
 
 
 def _kv_rows(plan, spec) -> list[list[str]]:
@@ -175,11 +180,12 @@ def render_comm(rep) -> None:
          f"all-reduces per forward pass (2 per layer + embedding)",
          indented(f"bytes per all-reduce: decode batch {rep['batch']} → {rep['bytes_per_allreduce_decode']:,} B; "
                   f"prefill step → {rep['bytes_per_allreduce_prefill']:,} B"),
-         indented(f"NCCL memory per GPU: {m['nccl_channels']} channels → protocol buffers "
-                  f"{m['nccl_protocol_buffers_bytes'] / (1 << 20):,.1f} MiB, NVLS {m['nccl_nvls_bytes'] / (1 << 20):,.1f} "
-                  f"MiB, staging {m['staging_bytes'] / (1 << 20):,.1f} MiB"
-                  + (f", pipeline {m['nccl_pp_bytes'] / (1 << 20):,.1f} MiB" if m["nccl_pp_bytes"] else "")
-                  + f" = {m['comm_gib']:.3f} GiB"))
+         indented(f"memory per GPU after vLLM's snapshot: torch's NCCL comm {m['nccl_channels']} channels → set-up "
+                  f"{m['nccl_setup_bytes'] / (1 << 20):,.0f} MiB + ring {m['nccl_protocol_buffers_bytes'] / (1 << 20):,.0f}"
+                  f" MiB, NVLS {m['nccl_nvls_bytes'] / (1 << 20):,.0f} MiB, FlashInfer AR-fusion workspace "
+                  f"{m['flashinfer_workspace_bytes'] / (1 << 20):,.0f} MiB"
+                  + (f", staging {m['staging_bytes'] / (1 << 20):,.1f} MiB" if m["staging_bytes"] else "")
+                  + f" = {m['comm_gib']:.3f} GiB; before it (headroom) {m['before_snapshot_bytes'] / (1 << 30):.2f} GiB"))
     cols = [Col("link", "text"), Col("GB/s/dir"), Col("all-reduce decode µs"), Col("all-reduce prefill µs"),
             Col("comm/step ms"), Col("step ms"), Col("comm share"), Col("decode tok/s"), Col("vs first")]
     rows = [[r["name"], f"{r['gbps']:g}", f"{r['allreduce_decode_us']:.1f}", f"{r['allreduce_prefill_us']:,.0f}",
