@@ -160,8 +160,8 @@ def overhead_term(req: PlanRequest, nt: NonTorch | None = None) -> Term:
                                   DTYPES[req.serving_dtype].bytes, last_stage=False)["peak"]
     parts = {"lazy_kernels": nt.after_kernels, "cuda_context": 0, "cublas_workspace": 0, "cuda_graphs": 0,
              "cuda_graphs_after_kv_estimate": graphs}
-    how = (f"kernels and library handles loaded by the profile run {nt.after_kernels / GIB:.2f} "
-           "(vLLM's tp-1 reading); context before the snapshot, graphs after the KV cache")
+    how = (f"kernels and library handles the profile run loads {nt.after_kernels / GIB:.2f} (vLLM's tp-1 "
+           "reading); graphs come after the KV cache")
     return _term("overhead", nt.after_kernels, how, parts, req.reserved.overhead)
 
 
@@ -174,8 +174,8 @@ def before_snapshot_term(req: PlanRequest, nt: NonTorch | None = None) -> Term:
     if b["nccl_communicators"]:
         names = ", ".join(c.name for c in nt.communicators if c.before_snapshot)
         how += f" + NCCL {b['nccl_communicators'] / GIB:.2f} ({names}: set-up + ring)"
-    if b["custom_allreduce"] or b["symm_mem"]:
-        how += f" + custom all-reduce {b['custom_allreduce'] / GIB:.2f} + symmetric memory {b['symm_mem'] / GIB:.2f}"
+    for key, label in (("custom_allreduce", "custom all-reduce"), ("symm_mem", "symmetric memory")):
+        how += f" + {label} {b[key] / GIB:.2f}" if b[key] else ""
     return Term("before_snapshot", nt.before_bytes, how, nt.before_bytes, False, dict(b))
 
 
