@@ -97,6 +97,19 @@ GPUS = {
     "rtx-3090": GPU("GeForce-RTX-3090", 24576, 936, 71, 0, "pcie4", 384, compute_capability="8.6"),
 }
 
+# Streaming multiprocessors per card, by GPU name (vLLM's Triton top-k/top-p sampler keeps one float32
+# vocabulary row per program, one program per SM at most). NVIDIA whitepapers: A100 (GA100) 108; H100 SXM5
+# 132, PCIe 114, NVL 132; H200 132; B200 148 (Blackwell datasheet); L4 58, L40S 142, RTX 4090 128 (Ada
+# whitepaper); A10 72, RTX 3090 82 (GA102 whitepaper).
+SM_COUNTS = {"A100-SXM4-40GB": 108, "A100-SXM4-80GB": 108, "H100-SXM5-80GB": 132, "H100-PCIe-80GB": 114,
+             "H100-NVL-94GB": 132, "H200-SXM-141GB": 132, "B200-180GB": 148, "L4-24GB": 58, "L40S-48GB": 142,
+             "A10-24GB": 72, "GeForce-RTX-4090": 128, "GeForce-RTX-3090": 82}
+
+
+def sm_count(gpu: GPU) -> int:
+    """The card's streaming multiprocessors (132, an H100's, for a GPU not in `SM_COUNTS`)."""
+    return SM_COUNTS.get(gpu.name, 132)
+
 
 @dataclass(frozen=True)
 class Interconnect:
