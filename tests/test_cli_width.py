@@ -83,7 +83,7 @@ def test_plan_explanations_wrap_but_stay_whole(capsys, monkeypatch):
     out = capsys.readouterr().out
     words = " ".join(out.split())
     # the "how it is computed" text is still all there, wrapped rather than cut
-    assert "sampler for 256 seqs × 128,256 vocab" in words
+    assert "peak in sampler: 256 rows × 128,256 vocab" in words
     assert "ring 24 ch × 12 MiB of LL+LL128+Simple" in words
 
 

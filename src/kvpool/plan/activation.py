@@ -1,86 +1,150 @@
-"""Peak activation memory of one TP rank, derived from the layer shapes.
+"""The activation term: vLLM 0.19's ``torch_peak_increase``, phase by phase.
 
-Assumptions (the ones vLLM's profile run measures):
+vLLM subtracts from the KV budget the peak of torch-allocated bytes during ``GPUModelRunner.profile_run()``
+above what was allocated before it (vllm/v1/worker/gpu_worker.py: ``determine_available_memory``;
+vllm/utils/mem_utils.py: ``memory_profiling`` resets the peak statistics first). ``profile_run`` runs,
+in order, on each rank:
 
-- one prefill step of ``tokens`` tokens (``--max-batched-tokens``), in inference mode: a layer's
-  intermediates are freed before the next layer runs, so the peak is the largest single layer's, on top
-  of the residual stream and the layer's input/output hidden states (2 x tokens x hidden);
-- attention backend: FlashAttention-style (FlashAttention-2/3 or FlashInfer prefill): no
-  ``tokens x tokens`` score matrix, only the output and a float32 log-sum-exp per token and head;
-- MLP: gate and up projections fused (``[tokens, 2 x intermediate / tp]``) then SiLU-and-mul;
-- MoE: fused-MoE with top-k routing: router logits (float32), top-k weights and ids, and three
-  intermediate caches ``[chunk, k, 2I/tp]``, ``[chunk, k, I/tp]``, ``[chunk, k, hidden]``, with tokens
-  processed in chunks of ``MOE_CHUNK_TOKENS`` (vLLM's ``VLLM_FUSED_MOE_CHUNK_SIZE``);
-- MLA prefill decompresses the latent: q, latent, kv_b output, assembled k, and the output;
-- sampler: logits for ``max_seqs`` sequences (one sampled token each) in the model dtype, then
-  float32 logits and float32 probabilities over the full vocabulary.
+1. ``encoder`` (multimodal models): a batch of dummy images through the vision tower, outputs kept in
+   ``encoder_cache`` until the end (`kvpool.plan.activation_encoder`);
+2. the dummy prefill of ``max_num_batched_tokens`` tokens: ``prefill mlp`` (dense layers, which run
+   first where a MoE model has them), ``prefill moe`` (it leaves the fused-MoE workspace allocated),
+   ``prefill attention`` (`kvpool.plan.activation_prefill`);
+3. ``sampler``: the sampler warm-up of ``min(max_num_seqs, max_num_batched_tokens)`` rows over the full
+   vocabulary, on the last pipeline stage (`kvpool.plan.activation_sampler`).
 
-The forward and the sampler run one after the other; the reported peak is the larger of the forward
-peak and (the final hidden states + the sampler).
+The peak is the max over phases of what the earlier phases keep plus the phase's own largest moment.
+Worked example, Llama-3.1-8B at tp 1, 8,192 tokens, 1,024 sequences, bf16, 132 SMs: prefill 0.84 GiB
+(the MLP's act-and-mul), sampler 1.85 GiB (1,024 x 128,256 logits: bf16 + three float32 tensors, the
+Triton top-k buffer and the held hidden states), so the sampler sets the peak:
+
+>>> from kvpool.plan.model import load_model_spec
+>>> peak = profile_run_peak(load_model_spec("llama-3.1-8b"), ProfileShape(tokens=8192, seqs=1024))
+>>> peak.deciding.name, peak.bytes, round(peak.bytes / 2**30, 2)
+('sampler', 1990283264, 1.85)
 """
 from __future__ import annotations
 
-MOE_CHUNK_TOKENS = 32 * 1024
+from dataclasses import dataclass
+
+from .activation_encoder import encoder_phase, profiled_items
+from .activation_phase import Phase, ProfileShape
+from .activation_prefill import attention_phase, dense_mlp_phase, mla_workspace_tokens, moe_phase
+from .activation_sampler import TRITON_TOPK_MIN_ROWS, sampler_phase, topk_buffer_rows
+from .dtypes import DTYPES
+from .hardware import sm_count
 
 
-def _attention_peak(spec, tp: int, t: int, b: int) -> int:
-    h = spec.hidden_size
-    heads = spec.num_attention_heads // tp
-    lse = t * heads * 4
+@dataclass(frozen=True)
+class ActivationPeak:
+    """The profile run's phases in order and the peak they reach.
+
+    ``at[i]`` is the bytes allocated at phase i's largest moment: what phases 0..i-1 keep plus its ``live``.
+    """
+
+    phases: tuple[Phase, ...]
+    at: tuple[int, ...]
+
+    @property
+    def bytes(self) -> int:
+        return max(self.at)
+
+    @property
+    def deciding(self) -> Phase:
+        return self.phases[self.at.index(self.bytes)]
+
+    def phase_bytes(self, name: str) -> int:
+        """Bytes at the named phase's largest moment (0 when the run has no such phase)."""
+        return next((a for p, a in zip(self.phases, self.at) if p.name == name), 0)
+
+
+def profile_phases(spec, shape: ProfileShape) -> tuple[Phase, ...]:
+    """The phases of vLLM's ``profile_run`` for this model and shape, in the order they run."""
+    phases = []
+    if getattr(spec, "vision", None) is not None:
+        phases.append(encoder_phase(spec.vision, shape))
+    if spec.num_layers > spec.num_moe_layers:
+        phases.append(dense_mlp_phase(spec, shape))
+    if spec.is_moe:
+        phases.append(moe_phase(spec, shape))
+    phases.append(attention_phase(spec, shape))  # after MoE: later layers' attention runs beside its workspace
+    if shape.last_stage:
+        phases.append(sampler_phase(spec, shape))
+    return tuple(phases)
+
+
+def peak_of(phases: tuple[Phase, ...]) -> ActivationPeak:
+    """The running peak: each phase's moment on top of what the earlier phases keep.
+
+    >>> peak_of((Phase("a", 10, kept=4), Phase("b", 7), Phase("c", 3, kept=3))).at
+    (10, 11, 7)
+    """
+    at, kept = [], 0
+    for phase in phases:
+        at.append(kept + phase.live)
+        kept += phase.kept
+    return ActivationPeak(tuple(phases), tuple(at))
+
+
+def profile_run_peak(spec, shape: ProfileShape) -> ActivationPeak:
+    """vLLM's ``torch_peak_increase`` for ``spec`` on one rank, with its phases."""
+    return peak_of(profile_phases(spec, shape))
+
+
+def profile_shape(req, last: bool) -> ProfileShape:
+    """What sizes vLLM's profile run on one rank of a `PlanRequest` (the last stage runs the sampler)."""
+    return ProfileShape(tokens=req.max_batched_tokens, seqs=req.max_seqs, tp=req.tp,
+                        dtype_bytes=DTYPES[req.serving_dtype].bytes, sm_count=sm_count(req.gpu),
+                        max_model_len=req.max_model_len, block_size=req.block_size, last_stage=last)
+
+
+def activation_bytes(spec, tp: int, tokens: int, max_seqs: int, dtype_bytes: int, last_stage: bool = True,
+                     sm_count: int = 132) -> dict:
+    """The profile-run peak as a dict of bytes: each phase's moment (``at``), ``forward_peak`` (the largest
+    prefill phase), ``sampler`` and ``peak``. Kept for callers sizing another batch (the CUDA-graph pool)."""
+    shape = ProfileShape(tokens=tokens, seqs=min(max_seqs, tokens), tp=tp, dtype_bytes=dtype_bytes,
+                         sm_count=sm_count, last_stage=last_stage)
+    return peak_parts(profile_run_peak(spec, shape))
+
+
+def peak_parts(peak: ActivationPeak) -> dict:
+    """``{phase name: bytes at its moment, "forward_peak", "sampler", "kept_<phase>", "peak"}`` (ints)."""
+    parts = {p.name.replace(" ", "_"): a for p, a in zip(peak.phases, peak.at)}
+    parts.update({f"kept_{p.name.replace(' ', '_')}": p.kept for p in peak.phases if p.kept})
+    prefill = [a for p, a in zip(peak.phases, peak.at) if p.name.startswith("prefill")]
+    return {**parts, "forward_peak": max(prefill), "sampler": peak.phase_bytes("sampler"), "peak": peak.bytes}
+
+
+def activation_assumptions(spec, shape: ProfileShape, eager: bool = False) -> list[str]:
+    """What the activation term takes as given, and where it stays uncertain, one line each."""
+    rows = shape.sampler_rows
+    out = [f"activation: vLLM 0.19 profile_run's torch peak: prefill of {shape.tokens:,} tokens through the "
+           f"compiled graph with no attention kernel (no KV writes, no TxT scores), then the sampler warm-up of "
+           f"{rows:,} rows; derived from vLLM's source, not measured (Inductor's buffer reuse taken as "
+           f"freed-after-last-use" + ("; --enforce-eager's custom-op kernels differ by about one [T, hidden]"
+                                     if eager else "") + ")"]
+    if shape.last_stage:
+        out.append("sampler: the default path (FlashInfer sampling is opt-in): fp32 logits, softmax and exponential "
+                   + ("in [rows, vocab] + the Triton top-k/top-p buffer of "
+                      f"{topk_buffer_rows(rows, shape.sm_count)} rows, kept" if rows >= TRITON_TOPK_MIN_ROWS
+                      else "with PyTorch's sort for top-k/top-p (under 8 rows)"))
+    if spec.is_moe and spec.quant_method == "mxfp4":
+        out.append("MoE: gpt-oss MXFP4 as on SM90 (triton_kernels matmul_ogs, no workspace); Blackwell's "
+                   "FlashInfer TRT-LLM and A100's Marlin MoE are not modelled")
+    elif spec.is_moe:
+        out.append("MoE: vLLM's Triton fused-MoE workspace sized for all tokens, kept after the first MoE layer"
+                   + ("; a quantized checkpoint's MoE kernel (DeepGEMM, CUTLASS, Marlin) may size it otherwise"
+                      if spec.quant_method else ""))
     if spec.is_mla:
-        q_dim = spec.qk_nope_head_dim + spec.qk_rope_head_dim
-        q_a = t * spec.q_lora_rank * b if spec.q_lora_rank else 0
-        q = t * heads * q_dim * b
-        latent = t * (spec.kv_lora_rank + spec.qk_rope_head_dim) * b
-        kv = t * heads * (spec.qk_nope_head_dim + spec.v_head_dim) * b
-        k = t * heads * q_dim * b
-        out = t * heads * spec.v_head_dim * b
-        return max(t * h * b + q_a + latent, q + latent + kv + k + out + lse, out + t * h * b)
-    kv_heads = max(1, spec.num_kv_heads // tp)
-    normed = t * h * b
-    qkv = t * (heads * spec.head_dim + kv_heads * (spec.head_dim + spec.v_head_dim)) * b
-    out = t * heads * spec.v_head_dim * b
-    o = t * h * b
-    return max(normed + qkv, qkv + out + lse, out + o)
+        out.append(f"MLA: the profile's stand-in decompressed K/V of {mla_workspace_tokens(shape):,} tokens "
+                   "(chunked-prefill workspace size)")
+    if getattr(spec, "vision", None) is not None:
+        out.append(f"encoder: {profiled_items(spec.vision, shape)} dummy images through the vision tower, "
+                   "eagerly; pixels and outputs kept in encoder_cache until the sampler ends")
+    elif getattr(spec, "vision_uncounted", ""):
+        out.append(f"encoder: the {spec.vision_uncounted} tower's profile is not modelled (activation too low)")
+    return out
 
 
-def _mlp_peak(h: int, inter_shard: int, t: int, b: int) -> int:
-    gate_up, act, down, normed = t * 2 * inter_shard * b, t * inter_shard * b, t * h * b, t * h * b
-    return max(normed + gate_up, gate_up + act, act + down)
-
-
-def _moe_peak(spec, tp: int, t: int, b: int) -> int:
-    h, e, k = spec.hidden_size, spec.num_experts, spec.num_experts_per_tok
-    inter = -(-spec.moe_intermediate_size // tp)
-    chunk = min(t, MOE_CHUNK_TOKENS)
-    router = t * e * 4 + t * k * 8  # float32 logits, float32 weights + int32 ids
-    caches = chunk * k * (2 * inter + inter + h) * b
-    out = t * h * b
-    shared_inter = spec.moe_intermediate_size * spec.num_shared_experts + spec.shared_expert_intermediate_size
-    shared = _mlp_peak(h, -(-shared_inter // tp), t, b) if shared_inter else 0
-    return t * h * b + router + max(caches + out, shared + out)
-
-
-def forward_peak_bytes(spec, tp: int, tokens: int, dtype_bytes: int) -> dict:
-    """Peak bytes of a forward pass over ``tokens`` tokens on one TP rank, by phase."""
-    t, b, h = tokens, dtype_bytes, spec.hidden_size
-    residual = 2 * t * h * b  # residual stream + current hidden states
-    attn = _attention_peak(spec, tp, t, b)
-    mlp = _mlp_peak(h, -(-spec.intermediate_size // tp), t, b) if spec.num_layers > spec.num_moe_layers else 0
-    moe = _moe_peak(spec, tp, t, b) if spec.is_moe else 0
-    return {"residual": residual, "attention": attn, "mlp": mlp, "moe": moe,
-            "peak": residual + max(attn, mlp, moe)}
-
-
-def sampler_bytes(spec, max_seqs: int, dtype_bytes: int) -> int:
-    """Logits of ``max_seqs`` sampled rows: model-dtype logits, float32 logits, float32 probabilities."""
-    return max_seqs * spec.vocab_size * (dtype_bytes + 4 + 4)
-
-
-def activation_bytes(spec, tp: int, tokens: int, max_seqs: int, dtype_bytes: int, last_stage: bool = True) -> dict:
-    """Activation peak of one rank: max(forward peak, final hidden + sampler) for the last PP stage."""
-    fwd = forward_peak_bytes(spec, tp, tokens, dtype_bytes)
-    sampler = sampler_bytes(spec, min(max_seqs, tokens), dtype_bytes) if last_stage else 0
-    after = tokens * spec.hidden_size * dtype_bytes + sampler
-    return {**{f"forward_{k}": v for k, v in fwd.items()}, "sampler": sampler,
-            "peak": max(fwd["peak"], after)}
+__all__ = ["ActivationPeak", "activation_assumptions", "Phase", "ProfileShape", "profile_phases", "profile_run_peak", "peak_of",
+           "peak_parts", "profile_shape", "activation_bytes"]

@@ -5,14 +5,11 @@ values are the JSON contract (pinned by ``tests/test_plan_golden.py``).
 """
 from __future__ import annotations
 
+from .activation import activation_assumptions, profile_shape
 from .units import MIB, gib
 from .vllm_comm import nontorch
 from .weights import weights_assumptions
 
-ASSUMPTIONS = (
-    "activation: FlashAttention-style prefill of max_batched_tokens tokens (no TxT scores), largest layer live",
-    "sampler: max_seqs rows of logits (model dtype + fp32 logits + fp32 probs)",
-)
 
 
 def kv_cache_dict(kv) -> dict:
@@ -106,7 +103,7 @@ def assumptions(plan) -> list[str]:
     req = plan.request
     nccl_tp = plan.term("comm").parts["nccl_tp"]
     out = [
-        *ASSUMPTIONS,
+        *activation_assumptions(req.spec, profile_shape(req, plan.tight.index == req.pp - 1), not req.cuda_graphs),
         f"overhead: kernels loaded after vLLM's snapshot ~{plan.term('overhead').computed // MIB} MiB (vLLM's tp-1 "
         "reading on H100, an estimate elsewhere); CUDA context "
         f"{req.cuda_context_bytes // MIB} MiB after a forward, its rest before the snapshot (headroom)",

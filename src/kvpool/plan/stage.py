@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .activation import activation_bytes
+from .activation import activation_bytes, peak_parts, profile_run_peak, profile_shape
 from .comm import staging_bytes
 from .dtypes import DTYPES
 from .kv import KVShardLayout, kv_shard_layout
@@ -108,13 +108,11 @@ def weights_term(req: PlanRequest, layers: range, first: bool, last: bool, model
 
 
 def activation_term(req: PlanRequest, last: bool) -> Term:
-    """The activation peak of one prefill step (and, on the last stage, the sampler)."""
-    spec = req.spec
-    parts = activation_bytes(spec, req.tp, req.max_batched_tokens, req.max_seqs, DTYPES[req.serving_dtype].bytes,
-                             last_stage=last)
-    how = (f"max(prefill of {req.max_batched_tokens:,} tokens {parts['forward_peak'] / GIB:.2f}, sampler for "
-           f"{req.max_seqs} seqs × {spec.vocab_size:,} vocab {parts['sampler'] / GIB:.2f} + hidden)")
-    return _term("activation", parts["peak"], how, parts, req.reserved.activation)
+    """vLLM's ``torch_peak_increase``: the largest moment of its profile run (`kvpool.plan.activation`)."""
+    peak = profile_run_peak(req.spec, profile_shape(req, last))
+    phases = ", ".join(f"{p.name} {a / GIB:.2f}" for p, a in zip(peak.phases, peak.at))
+    how = f"profile run: {phases}; peak in {peak.deciding.name}: {peak.deciding.moment}"
+    return _term("activation", peak.bytes, how, peak_parts(peak), req.reserved.activation)
 
 
 def comm_term(req: PlanRequest, nt: NonTorch | None = None) -> Term:
