@@ -58,15 +58,25 @@ class ActivationPeak:
         return next((a for p, a in zip(self.phases, self.at) if p.name == name), 0)
 
 
+def _dense_after_moe(spec) -> bool:
+    """Whether a dense-MLP layer runs after the first MoE layer (Qwen-MoE ``mlp_only_layers``), i.e. beside
+    the fused-MoE workspace; DeepSeek's dense layers come first."""
+    kinds = [spec.is_moe_layer(i) for i in range(spec.num_layers)]
+    return True in kinds and False in kinds[kinds.index(True):]
+
+
 def profile_phases(spec, shape: ProfileShape) -> tuple[Phase, ...]:
     """The phases of vLLM's ``profile_run`` for this model and shape, in the order they run."""
     phases = []
     if getattr(spec, "vision", None) is not None:
         phases.append(encoder_phase(spec.vision, shape))
-    if spec.num_layers > spec.num_moe_layers:
-        phases.append(dense_mlp_phase(spec, shape))
+    dense = dense_mlp_phase(spec, shape) if spec.num_layers > spec.num_moe_layers else None
+    if dense and not _dense_after_moe(spec):
+        phases.append(dense)
     if spec.is_moe:
         phases.append(moe_phase(spec, shape))
+    if dense and _dense_after_moe(spec):
+        phases.append(dense)
     phases.append(attention_phase(spec, shape))  # after MoE: later layers' attention runs beside its workspace
     if shape.last_stage:
         phases.append(sampler_phase(spec, shape))
