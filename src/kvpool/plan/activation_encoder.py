@@ -25,21 +25,22 @@ from __future__ import annotations
 
 from .activation_phase import Phase, ProfileShape
 
-# transformers Gemma3Config.mm_tokens_per_image default; vLLM Gemma3ProcessingInfo.get_num_image_tokens
-# gives (crops + 1) x 256 and pan-and-scan (crops) is off by default.
-GEMMA3_TOKENS_PER_IMAGE = 256
-
 
 def tokens_per_image(tower) -> int:
-    """Tokens one image puts in the language model's sequence (and in ``encoder_cache``)."""
-    return getattr(tower, "tokens_per_image", 0) or GEMMA3_TOKENS_PER_IMAGE
+    """Tokens one image puts in the language model's sequence (and in ``encoder_cache``).
+
+    Gemma-3 pools each image to ``mm_tokens_per_image`` (256): vLLM's ``Gemma3ProcessingInfo.
+    get_num_image_tokens`` gives ``(crops + 1) x 256`` and pan-and-scan (the crops) is off by default. A tower
+    without pooling puts one token per patch.
+    """
+    return tower.tokens_per_image or tower.num_patches
 
 
 def profiled_items(tower, shape: ProfileShape) -> int:
     """Images in the encoder profile: the encoder budget over one image's tokens, at least one.
 
     >>> from kvpool.plan.vision import VisionTower
-    >>> siglip = VisionTower("siglip_vision_model", 1152, 4304, 27, 16, 3, 14, 896, "gemma3", 5376)
+    >>> siglip = VisionTower("siglip_vision_model", 1152, 4304, 27, 16, 3, 14, 896, "gemma3", 5376, 256)
     >>> profiled_items(siglip, ProfileShape(tokens=8192, seqs=1024)), profiled_items(siglip, ProfileShape(100, 1))
     (32, 1)
     """
@@ -53,7 +54,7 @@ def encoder_phase(tower, shape: ProfileShape) -> Phase:
     """The vision tower's largest moment (an MLP of a later layer); pixels and outputs are kept.
 
     >>> from kvpool.plan.vision import VisionTower
-    >>> siglip = VisionTower("siglip_vision_model", 1152, 4304, 27, 16, 3, 14, 896, "gemma3", 5376)
+    >>> siglip = VisionTower("siglip_vision_model", 1152, 4304, 27, 16, 3, 14, 896, "gemma3", 5376, 256)
     >>> phase = encoder_phase(siglip, ProfileShape(tokens=8192, seqs=1024))
     >>> pixels, outputs = 32 * 3 * 896 * 896 * 2, 32 * 256 * 5376 * 2
     >>> phase.live == pixels + 32 * 4096 * (4 * 1152 + 2 * 4304) * 2 and phase.kept == pixels + outputs
@@ -70,4 +71,4 @@ def encoder_phase(tower, shape: ProfileShape) -> Phase:
                  moment=f"vision MLP, {items} images × {tower.num_patches:,} patches")
 
 
-__all__ = ["encoder_phase", "profiled_items", "tokens_per_image", "GEMMA3_TOKENS_PER_IMAGE"]
+__all__ = ["encoder_phase", "profiled_items", "tokens_per_image"]

@@ -37,6 +37,9 @@ class VisionTower:
     image_size: int
     projector: str  # "gemma3" or "" (none counted)
     text_hidden_size: int  # the projector's output size
+    # tokens one image puts in the language model's sequence (0: one per patch, no pooling); Gemma-3's projector
+    # pools to the wrapper's mm_tokens_per_image (transformers Gemma3Config default 256)
+    tokens_per_image: int = 0
 
     @property
     def num_patches(self) -> int:
@@ -48,6 +51,16 @@ def _positive(cfg: Mapping, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"vision_config field {key!r} must be a positive integer, got {value!r}")
     return value
+
+
+def _tokens_per_image(wrapper: Mapping) -> int:
+    """Gemma-3: ``mm_tokens_per_image`` (default 256, transformers ``Gemma3Config``); other wrappers: 0 (patches)."""
+    if PROJECTORS.get(str(wrapper.get("model_type"))) != "gemma3":
+        return 0
+    tokens = wrapper.get("mm_tokens_per_image", 256)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+        raise ConfigError(f"mm_tokens_per_image must be a positive integer, got {tokens!r}")
+    return tokens
 
 
 def vision_fields(wrapper: Mapping, text_hidden: int) -> dict:
@@ -66,5 +79,6 @@ def vision_fields(wrapper: Mapping, text_hidden: int) -> dict:
                           f"num_attention_heads ({sizes['num_attention_heads']})")
     tower = VisionTower(model_type, sizes["hidden_size"], sizes["intermediate_size"], sizes["num_hidden_layers"],
                         sizes["num_attention_heads"], sizes["num_channels"], sizes["patch_size"],
-                        sizes["image_size"], PROJECTORS.get(str(wrapper.get("model_type")), ""), text_hidden)
+                        sizes["image_size"], PROJECTORS.get(str(wrapper.get("model_type")), ""), text_hidden,
+                        _tokens_per_image(wrapper))
     return {"vision": tower}
