@@ -206,6 +206,63 @@ def test_the_planners_activation_term_is_the_profile_run_model(preset, tp):
     assert plan.term("activation").computed == profile_run_peak(req.spec, profile_shape(req, True)).bytes
 
 
-@pytest.mark.parametrize("module", ["activation", "activation_prefill", "activation_sampler"])
+@pytest.mark.parametrize("module", ["activation", "activation_prefill", "activation_sampler", "activation_encoder"])
 def test_docstring_examples_hold(module):
     assert doctest.testmod(importlib.import_module(f"kvpool.plan.{module}")).failed == 0
+
+
+# ---------------------------------------------------------------- presets of issue 12 (their published config.json)
+def test_gemma_3_27b_encoder_profile_and_what_it_keeps():
+    spec = make_request("gemma-3-27b", 1, gpu="h100-sxm").spec
+    shape = ProfileShape(tokens=8192, seqs=1024)
+    peak = profile_run_peak(spec, shape)
+    assert [p.name for p in peak.phases] == ["encoder", "prefill mlp", "prefill attention", "sampler"]
+    # 8,192 // 256 = 32 images of 896 x 896 (bf16 after the processor's cast), 32 x 4,096 SigLIP patches;
+    # the later layers' MLP holds the kept input embeddings, the layer input, the residual, the normed input
+    # (4 x 1,152) and fc1's and the GELU's outputs (2 x 4,304)
+    pixels, patches = 32 * 3 * 896 * 896 * 2, 32 * 4096
+    outputs = 32 * 256 * 5376 * 2  # encoder_cache: [32, 256, text hidden 5,376]
+    encoder = peak.phases[0]
+    assert encoder.live == pixels + patches * (4 * 1152 + 2 * 4304) * 2 and encoder.kept == pixels + outputs
+    # the sampler (262,208 vocab) runs beside the pixels and the encoder outputs
+    held = (8192 + 2048) * 5376 * 2
+    sampler = held + 1024 * 262208 * (2 + 12) + 132 * 262208 * 4
+    assert peak.phase_bytes("sampler") == pixels + outputs + sampler == peak.bytes
+    # tp 2: fc1 split over 2 ranks
+    encoder2 = profile_phases(spec, ProfileShape(tokens=8192, seqs=1024, tp=2))[0]
+    assert encoder2.live == pixels + patches * (4 * 1152 + 2 * 2152) * 2
+
+
+def test_mm_tokens_per_image_sets_the_number_of_profiled_images():
+    import json
+
+    from kvpool.plan.model import PRESET_DIR
+
+    cfg = json.loads((PRESET_DIR / "gemma-3-4b.json").read_text())
+    spec = spec_from_config({**cfg, "mm_tokens_per_image": 64}, "gemma-3-4b-64")
+    assert spec.vision.tokens_per_image == 64
+    encoder = profile_phases(spec, ProfileShape(tokens=8192, seqs=1024))[0]
+    assert encoder.kept == 128 * 3 * 896 * 896 * 2 + 128 * 64 * spec.hidden_size * 2  # 8,192 // 64 images
+
+
+def test_gpt_oss_20b_preset_takes_the_mxfp4_path():
+    spec = make_request("gpt-oss-20b", 1, gpu="h100-sxm").spec
+    assert spec.quant_method == "mxfp4"
+    moe = profile_phases(spec, ProfileShape(tokens=8192, seqs=1024))[0]
+    assert moe.name == "prefill moe" and moe.kept == 0
+    assert moe.live == 8192 * 2 * (4096 + 4 * 2880 + 32 + 8 * 2880) + 8192 * 4 * 16
+
+
+def test_a_dense_layer_after_a_moe_layer_runs_beside_the_workspace():
+    spec = spec_from_config({**QWEN3_30B_A3B, "mlp_only_layers": [47]}, "qwen3-moe-dense-last")
+    shape = ProfileShape(tokens=8192, seqs=1024)
+    peak = profile_run_peak(spec, shape)
+    assert [p.name for p in peak.phases] == ["prefill moe", "prefill mlp", "prefill attention", "sampler"]
+    assert peak.phase_bytes("prefill mlp") == dense_mlp_phase(spec, shape).live + moe_workspace_bytes(spec, shape)
+
+
+@pytest.mark.parametrize("preset, gib", [("llama-3.1-8b", 1.85), ("qwen3-30b-a3b", 2.64), ("gemma-3-27b", 3.96),
+                                         ("gpt-oss-20b", 2.84), ("deepseek-v2-lite", 1.90)])
+def test_issue_12_presets_at_tp1_on_an_h100(preset, gib):
+    term = plan_memory(preset, tp=1, gpu="h100-sxm").term("activation")
+    assert round(term.bytes / GIB, 2) == gib and "peak in sampler" in term.how
