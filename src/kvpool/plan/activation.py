@@ -5,6 +5,7 @@ above what was allocated before it (vllm/v1/worker/gpu_worker.py: ``determine_av
 vllm/utils/mem_utils.py: ``memory_profiling`` resets the peak statistics first). ``profile_run`` runs,
 in order, on each rank:
 
+0. torch's cuBLAS workspace, allocated at the first GEMM and kept (``cublas_workspace_bytes``);
 1. ``encoder`` (multimodal models): a batch of dummy images through the vision tower, outputs kept in
    ``encoder_cache`` until the end (`kvpool.plan.activation_encoder`);
 2. the dummy prefill of ``max_num_batched_tokens`` tokens: ``prefill mlp`` (dense layers, which run
@@ -14,14 +15,15 @@ in order, on each rank:
    vocabulary, on the last pipeline stage (`kvpool.plan.activation_sampler`).
 
 The peak is the max over phases of what the earlier phases keep plus the phase's own largest moment.
-Worked example, Llama-3.1-8B at tp 1, 8,192 tokens, 1,024 sequences, bf16, 132 SMs: prefill 0.84 GiB
-(the MLP's act-and-mul), sampler 1.85 GiB (1,024 x 128,256 logits: bf16 + three float32 tensors, the
-Triton top-k buffer and the held hidden states), so the sampler sets the peak:
+Worked example, Llama-3.1-8B at tp 1, 8,192 tokens, 1,024 sequences, bf16, on an H100: torch's cuBLAS
+workspace 32 MiB (kept), prefill 0.84 GiB (the MLP's act-and-mul), sampler 1.85 GiB (1,024 x 128,256
+logits: bf16 + three float32 tensors, the Triton top-k buffer of 132 rows and the held hidden states), so
+the sampler sets the peak at 1.88 GiB:
 
 >>> from kvpool.plan.model import load_model_spec
 >>> peak = profile_run_peak(load_model_spec("llama-3.1-8b"), ProfileShape(tokens=8192, seqs=1024))
->>> peak.deciding.name, peak.bytes, round(peak.bytes / 2**30, 2)
-('sampler', 1990283264, 1.85)
+>>> peak.deciding.name, peak.bytes == 32 * 2**20 + 1_990_283_264, round(peak.bytes / 2**30, 2)
+('sampler', True, 1.88)
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from .activation_phase import Phase, ProfileShape
 from .activation_prefill import attention_phase, dense_mlp_phase, mla_workspace_tokens, moe_phase
 from .activation_sampler import TRITON_TOPK_MIN_ROWS, sampler_phase, topk_buffer_rows
 from .dtypes import DTYPES
-from .hardware import sm_count
+from .hardware import capability, sm_count
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,23 @@ def _dense_after_moe(spec) -> bool:
     return True in kinds and False in kinds[kinds.index(True):]
 
 
+# torch's cuBLAS workspace (aten/src/ATen/cuda/CublasHandlePool.cpp: parseChosenWorkspaceSize, getNewWorkspace):
+# ":4096:8" = 32 MiB on SM90, ":4096:2:16:8" = 8.125 MiB elsewhere (CUBLAS_WORKSPACE_CONFIG unset), allocated by
+# the caching allocator at the first GEMM of a (handle, stream) and kept: vLLM's torch peak counts it.
+CUBLAS_WORKSPACE_SM90 = 4096 * 1024 * 8
+CUBLAS_WORKSPACE_OTHER = 4096 * 1024 * 2 + 16 * 1024 * 8
+
+
+def cublas_workspace_bytes(gpu) -> int:
+    """torch's default cuBLAS workspace on this card."""
+    return CUBLAS_WORKSPACE_SM90 if capability(gpu) == (9, 0) else CUBLAS_WORKSPACE_OTHER
+
+
 def profile_phases(spec, shape: ProfileShape) -> tuple[Phase, ...]:
     """The phases of vLLM's ``profile_run`` for this model and shape, in the order they run."""
-    phases = []
+    # no GEMM runs between vLLM's peak reset and the profile run for an unquantized checkpoint
+    phases = [Phase("cublas workspace", shape.cublas_workspace, kept=shape.cublas_workspace,
+                    moment="torch's cuBLAS workspace")]
     if getattr(spec, "vision", None) is not None:
         phases.append(encoder_phase(spec.vision, shape))
     dense = dense_mlp_phase(spec, shape) if spec.num_layers > spec.num_moe_layers else None
@@ -105,7 +121,8 @@ def profile_shape(req, last: bool) -> ProfileShape:
     """What sizes vLLM's profile run on one rank of a `PlanRequest` (the last stage runs the sampler)."""
     return ProfileShape(tokens=req.max_batched_tokens, seqs=req.max_seqs, tp=req.tp,
                         dtype_bytes=DTYPES[req.serving_dtype].bytes, sm_count=sm_count(req.gpu),
-                        max_model_len=req.max_model_len, block_size=req.block_size, last_stage=last)
+                        max_model_len=req.max_model_len, block_size=req.block_size, last_stage=last,
+                        cublas_workspace=cublas_workspace_bytes(req.gpu))
 
 
 def activation_bytes(spec, tp: int, tokens: int, max_seqs: int, dtype_bytes: int, last_stage: bool = True,
@@ -157,4 +174,4 @@ def activation_assumptions(spec, shape: ProfileShape, eager: bool = False) -> li
 
 
 __all__ = ["ActivationPeak", "activation_assumptions", "Phase", "ProfileShape", "profile_phases", "profile_run_peak", "peak_of",
-           "peak_parts", "profile_shape", "activation_bytes"]
+           "peak_parts", "profile_shape", "activation_bytes", "cublas_workspace_bytes"]

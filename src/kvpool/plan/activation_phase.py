@@ -35,6 +35,9 @@ class ProfileShape:
         KV block size (MLA's chunked-prefill workspace keeps at least one block per sequence).
     last_stage : bool
         Whether this rank holds the LM head (only the last pipeline stage runs the sampler warm-up).
+    cublas_workspace : int
+        torch's cuBLAS workspace, allocated through its caching allocator at the run's first GEMM (32 MiB on
+        SM90). The defaults describe an H100.
     """
 
     tokens: int
@@ -45,6 +48,7 @@ class ProfileShape:
     max_model_len: int = 0
     block_size: int = 16
     last_stage: bool = True
+    cublas_workspace: int = 32 << 20
 
     @property
     def sampler_rows(self) -> int:
@@ -59,7 +63,7 @@ class Phase:
     Attributes
     ----------
     name : str
-        "encoder", "prefill mlp", "prefill moe", "prefill attention" or "sampler".
+        "cublas workspace", "encoder", "prefill mlp", "prefill moe", "prefill attention" or "sampler".
     live : int
         Bytes allocated at the phase's largest moment, not counting what earlier phases keep.
     kept : int

@@ -111,6 +111,18 @@ def sm_count(gpu: GPU) -> int:
     return SM_COUNTS.get(gpu.name, 132)
 
 
+# CUDA compute capability (major, minor) by GPU name (NVIDIA's CUDA GPUs list): torch sizes its cuBLAS workspace
+# by it (32 MiB on SM90, see `kvpool.plan.activation.cublas_workspace_bytes`).
+CAPABILITIES = {"A100-SXM4-40GB": (8, 0), "A100-SXM4-80GB": (8, 0), "H100-SXM5-80GB": (9, 0), "H100-PCIe-80GB": (9, 0),
+                "H100-NVL-94GB": (9, 0), "H200-SXM-141GB": (9, 0), "B200-180GB": (10, 0), "L4-24GB": (8, 9),
+                "L40S-48GB": (8, 9), "A10-24GB": (8, 6), "GeForce-RTX-4090": (8, 9), "GeForce-RTX-3090": (8, 6)}
+
+
+def capability(gpu: GPU) -> tuple[int, int]:
+    """The card's compute capability ((9, 0), an H100's, for a GPU not in `CAPABILITIES`)."""
+    return CAPABILITIES.get(gpu.name, (9, 0))
+
+
 @dataclass(frozen=True)
 class Interconnect:
     name: str
