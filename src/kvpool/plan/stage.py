@@ -13,15 +13,14 @@ from .comm import staging_bytes
 from .dtypes import DTYPES
 from .kv import KVShardLayout, kv_shard_layout
 from .request import PlanRequest
-from .units import GIB, MIB
+from .units import GIB
 from .nccl_buffers import connection_bytes
 from .vllm_comm import NonTorch, coll_channels, nontorch
 from .weights import shard_weight_bytes
 
 CUDA_GRAPH_MAX_BATCH = 512  # vLLM captures decode graphs up to this batch size
-# torch's cuBLAS(Lt) workspace on Hopper: allocated by torch's caching allocator, so vLLM counts it in its torch
-# peak (the activation term), not in the non-torch memory; kept for readers of the earlier overhead term
-CUBLAS_WORKSPACE = 32 * MIB
+# torch's cuBLAS(Lt) workspace is allocated by torch's caching allocator, so vLLM counts it in its torch peak:
+# it is part of the activation term (`activation.cublas_workspace_bytes`), not of the overhead.
 
 
 @dataclass(frozen=True)
@@ -192,4 +191,4 @@ def plan_stage(req: PlanRequest, index: int, layers: range, budget: int, shared:
 
 
 __all__ = ["Term", "StageMemory", "stage_layers", "plan_stage", "weights_term", "activation_term", "comm_term",
-           "overhead_term", "before_snapshot_term", "CUDA_GRAPH_MAX_BATCH", "CUBLAS_WORKSPACE"]
+           "overhead_term", "before_snapshot_term", "CUDA_GRAPH_MAX_BATCH"]
