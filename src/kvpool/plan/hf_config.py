@@ -74,7 +74,6 @@ def _sliding_windows(cfg: Mapping, num_layers: int) -> tuple:
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
         raise ConfigError(f"model config field 'sliding_window' must be a positive integer or null, got {window!r}")
     layer_types = cfg.get("layer_types")
-    model_type = cfg.get("model_type", "")
     if layer_types is not None:
         if not isinstance(layer_types, list) or len(layer_types) != num_layers:
             raise ConfigError(
