@@ -3,11 +3,9 @@ concurrency, so an operator comparing a plan with vLLM's log sees the same numbe
 
 vLLM 0.19 (``vllm/v1/core/kv_cache_utils.py``) sizes the pool per *KV-cache group*:
 
-- layers with the same attention spec (full attention, or one sliding window W) form a type; a model with
-  one type is one group of all its layers (``_get_kv_cache_groups_uniform_spec``);
-- a hybrid model is split into groups of ``group_size`` layers, the smallest type's layer count (or the
-  largest, when it is under 1.5x the smallest), the last group of each type padded with empty layers
-  ("Add N padding layers"; ``_get_kv_cache_groups_uniform_page_size``);
+- the layers are cut into KV-cache groups as `kvpool.plan.kv_groups` does (vLLM's rule: one group of all
+  layers for a model with one attention kind; else groups of ``group_size`` layers, short groups padded:
+  "Add N padding layers");
 - ``group_size`` page tensors are each shared by one layer of every group, so
   ``num_blocks = kv_bytes // page_bytes // group_size`` (``get_num_blocks``), one page = one layer's
   ``block_size`` tokens;
@@ -27,6 +25,8 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+
+from .kv_groups import kv_groups
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -92,14 +92,10 @@ def vllm_kv_figures(layer_windows, page_bytes: int, kv_bytes: int, block_size: i
     kv_bytes, block_size, max_model_len, max_batched_tokens : int
         The pool's bytes per GPU and the serving limits vLLM reads them with.
     """
-    windows = list(layer_windows)
-    types = Counter(windows)  # insertion-ordered: types in order of first appearance
-    smallest, largest = min(types.values()), max(types.values())
-    group_size = largest if largest < 1.5 * smallest else smallest
-    groups = tuple((w, _cdiv(n, group_size)) for w, n in types.items())
-    padding = sum(n_groups * group_size - types[w] for w, n_groups in groups)
+    layout = kv_groups(layer_windows)
+    group_size, num_groups = layout.group_size, len(layout.groups)
+    groups = tuple(Counter(layout.windows).items())  # (window, groups of that kind), kinds in layer order
     num_blocks = max(0, kv_bytes // page_bytes // group_size)
-    num_groups = sum(n for _, n in groups)
 
     def blocks_of(window) -> int:
         if window is None:
@@ -107,8 +103,8 @@ def vllm_kv_figures(layer_windows, page_bytes: int, kv_bytes: int, block_size: i
         return _cdiv(min(window - 1 + max_batched_tokens, max_model_len), block_size) + 1
 
     per_request = sum(n * blocks_of(w) for w, n in groups)
-    return VLLMKVFigures(groups, group_size, padding, num_blocks, num_blocks // num_groups * block_size,
-                         per_request, num_blocks / per_request)
+    return VLLMKVFigures(groups, group_size, layout.padding_layers, num_blocks,
+                         num_blocks // num_groups * block_size, per_request, num_blocks / per_request)
 
 
 __all__ = ["VLLMKVFigures", "vllm_kv_figures"]
