@@ -1,0 +1,35 @@
+"""Capacity with window freeing: blocks a request holds per group, and the gain over one full table."""
+import pytest
+
+from kvpool.plan.kv_groups import kv_groups
+from kvpool.plan.window_capacity import per_request_blocks, window_blocks, window_capacity
+
+
+@pytest.mark.parametrize("window, tokens, blocks", [
+    (None, 45, 3),      # 45 = (3 - 1) * 16 + 13
+    (32, 100, 3),       # a query at 100 reads 69..99: blocks 4, 5, 6
+    (32, 97, 3),        # reads 66..96: blocks 4, 5, 6
+    (32, 96, 2),        # reads 65..95: blocks 4, 5
+    (16, 32, 1),        # reads 17..31: block 1
+    (4096, 100, 7),     # a window wider than the sequence: every block
+    (1024, 32_768, 64),  # reads 31,745..32,767: blocks 1,984..2,047
+    (32, 0, 0),
+])
+def test_blocks_a_group_holds(window, tokens, blocks):
+    assert window_blocks(window, tokens, 16) == blocks
+
+
+def test_gemma3_27b_like_pool_holds_over_four_and_a_half_times_the_requests():
+    # 10 global + 52 local (window 1,024) layers, 32,768-token requests, bf16 pages of 16 tokens x 16 heads x 256
+    groups = kv_groups([None if (i + 1) % 6 == 0 else 1024 for i in range(62)])
+    page = 16 * 16 * 256 * 2 * 2
+    cap = window_capacity(groups, page, kv_bytes=40 * 2**30, max_model_len=32_768, block_size=16)
+    assert cap.blocks_per_request == 2048 + 6 * 64 == per_request_blocks(groups.windows, 32_768, 16)
+    assert cap.num_blocks == 40 * 2**30 // (10 * page) and cap.num_blocks_full == 40 * 2**30 // (62 * page)
+    # 62 layers x 2,048 blocks against 10 slots x 2,432 blocks: 5.2x (the issue's physical ratio, about 5.1x)
+    assert cap.gain == pytest.approx((62 * 2048) / (10 * 2432), rel=1e-3) and cap.gain >= 4.5
+
+
+def test_a_model_without_windows_gains_nothing():
+    cap = window_capacity(kv_groups([None] * 32), 4096, kv_bytes=2**30, max_model_len=8192, block_size=16)
+    assert cap.gain == 1.0 and cap.num_blocks == cap.num_blocks_full
