@@ -33,3 +33,18 @@ def test_gemma3_27b_like_pool_holds_over_four_and_a_half_times_the_requests():
 def test_a_model_without_windows_gains_nothing():
     cap = window_capacity(kv_groups([None] * 32), 4096, kv_bytes=2**30, max_model_len=8192, block_size=16)
     assert cap.gain == 1.0 and cap.num_blocks == cap.num_blocks_full
+
+
+def test_the_plan_prints_window_freeing_for_hybrid_presets_only(capsys):
+    from kvpool import cli
+    from kvpool.plan import plan_memory
+
+    for name in ("gemma-3-27b", "gemma-3-4b", "gpt-oss-20b", "gemma-2-9b"):
+        plan = plan_memory(name, max_model_len=32_768)
+        w = plan.kv_cache.window
+        assert w is not None and w.gain > 1 and plan.to_dict()["kv_cache"]["window_freeing"]["gain"] == round(w.gain, 3)
+        assert plan.kv_cache.max_concurrency_window_aware == w.max_concurrency
+    assert plan_memory("gemma-3-27b", max_model_len=32_768).kv_cache.window.gain >= 4.5  # issue 13's bar
+    assert plan_memory("llama-3.1-8b").kv_cache.window is None
+    assert cli.main(["plan", "gemma-3-27b", "--max-model-len", "32768"]) == 0
+    assert "with window freeing" in capsys.readouterr().out

@@ -71,9 +71,12 @@ def _kv_rows(plan, spec) -> list[list[str]]:
     ]
     if lay.fp8_scales:
         rows.insert(1, ["fp8 scales", f"{lay.scale_bytes_per_token:,} B/token", lay.scale_layout()])
-    if kv.sliding_window_layers:
-        rows.append(["window-aware concurrency", f"{kv.max_concurrency_window_aware:,.2f}×",
-                     "if sliding-window layers kept only their window (per-layer-type pool; not kvpool's single pool)"])
+    if kv.window is not None:
+        w = kv.window
+        rows.append(["with window freeing", f"{w.max_concurrency:,.2f}×",
+                     f"{w.num_blocks:,} blocks of {w.group_size} layer pages ÷ {w.blocks_per_request:,} per request "
+                     f"in its {w.num_groups} KV-cache groups; {w.gain:,.2f}× the "
+                     f"{w.max_concurrency_full:,.2f}× of one table of every layer"])
     return rows + _vllm_rows(kv)
 
 

@@ -23,7 +23,9 @@ from dataclasses import replace
 
 from ..errors import PlanError
 from .kv import window_aware_bytes_per_seq
+from .kv_groups import kv_groups
 from .vllm_kv import vllm_kv_figures
+from .window_capacity import WindowCapacity, window_capacity
 from .plan_result import KVPool, MemoryPlan
 from .request import PlanRequest, make_request
 from .stage import StageMemory, before_snapshot_term, comm_term, overhead_term, plan_stage, stage_layers
@@ -106,6 +108,7 @@ def assemble(req: PlanRequest, stages: tuple[StageMemory, ...], budget: int, hea
             f"budget (short by {gib_text(tight.reserved_bytes + bytes_per_block - budget)}); lower "
             "--max-batched-tokens / --max-seqs, raise --mem-fraction, or use more GPUs (--tp)")
     layout, spec = tight.layout, req.spec
+    windows = [spec.layer_sliding_windows[i] if spec.layer_sliding_windows else None for i in tight.layers]
     kv_cache = KVPool(
         kv_dtype=layout.kv_dtype, bytes_per_token_per_gpu=layout.bytes_per_token,
         bytes_per_token_all_gpus=sum(st.layout.bytes_per_token for st in stages) * req.tp,
@@ -115,9 +118,9 @@ def assemble(req: PlanRequest, stages: tuple[StageMemory, ...], budget: int, hea
             spec, layout.bytes_per_token // layout.num_layers, tight.layers, req.max_model_len),
         sliding_window_layers=spec.sliding_layers, kv_heads_per_gpu=layout.kv_heads,
         vllm=vllm_kv_figures(
-            (spec.layer_sliding_windows[i] if spec.layer_sliding_windows else None for i in tight.layers),
-            (layout.bytes_per_token - layout.scale_bytes_per_token) // layout.num_layers * req.block_size,
-            tight.kv_bytes, req.block_size, req.max_model_len, req.max_batched_tokens))
+            windows, (layout.bytes_per_token - layout.scale_bytes_per_token) // layout.num_layers * req.block_size,
+            tight.kv_bytes, req.block_size, req.max_model_len, req.max_batched_tokens),
+        window=_window_capacity(req, layout, windows, tight.kv_bytes))
     plan = MemoryPlan(req, stages, tight.index, budget, headroom, model_bytes, kv_cache,
                       before_snapshot=before_snapshot or before_snapshot_term(req))
     if req.batch is not None:
@@ -125,6 +128,14 @@ def assemble(req: PlanRequest, stages: tuple[StageMemory, ...], budget: int, hea
 
         plan = replace(plan, workload=check_workload(plan, replan=plan_request))
     return plan
+
+
+def _window_capacity(req: PlanRequest, layout, windows: list, kv_bytes: int) -> WindowCapacity | None:
+    """Requests held with window freeing, for a stage with sliding-window layers (None without)."""
+    if not any(windows):
+        return None
+    page = layout.bytes_per_token // layout.num_layers * req.block_size  # one layer's block, scales included
+    return window_capacity(kv_groups(windows), page, kv_bytes, req.max_model_len, req.block_size)
 
 
 def _weights_error(req: PlanRequest, weights: int, budget: int) -> str:

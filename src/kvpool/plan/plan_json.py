@@ -32,6 +32,7 @@ def kv_cache_dict(kv) -> dict:
         "kv_heads_per_gpu": kv.kv_heads_per_gpu,
         "unused_bytes_per_gpu": kv.unused_bytes_per_gpu,
         "vllm": kv.vllm.to_dict() if kv.vllm is not None else None,
+        "window_freeing": kv.window.to_dict() if kv.window is not None else None,
     }
 
 
@@ -128,10 +129,12 @@ def warnings(plan) -> list[str]:
     if kv.tokens < kv.max_model_len:
         out.append(f"the pool holds {kv.tokens:,} tokens, fewer than max_model_len={kv.max_model_len:,}: one "
                    f"full-length request does not fit; lower --max-model-len to {kv.tokens:,} or add memory")
-    if spec.sliding_layers:
-        out.append(f"{spec.sliding_layers} of {spec.num_layers} layers use a sliding window; kvpool's single block "
-                   f"table stores them at full length ({round(kv.max_concurrency, 2)}x concurrency); an engine with "
-                   f"a per-layer-type pool would reach {round(kv.max_concurrency_window_aware, 2)}x")
+    if kv.window is not None:
+        w = kv.window
+        out.append(f"{spec.sliding_layers} of {spec.num_layers} layers use a sliding window: with KV-cache groups "
+                   f"(BlockTables(group_windows=...)) their blocks leave as the window moves, and "
+                   f"{round(w.max_concurrency, 2)}x requests of {kv.max_model_len:,} tokens fit, "
+                   f"{round(w.gain, 2)}x the {round(w.max_concurrency_full, 2)}x of one table of every layer")
     return out
 
 

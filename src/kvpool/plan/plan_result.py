@@ -15,6 +15,7 @@ from . import plan_json
 from .request import PlanRequest
 from .stage import StageMemory, Term
 from .vllm_kv import VLLMKVFigures
+from .window_capacity import WindowCapacity
 
 if TYPE_CHECKING:  # workload.py builds on this module
     from .workload import WorkloadCheck
@@ -58,6 +59,7 @@ class KVPool(JSONSection):
     sliding_window_layers: int
     kv_heads_per_gpu: int
     vllm: VLLMKVFigures | None = None  # what vLLM's log prints for the same KV bytes (`plan.vllm_kv`)
+    window: WindowCapacity | None = None  # requests held with window freeing (models with sliding windows)
 
     @property
     def tokens(self) -> int:
@@ -85,6 +87,10 @@ class KVPool(JSONSection):
 
     @property
     def max_concurrency_window_aware(self) -> float:
+        """Requests of ``max_model_len`` tokens held when windowed layers keep only their window: the
+        hybrid pool's figure (`WindowCapacity`) for a model with windows, else the plain bytes ratio."""
+        if self.window is not None:
+            return self.window.max_concurrency
         return self.kv_bytes_per_gpu / self.per_seq_bytes_per_gpu_window_aware
 
     def to_dict(self) -> dict:

@@ -45,12 +45,16 @@ class WindowCapacity:
     num_blocks_full, blocks_per_request_full : int
         The same bytes as one table of every layer (``kv_bytes // (num_layers * page_bytes)``), and
         ``ceil(max_model_len / block_size)``.
+    num_groups, group_size : int
+        KV-cache groups, and the slots (one layer page each) a block spans.
     """
 
     num_blocks: int
     blocks_per_request: int
     num_blocks_full: int
     blocks_per_request_full: int
+    num_groups: int = 1
+    group_size: int = 1
 
     @property
     def max_concurrency(self) -> float:
@@ -66,7 +70,8 @@ class WindowCapacity:
         return self.max_concurrency / self.max_concurrency_full
 
     def to_dict(self) -> dict:
-        return {"num_blocks": self.num_blocks, "blocks_per_request": self.blocks_per_request,
+        return {"num_groups": self.num_groups, "group_size": self.group_size,
+                "num_blocks": self.num_blocks, "blocks_per_request": self.blocks_per_request,
                 "max_concurrency": round(self.max_concurrency, 2), "num_blocks_full": self.num_blocks_full,
                 "blocks_per_request_full": self.blocks_per_request_full,
                 "max_concurrency_full": round(self.max_concurrency_full, 2), "gain": round(self.gain, 3)}
@@ -78,7 +83,8 @@ def window_capacity(groups, page_bytes: int, kv_bytes: int, max_model_len: int, 
         num_blocks=max(0, kv_bytes) // (groups.group_size * page_bytes),
         blocks_per_request=per_request_blocks(groups.windows, max_model_len, block_size),
         num_blocks_full=max(0, kv_bytes) // (groups.num_layers * page_bytes),
-        blocks_per_request_full=-(-max_model_len // block_size))
+        blocks_per_request_full=-(-max_model_len // block_size),
+        num_groups=len(groups.groups), group_size=groups.group_size)
 
 
 __all__ = ["WindowCapacity", "window_capacity", "window_blocks", "per_request_blocks"]
