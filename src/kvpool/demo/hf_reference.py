@@ -1,4 +1,5 @@
-"""The independent reference: Hugging Face transformers' ``LlamaForCausalLM`` on the same weights.
+"""The independent reference: Hugging Face transformers' ``LlamaForCausalLM`` (or, for the hybrid
+config, ``Qwen2ForCausalLM`` with its sliding-window layers) on the same weights.
 
 The config is built locally from the demo's HF-style dict (nothing is downloaded) and greedy
 generation uses transformers' own dense KV cache, so the demo's paged path is checked against code
@@ -8,19 +9,32 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
+
+# config["architectures"][0] -> transformers' (config class, model class) names
+ARCHITECTURES = {
+    "LlamaForCausalLM": ("LlamaConfig", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("Qwen2Config", "Qwen2ForCausalLM"),
+}
+
 
 def build_hf_model(config: dict, weights: dict[str, torch.Tensor]):
-    """``LlamaForCausalLM`` in fp32 eval mode with ``weights`` loaded strictly (every name must match)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The transformers model ``config["architectures"][0]`` names (:data:`ARCHITECTURES`), in fp32 eval
+    mode with ``weights`` loaded strictly (every name must match)."""
+    import transformers
 
+    arch = (config.get("architectures") or ["LlamaForCausalLM"])[0]
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"architecture {arch!r} has no transformers reference here; use one of {sorted(ARCHITECTURES)}")
+    config_cls, model_cls = (getattr(transformers, name) for name in ARCHITECTURES[arch])
     keys = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "torch_dtype")}
-    hf_config = LlamaConfig(**keys)
+    hf_config = config_cls(**keys)
     hf_config._attn_implementation = "eager"  # plain matmul + softmax: no fused-kernel surprises
-    model = LlamaForCausalLM(hf_config).to(torch.float32).eval()
+    model = model_cls(hf_config).to(torch.float32).eval()
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # rotary inv_freq is a non-persistent buffer; nothing else may be missing
     if [m for m in missing if "rotary" not in m] or unexpected:
-        raise RuntimeError(f"weights do not fit LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"weights do not fit {arch}: missing {missing}, unexpected {unexpected}")
     return model
 
 

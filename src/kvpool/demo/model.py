@@ -2,7 +2,9 @@
 
 RMSNorm, rotary position embeddings (the Llama "default" rope), grouped-query attention and a
 SwiGLU MLP, with the parameter names and shapes of Hugging Face's ``LlamaForCausalLM`` so the same
-random weights load into both (see :mod:`kvpool.demo.hf_reference`).
+random weights load into both (see :mod:`kvpool.demo.hf_reference`). The same class runs a hybrid
+``Qwen2ForCausalLM`` (:func:`tiny_hybrid_config`): q/k/v biases, and per-layer attention windows
+(``layer_types`` mixing ``sliding_attention`` and ``full_attention``).
 
 The model holds no KV cache. Each layer hands its rotated ``q, k, v`` to an *attention callback*
 the engine supplies; the engine writes K/V into kvpool's pages and reads them back through kvpool's
@@ -59,12 +61,35 @@ def tiny_llama_config(**overrides) -> dict:
     return config
 
 
+def tiny_hybrid_config(**overrides) -> dict:
+    """A tiny hybrid model as a Hugging Face ``Qwen2ForCausalLM`` ``config.json`` dict.
+
+    The tiny Llama's shapes plus Qwen2's q/k/v biases; layers 0 and 2 attend to a sliding window of
+    32 tokens, layers 1 and 3 to the whole sequence (explicit ``layer_types``; transformers' Qwen2
+    honours the window only with ``use_sliding_window`` set). Its KV-cache groups: one windowed group
+    (layers 0, 2) and one full group (layers 1, 3), two page slots each.
+    """
+    config = tiny_llama_config()
+    for key in ("attention_bias", "mlp_bias"):  # Qwen2 has q/k/v biases by construction, no such fields
+        del config[key]
+    config.update({
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "use_sliding_window": True,
+        "sliding_window": 32,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+    })
+    config.update(overrides)
+    return config
+
+
 def random_llama_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     """Full (unsharded) fp32 weights from ``seed``, keyed by ``LlamaForCausalLM``'s state-dict names.
 
     Projections are N(0, 0.02) as in Llama's init; the embedding and ``lm_head`` are wider
     (N(0, 1) and N(0, 0.1)) so logits are spread out and greedy argmax ties do not happen in practice
-    (exact token equality with transformers needs a clear winner at every step).
+    (exact token equality with transformers needs a clear winner at every step). A config with q/k/v
+    biases (Qwen2, ``attention_bias``) also gets ``self_attn.{q,k,v}_proj.bias``, N(0, 0.1).
     """
     gen = torch.Generator().manual_seed(seed)
     hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
@@ -74,6 +99,7 @@ def random_llama_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]
     def normal(*shape, std=0.02):
         return torch.randn(*shape, generator=gen, dtype=torch.float32) * std
 
+    bias = has_qkv_bias(config)
     weights = {"model.embed_tokens.weight": normal(vocab, hidden, std=1.0)}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
@@ -81,6 +107,9 @@ def random_llama_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]
         weights[p + "self_attn.q_proj.weight"] = normal(heads * head_dim, hidden, std=0.08)
         weights[p + "self_attn.k_proj.weight"] = normal(kv_heads * head_dim, hidden, std=0.08)
         weights[p + "self_attn.v_proj.weight"] = normal(kv_heads * head_dim, hidden)
+        if bias:
+            for name, rows in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
+                weights[p + f"self_attn.{name}_proj.bias"] = normal(rows * head_dim, std=0.1)
         weights[p + "self_attn.o_proj.weight"] = normal(hidden, heads * head_dim)
         weights[p + "post_attention_layernorm.weight"] = 1.0 + normal(hidden, std=0.1)
         weights[p + "mlp.gate_proj.weight"] = normal(inter, hidden)
@@ -89,6 +118,23 @@ def random_llama_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]
     weights["model.norm.weight"] = 1.0 + normal(hidden, std=0.1)
     weights["lm_head.weight"] = normal(vocab, hidden, std=0.1)
     return weights
+
+
+def has_qkv_bias(config: dict) -> bool:
+    """Whether q/k/v projections carry a bias (Qwen2 always; Llama when ``attention_bias``)."""
+    return _spec(config).qkv_bias
+
+
+def layer_windows(config: dict) -> tuple:
+    """Each layer's attention window in tokens (None: full attention), as kvpool's planner reads it
+    (the same rule that sizes the KV-cache groups, so the model and its pages agree)."""
+    return tuple(_spec(config).layer_sliding_windows)
+
+
+def _spec(config: dict):
+    from ..plan import load_model_spec
+
+    return load_model_spec(config)
 
 
 def kv_heads_of_rank(num_kv_heads: int, tp_size: int, tp_rank: int) -> list[int]:
@@ -131,12 +177,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class TinyLlama:
-    """One tensor-parallel shard of a Llama decoder (inference only, no autograd).
+    """One tensor-parallel shard of a Llama (or hybrid Qwen2) decoder (inference only, no autograd).
+
+    ``layer_windows[i]`` is layer ``i``'s attention window (None: full); the attention callback
+    applies it (the model only hands over q, k, v).
 
     Parameters
     ----------
     config : dict
-        Hugging Face Llama ``config.json`` dict (see :func:`tiny_llama_config`).
+        Hugging Face Llama or Qwen2 ``config.json`` dict (see :func:`tiny_llama_config`,
+        :func:`tiny_hybrid_config`).
     weights : dict[str, torch.Tensor]
         Full fp32 weights by ``LlamaForCausalLM`` names (see :func:`random_llama_weights`);
         this shard slices what it holds.
@@ -163,6 +213,8 @@ class TinyLlama:
         self.scale = self.head_dim ** -0.5
         theta = config.get("rope_theta") or config.get("rope_parameters", {}).get("rope_theta", 10000.0)
         self.rope = RotaryEmbedding(self.head_dim, theta, self.device)
+        self.layer_windows = layer_windows(config)
+        bias = has_qkv_bias(config)
 
         d = self.head_dim
         q_rows = slice(tp_rank * self.q_heads * d, (tp_rank + 1) * self.q_heads * d)
@@ -186,6 +238,10 @@ class TinyLlama:
                 "qkv": torch.cat([take(p + "self_attn.q_proj.weight", q_rows),
                                   take(p + "self_attn.k_proj.weight", kv_rows),
                                   take(p + "self_attn.v_proj.weight", kv_rows)]),
+                # [(Hq_s + 2 Hkv_s) * D] (None: no q/k/v biases)
+                "qkv_bias": torch.cat([take(p + "self_attn.q_proj.bias", q_rows),
+                                       take(p + "self_attn.k_proj.bias", kv_rows),
+                                       take(p + "self_attn.v_proj.bias", kv_rows)]) if bias else None,
                 "o": take(p + "self_attn.o_proj.weight", cols=q_rows),
                 "post_norm": take(p + "post_attention_layernorm.weight"),
                 "gate_up": torch.cat([take(p + "mlp.gate_proj.weight", ffn), take(p + "mlp.up_proj.weight", ffn)]),
@@ -212,7 +268,8 @@ class TinyLlama:
             Their positions in their sequences (rope angles).
         attention : callable
             ``attention(layer, q, k, v) -> out`` with q ``[T, Hq_shard, D]``, k/v ``[T, Hkv_shard, D]``
-            fp32 (rope applied), out ``[T, Hq_shard, D]`` fp32; the engine's paged attention.
+            fp32 (rope applied), out ``[T, Hq_shard, D]`` fp32; the engine's paged attention, which
+            applies ``layer_windows[layer]``.
         logit_rows : [B] int64
             Rows of ``token_ids`` whose next-token logits are wanted (each sequence's last new token).
 
@@ -230,6 +287,8 @@ class TinyLlama:
         for i, w in enumerate(self.layers):
             x = rms_norm(h, w["in_norm"], self.eps)
             qkv = x @ w["qkv"].T
+            if w["qkv_bias"] is not None:
+                qkv = qkv + w["qkv_bias"]
             q, k, v = qkv.split([self.q_heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
             q = self.rope(q.reshape(T, self.q_heads, d), positions)
             k = self.rope(k.reshape(T, self.kv_heads, d), positions)
@@ -244,8 +303,8 @@ class TinyLlama:
 
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                           q_start: int = 0) -> torch.Tensor:
-    """Causal GQA attention of one sequence over contiguous K/V.
+                           q_start: int = 0, window: int | None = None) -> torch.Tensor:
+    """Causal GQA attention of one sequence over contiguous K/V, optionally windowed.
 
     Parameters
     ----------
@@ -254,17 +313,31 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     k, v : [n_kv, Hkv, D] fp32
         Keys/values at positions ``0 .. n_kv - 1`` (``n_kv >= q_start + n_q``).
     scale : float
+    window : int, optional
+        The query at position ``p`` attends to keys ``t`` with ``p - window < t <= p``: the last
+        ``window`` tokens, its own included (transformers' ``sliding_window_overlay``, kvpool's
+        kernels). Keys before the first query's window are never read, so rows a windowed KV-cache
+        group released (padding in the gathered K/V) cannot reach the result, not even as 0 * NaN.
 
     Returns
     -------
     out : [n_q, Hq, D] fp32
+
+    Examples
+    --------
+    >>> # window 32, queries at 40..44: keys 9..44 are read (9 = 40 - 32 + 1), query 44 sees 13..44
     """
+    first = 0 if window is None else max(0, q_start - window + 1)
+    k, v = k[first:], v[first:]
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [Hq, n_q, n_kv]
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [Hq, n_q, n_kv - first]
     q_pos = torch.arange(q_start, q_start + q.shape[0], device=q.device)[:, None]
-    k_pos = torch.arange(k.shape[0], device=q.device)[None, :]
-    scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+    k_pos = torch.arange(first, first + k.shape[0], device=q.device)[None, :]
+    hidden = k_pos > q_pos
+    if window is not None:
+        hidden |= k_pos <= q_pos - window
+    scores = scores.masked_fill(hidden, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, v)
