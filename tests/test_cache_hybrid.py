@@ -42,14 +42,16 @@ def test_hybrid_pool_is_slots_pages_and_equals_the_plan(model, tp, kv_dtype, fp8
     spec = load_model_spec(model)
     layout = kv_shard_layout(spec, tp, kv_dtype, fp8_scales)
     plan = plan_memory(model, tp=tp, gpu_mem_gib=16384, kv_dtype=kv_dtype, fp8_scales=fp8_scales,
-                       block_size=block_size).to_dict()["kv_cache"]
+                       block_size=block_size).kv_cache
     cache = PagedKVCache.for_shard(model, num_blocks, block_size, 0, tp, "cpu", kv_dtype=kv_dtype,
                                    fp8_scales=fp8_scales)
     assert (layout.slots, layout.num_groups, cache.num_slots, len(cache.kv_groups.groups)) == (slots, groups) * 2
     assert cache.kv_groups == kv_groups(spec.layer_sliding_windows)
     per_block = slots * layout.bytes_per_layer_token * block_size  # one page of each slot, scales included
-    assert cache.memory_bytes() == per_block * num_blocks == plan["bytes_per_block_per_gpu"] * num_blocks
-    assert per_block < layout.bytes_per_token * block_size  # not a page of every layer
+    assert cache.memory_bytes() == per_block * num_blocks == layout.pool_bytes_per_block(block_size) * num_blocks
+    assert per_block < layout.bytes_per_block(block_size)  # not a page of every layer
+    # the plan's hybrid pool (window freeing) is made of these blocks
+    assert plan.window.num_blocks == plan.kv_bytes_per_gpu // per_block and plan.window.group_size == slots
     scaled = 2 if kv_dtype == "fp8" and fp8_scales == "per_token_head" else 0
     tensors = cache.block_tensors()
     assert len(tensors) == (2 + scaled) * slots and len({t.data_ptr() for t in tensors}) == len(tensors)
@@ -64,7 +66,8 @@ def test_gemma3_27b_bytes_per_block_worked_example():
     # docs/page_table.md's example: 16 KV heads x (128 + 128) x 2 B = 8,192 B per layer and token
     layout = kv_shard_layout(load_model_spec("gemma-3-27b"), 1, "auto")
     assert layout.bytes_per_layer_token == 8192 and layout.bytes_per_token == 62 * 8192
-    assert layout.bytes_per_block(16) == 10 * 8192 * 16 == 1_310_720
+    assert layout.pool_bytes_per_block(16) == 10 * 8192 * 16 == 1_310_720
+    assert layout.bytes_per_block(16) == 62 * 8192 * 16  # a block of every layer: 6.2x the pool's
     assert layout.kv_groups.padding_layers == 8 and layout.num_groups == 7
 
 

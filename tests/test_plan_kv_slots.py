@@ -1,7 +1,7 @@
-"""KVShardLayout of hybrid models (#13 item 4): a block holds one page per slot, not one per layer.
+"""KVShardLayout of hybrid models (#13 item 4): a pool block holds one page per slot, not one per layer.
 
-The planner's bytes per block is the cache's (`PagedKVCache.memory_bytes`); single-group models keep
-every figure and every key of ``to_dict()`` they always had.
+``pool_bytes_per_block`` is `PagedKVCache`'s block; single-group models keep every figure and every key
+of ``to_dict()`` they always had (``pool_bytes_per_block == bytes_per_block``).
 """
 import pytest
 
@@ -21,7 +21,7 @@ def test_single_group_figures_and_keys_are_unchanged(model, kv_dtype):
     spec = load_model_spec(model)
     layout = kv_shard_layout(spec, 1, kv_dtype)
     assert layout.num_groups == 1 and layout.slots == spec.num_layers
-    assert layout.bytes_per_block(16) == layout.bytes_per_token * 16
+    assert layout.bytes_per_block(16) == layout.pool_bytes_per_block(16) == layout.bytes_per_token * 16
     assert layout.bytes_per_token == spec.num_layers * layout.bytes_per_layer_token
     assert set(layout.to_dict()) == SINGLE_GROUP_KEYS
 
@@ -34,10 +34,10 @@ def test_hybrid_bytes_per_block_counts_slots(model, tp, slots, groups, padding):
     spec = load_model_spec(model)
     layout = kv_shard_layout(spec, tp, "fp8")  # per-token scales: one float32 per token, head and tensor
     assert (layout.slots, layout.num_groups, layout.kv_groups.padding_layers) == (slots, groups, padding)
-    assert layout.bytes_per_block(32) == slots * layout.bytes_per_layer_token * 32
+    assert layout.pool_bytes_per_block(32) == slots * layout.bytes_per_layer_token * 32
     assert layout.bytes_per_token == spec.num_layers * layout.bytes_per_layer_token  # every layer, full length
-    d = layout.to_dict()
-    assert (d["slots"], d["num_groups"], d["padding_layers"]) == (slots, groups, padding)
+    assert layout.bytes_per_block(32) == layout.bytes_per_token * 32  # one table of every layer, as before
+    assert set(layout.to_dict()) == SINGLE_GROUP_KEYS
 
 
 def test_pipeline_stage_groups_its_own_layers():
@@ -46,7 +46,7 @@ def test_pipeline_stage_groups_its_own_layers():
     for stage in stage_layers(62, 2):  # 31 layers each: 5 global, 26 local
         layout = kv_shard_layout(spec, 1, "auto", layers=stage)
         assert layout.num_layers == 31 and layout.kv_groups == kv_groups([windows[i] for i in stage])
-        assert layout.bytes_per_block(16) == layout.slots * layout.bytes_per_layer_token * 16
+        assert layout.pool_bytes_per_block(16) == layout.slots * layout.bytes_per_layer_token * 16
     first = kv_shard_layout(spec, 1, "auto", num_layers=31)  # without `layers`: the first 31
     assert first == kv_shard_layout(spec, 1, "auto", num_layers=31, layers=range(31))
 

@@ -4,7 +4,8 @@ Every rank of a TP group builds its own `PagedKVCache` with the same ``num_block
 size: block ids (from the group's one `BlockAllocator`) mean the same thing on every rank, while each
 rank's pages hold only its own KV heads (`kv_head_ids`). Shapes and byte counts come from the
 planner's `kv_shard_layout`, so `memory_bytes` is exactly the planner's
-``bytes_per_block_per_gpu * num_blocks``.
+``pool_bytes_per_block(block_size) * num_blocks`` (``bytes_per_block_per_gpu * num_blocks`` of a
+single-group model's plan).
 
 Memory layout of the one flat ``uint8`` buffer (no padding anywhere, so the byte count is exact):
 first the page tensors of every slot, ``K_0, V_0, K_1, V_1, ...`` (all in the KV dtype), then, for
@@ -156,7 +157,7 @@ def _checked_shard(spec, num_blocks, block_size, tp_rank, tp_size, device, dtype
     assert shard.page_dtype.itemsize == shard_layout.dtype_bytes, (shard.page_dtype, shard_layout)
     assert shard_layout.scale_bytes in (0, _SCALE_DTYPE.itemsize), shard_layout  # one float32 per token and head
     nbytes = _Bytes.of(shard)
-    assert nbytes.total == shard_layout.bytes_per_block(block_size) * num_blocks, (nbytes, shard_layout)
+    assert nbytes.total == shard_layout.pool_bytes_per_block(block_size) * num_blocks, (nbytes, shard_layout)
     if nbytes.scales and nbytes.pages % _SCALE_DTYPE.itemsize:
         raise InvalidArgumentError(
             f"fp8 pages take {nbytes.pages} bytes, not a multiple of 4, so the float32 scales that follow "
@@ -383,7 +384,7 @@ class PagedKVCache:
         return list(self._block_tensors)
 
     def memory_bytes(self) -> int:
-        """Bytes of the pool: ``bytes_per_block(block_size) * num_blocks`` of the planner, exactly.
+        """Bytes of the pool: ``pool_bytes_per_block(block_size) * num_blocks`` of the planner, exactly.
 
         The per-head fp8 scales (``fp8_scales="per_head"``, a few bytes per layer) live outside the pool.
         """

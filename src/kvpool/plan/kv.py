@@ -5,11 +5,12 @@ tensors): ``PagedKVCache.memory_bytes() == plan.kv_cache.bytes_per_block_per_gpu
 
 A model with one attention kind keeps one block table for all its layers: a block holds one page of
 every layer, ``bytes_per_block = bytes_per_token * block_size``. A hybrid model (sliding-window and full
-layers) splits its layers into KV-cache groups (`kvpool.plan.kv_groups`) of ``group_size`` layers; the
+layers) splits its layers into KV-cache groups (`kvpool.plan.kv_groups`) of ``group_size`` layers; its
 pool has ``slots = group_size`` page tensors per K/V, and a block holds one page of each slot (the pages of
-ONE group's layers, whichever group owns the block). Then ``bytes_per_block = slots x
-bytes_per_layer_token x block_size``, and a sequence needs a block per group. `bytes_per_token` still
-counts every layer at full length (what one token costs at full attention, padding slots aside).
+ONE group's layers, whichever group owns the block): ``pool_bytes_per_block = slots x
+bytes_per_layer_token x block_size``, and a sequence needs a block per group. `bytes_per_token` and
+`bytes_per_block` count every layer at full length (one table of every layer); for a single-group model
+``pool_bytes_per_block == bytes_per_block``.
 """
 from __future__ import annotations
 
@@ -125,13 +126,15 @@ class KVShardLayout:
         return "none (every scale 1.0)" if self.fp8_scales == "none" else ""
 
     def bytes_per_block(self, block_size: int) -> int:
-        """Bytes of one block of ``block_size`` tokens on this shard: one page of each slot.
+        """Bytes of one block of ``block_size`` tokens of every layer on this shard (one table of every layer)."""
+        return self.bytes_per_token * check_block_size(block_size)
 
-        One group: ``bytes_per_token * block_size`` (every layer). Hybrid: ``slots * bytes_per_layer_token *
-        block_size`` (a block holds the pages of one group's layers).
+    def pool_bytes_per_block(self, block_size: int) -> int:
+        """Bytes of one block of `kvpool.PagedKVCache`'s pool: one page of each slot (``slots *
+        bytes_per_layer_token * block_size``); ``bytes_per_block`` for a single-group model.
 
         >>> # Gemma-3-27B at tp=1, bf16, block 16: 16 KV heads x (128 + 128) x 2 B = 8,192 B per layer-token
-        >>> # 10 slots x 8,192 x 16 = 1,310,720 B per block (every one of the 62 layers: 8,126,464)
+        >>> # 10 slots x 8,192 x 16 = 1,310,720 B per block (a block of all 62 layers: 8,126,464)
         """
         return self.slots * self.bytes_per_layer_token * check_block_size(block_size)
 
@@ -142,8 +145,6 @@ class KVShardLayout:
             "scale_bytes": self.scale_bytes, "bytes_per_token": self.bytes_per_token,
             "fp8_scales": self.fp8_scales, "scale_bytes_per_token": self.scale_bytes_per_token,
             "scale_bytes_outside_pool": self.scale_bytes_outside_pool, "scale_layout": self.scale_layout(),
-            **({"slots": self.slots, "num_groups": self.num_groups, "padding_layers": self.kv_groups.padding_layers}
-               if self.num_groups > 1 else {}),  # single-group plans print what they always printed
         }
 
 
