@@ -73,8 +73,7 @@ def test_prefill_reference_is_a_causal_softmax_with_an_extra_column(window, cap)
     n_q, n_k = [3, 0, 5, 1], [3, 2, 12, 9]  # queries are each sequence's last tokens (a cached prefix before)
     q = torch.randn(sum(n_q), 4, 8, generator=gen)
     k, v = torch.randn(sum(n_k), 2, 8, generator=gen), torch.randn(sum(n_k), 2, 8, generator=gen)
-    cu_q = torch.tensor([0, *torch.tensor(n_q).cumsum(0).tolist()], dtype=torch.int32)
-    cu_k = torch.tensor([0, *torch.tensor(n_k).cumsum(0).tolist()], dtype=torch.int32)
+    cu_q, cu_k = _offsets(n_q), _offsets(n_k)
     sinks = torch.tensor([0.5, -1.0, 25.0, float("-inf")])
     out = prefill_attention(q, k, v, cu_q, cu_k, 0.4, window, cap, sinks=sinks)
     for b in range(len(n_q)):
@@ -166,10 +165,13 @@ def test_bad_sinks_are_refused(sinks, match):
         prefill_attention(q, keys, values, torch.arange(3, dtype=torch.int32), cu, 0.5, sinks=sinks)
 
 
+def _offsets(counts) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+
+
 def _packed(n_q=(2, 3), n_k=(4, 3)):
     q, k = torch.zeros(sum(n_q), 4, 8), torch.zeros(sum(n_k), 2, 8)
-    cu = lambda ns: torch.tensor([0, *torch.tensor(ns).cumsum(0).tolist()], dtype=torch.int32)  # noqa: E731
-    return dict(q=q, k=k, v=k.clone(), cu_seqlens_q=cu(n_q), cu_seqlens_k=cu(n_k), scale=1.0)
+    return {"q": q, "k": k, "v": k.clone(), "cu_seqlens_q": _offsets(n_q), "cu_seqlens_k": _offsets(n_k), "scale": 1.0}
 
 
 @pytest.mark.parametrize("change,match", [
