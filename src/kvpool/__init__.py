@@ -40,6 +40,7 @@ _LAZY = {
     "gather_kv": "kvpool.kernels",
     "copy_blocks": "kvpool.kernels",
     "paged_decode": "kvpool.kernels",
+    "prefill_attention": "kvpool.kernels",
     # start-up sizing (torch.distributed)
     "size_kv_pool": "kvpool.runtime",
     "PoolSize": "kvpool.runtime",

@@ -4,13 +4,19 @@ Every rank of a TP group builds its own `PagedKVCache` with the same ``num_block
 size: block ids (from the group's one `BlockAllocator`) mean the same thing on every rank, while each
 rank's pages hold only its own KV heads (`kv_head_ids`). Shapes and byte counts come from the
 planner's `kv_shard_layout`, so `memory_bytes` is exactly the planner's
-``bytes_per_block_per_gpu * num_blocks``.
+``pool_bytes_per_block(block_size) * num_blocks`` (``bytes_per_block_per_gpu * num_blocks`` of a
+single-group model's plan).
 
 Memory layout of the one flat ``uint8`` buffer (no padding anywhere, so the byte count is exact):
-first the page tensors of every layer, ``K_0, V_0, K_1, V_1, ...`` (all in the KV dtype), then, for
+first the page tensors of every slot, ``K_0, V_0, K_1, V_1, ...`` (all in the KV dtype), then, for
 fp8 with per-token scales, the float32 scale tensors ``Ks_0, Vs_0, Ks_1, ...``. Grouping by dtype
 keeps every view's offset a multiple of its element size; the scale group starts after a whole
 number of pages, a multiple of 4 bytes for any block size >= 2 or even head_dim (checked).
+
+A slot is a page tensor shared by one layer of each KV-cache group (`kvpool.plan.kv_groups`): a model
+with one attention kind has one slot per layer (slot i = layer i); a hybrid model has ``group_size``
+slots, and layer i reads and writes the slot ``kv_groups.slot_of(i)`` names. A block id is owned by one
+group at a time (the one allocator hands it out), so layers sharing a slot never touch the same block.
 """
 from __future__ import annotations
 
@@ -62,6 +68,14 @@ class _Shard:
     kv_head_ids: list
     is_mla: bool
 
+    @property
+    def kv_groups(self):
+        """The shard's KV-cache groups (KVGroups); one group of every layer for a single-kind model."""
+        from .plan.kv_groups import kv_groups  # noqa: PLC0415
+
+        lay = self.shard_layout
+        return lay.kv_groups if lay.kv_groups is not None else kv_groups([None] * lay.num_layers)
+
     def page_shape(self, dim: int) -> tuple[int, int, int, int]:
         heads = self.shard_layout.kv_heads
         if self.page_layout == "NHD":
@@ -71,12 +85,12 @@ class _Shard:
 
 @dataclasses.dataclass(frozen=True)
 class _Bytes:
-    """Bytes of the one allocation: one layer's K pages, V pages and per-token scales (K or V, 0 unless fp8
-    with ``per_token_head``), all layers' pages, and the whole buffer (the pages, then the scales).
+    """Bytes of the one allocation: one slot's K pages, V pages and per-token scales (K or V, 0 unless fp8
+    with ``per_token_head``), all slots' pages, and the whole buffer (the pages, then the scales).
 
     >>> # Llama-3.1-8B at tp=2, fp8, 1 block of 16 tokens: 4 KV heads x 128 dims x 1 B per token
     >>> # k = v = 16 x 4 x 128 x 1 = 8,192; scales = 16 x 4 x 4 = 256; pages = 32 x 16,384 = 524,288
-    >>> # total = 524,288 + 32 layers x 2 tensors x 256 = 540,672 = the planner's bytes_per_block(16)
+    >>> # total = 524,288 + 32 slots x 2 tensors x 256 = 540,672 = the planner's bytes_per_block(16)
     """
 
     k: int
@@ -91,8 +105,8 @@ class _Bytes:
         rows = shard.num_blocks * shard.block_size * lay.kv_heads  # (token, head) rows per layer and tensor
         k, v = rows * lay.head_dim * lay.dtype_bytes, rows * lay.v_head_dim * lay.dtype_bytes
         scales = rows * lay.scale_bytes
-        pages = lay.num_layers * (k + v)
-        return cls(k, v, scales, pages, pages + lay.num_layers * (2 if v else 1) * scales)
+        pages = lay.slots * (k + v)
+        return cls(k, v, scales, pages, pages + lay.slots * (2 if v else 1) * scales)
 
 
 def _check_counts(num_blocks, block_size, tp_rank, tp_size) -> tuple[int, int, int, int]:
@@ -143,7 +157,7 @@ def _checked_shard(spec, num_blocks, block_size, tp_rank, tp_size, device, dtype
     assert shard.page_dtype.itemsize == shard_layout.dtype_bytes, (shard.page_dtype, shard_layout)
     assert shard_layout.scale_bytes in (0, _SCALE_DTYPE.itemsize), shard_layout  # one float32 per token and head
     nbytes = _Bytes.of(shard)
-    assert nbytes.total == shard_layout.bytes_per_block(block_size) * num_blocks, (nbytes, shard_layout)
+    assert nbytes.total == shard_layout.pool_bytes_per_block(block_size) * num_blocks, (nbytes, shard_layout)
     if nbytes.scales and nbytes.pages % _SCALE_DTYPE.itemsize:
         raise InvalidArgumentError(
             f"fp8 pages take {nbytes.pages} bytes, not a multiple of 4, so the float32 scales that follow "
@@ -165,28 +179,44 @@ class _Carver:
 
 
 def _carve_pages(carver: _Carver, shard: _Shard, nbytes: _Bytes) -> tuple[list, list]:
-    """``K_0, V_0, K_1, V_1, ...`` in the page dtype; MLA: ``K_0, K_1, ...`` (the latent) and V ``None``."""
+    """Each slot's ``K_s, V_s`` in the page dtype (MLA: ``K_s``, the latent, and V ``None``), in slot order."""
     lay = shard.shard_layout
-    k_caches, v_caches = [], []
-    for _ in range(lay.num_layers):
-        k_caches.append(carver.take(nbytes.k, shard.page_dtype, shard.page_shape(lay.head_dim)))
-        v_caches.append(carver.take(nbytes.v, shard.page_dtype, shard.page_shape(lay.v_head_dim))
-                        if lay.v_head_dim else None)
-    return k_caches, v_caches
+    k_slots, v_slots = [], []
+    for _ in range(lay.slots):
+        k_slots.append(carver.take(nbytes.k, shard.page_dtype, shard.page_shape(lay.head_dim)))
+        v_slots.append(carver.take(nbytes.v, shard.page_dtype, shard.page_shape(lay.v_head_dim))
+                       if lay.v_head_dim else None)
+    return k_slots, v_slots
 
 
-def _carve_scales(carver: _Carver, shard: _Shard, nbytes: _Bytes) -> tuple[Optional[list], Optional[list]]:
-    """fp8 scales, all 1.0: per-token ones carved after the pages (``Ks_0, Vs_0, Ks_1, ...``), per-head and
-    per-tensor ones a small tensor outside the pool; ``(None, None)`` unless fp8."""
+def _layer_slots(groups) -> list[int]:
+    """The slot of each layer: ``[groups.slot_of(i)[1] for i in layers]`` (slot i = layer i for one group)."""
+    slots = [0] * groups.num_layers
+    for group in groups.groups:
+        for slot, layer in enumerate(group.layers):
+            slots[layer] = slot
+    return slots
+
+
+def _carve_scales(carver: _Carver, shard: _Shard, nbytes: _Bytes,
+                  layer_slots: list[int]) -> tuple[Optional[list], Optional[list], list]:
+    """fp8 scales, all 1.0, per layer, and the per-token scale tensors of each slot (``[]`` unless any).
+
+    Per-token ones are carved after the pages, one per slot (``Ks_0, Vs_0, Ks_1, ...``); per-head and
+    per-tensor ones are a small tensor outside the pool, one per layer (each layer has its calibration).
+    ``(None, None, [])`` unless fp8.
+    """
     if shard.fp8_scales is None:
-        return None, None
+        return None, None, []
     lay, heads = shard.shard_layout, shard.shard_layout.kv_heads
     n_scaled = 2 if lay.v_head_dim else 1  # MLA scales its latent only
+    per_slot = []
     if nbytes.scales:
         carver.buffer.narrow(0, nbytes.pages, nbytes.total - nbytes.pages).view(_SCALE_DTYPE).fill_(1.0)
         shape = (shard.num_blocks, shard.block_size, heads)
-        per_layer = [[carver.take(nbytes.scales, _SCALE_DTYPE, shape) for _ in range(n_scaled)]
-                     for _ in range(lay.num_layers)]
+        per_slot = [[carver.take(nbytes.scales, _SCALE_DTYPE, shape) for _ in range(n_scaled)]
+                    for _ in range(lay.slots)]
+        per_layer = [per_slot[s] for s in layer_slots]
     else:
         # per_tensor (vLLM's k_scale/v_scale): one float32 per layer and tensor, seen as [heads] (stride 0)
         shared = 1 if shard.fp8_scales == "per_tensor" else heads
@@ -194,16 +224,17 @@ def _carve_scales(carver: _Carver, shard: _Shard, nbytes: _Bytes) -> tuple[Optio
         per_layer = ones.expand(lay.num_layers, n_scaled, heads)
     k_scales = [per_layer[i][0] for i in range(lay.num_layers)]
     v_scales = [per_layer[i][1] if n_scaled == 2 else None for i in range(lay.num_layers)]
-    return k_scales, v_scales
+    return k_scales, v_scales, [pair[0] for pair in per_slot] + [pair[1] for pair in per_slot if n_scaled == 2]
 
 
 class PagedKVCache:
-    """Page tensors of one TP shard: a K and a V tensor per layer, views of ONE allocation.
+    """Page tensors of one TP shard: a K and a V tensor per slot, views of ONE allocation.
 
     Build it with `for_shard`. Attributes
     ----------
     k_caches, v_caches : list of torch.Tensor
-        Per layer, ``[num_blocks, block_size, kv_heads, head_dim]`` (NHD) or
+        Per layer (the tensor of the layer's slot: layers of different KV-cache groups share one),
+        ``[num_blocks, block_size, kv_heads, head_dim]`` (NHD) or
         ``[num_blocks, kv_heads, block_size, head_dim]`` (HND) in the KV dtype. MLA models keep one
         latent per token (``kv_heads = 1``, ``head_dim = kv_lora_rank + qk_rope_head_dim``) in
         ``k_caches``; their ``v_caches[layer]`` is ``None``.
@@ -221,6 +252,10 @@ class PagedKVCache:
         "NHD" or "HND": the order of a block's dims (``layout`` is the same).
     shard_layout : KVShardLayout
         The planner's geometry of the heads this rank holds (``kvpool.plan.kv_shard_layout``).
+    kv_groups : KVGroups
+        The model's KV-cache groups (``kvpool.plan.kv_groups``): ``kv_groups.windows`` is the
+        ``group_windows`` of the `BlockTables` whose block ids index these pages; layer ``i`` uses slot
+        ``kv_groups.slot_of(i)[1]`` and group `group_of` ``(i)``'s block table.
 
     Kernels take NHD page tensors; pass an HND tensor as ``t.permute(0, 2, 1, 3)``.
     """
@@ -229,9 +264,15 @@ class PagedKVCache:
         """Allocate the one buffer and carve every view of it (build a cache with `for_shard`)."""
         self._buffer = torch.zeros(nbytes.total, dtype=torch.uint8, device=shard.device)
         carver = _Carver(self._buffer)
-        self.k_caches, self.v_caches = _carve_pages(carver, shard, nbytes)
-        self.k_scales, self.v_scales = _carve_scales(carver, shard, nbytes)
+        self.kv_groups = shard.kv_groups
+        layer_slots = _layer_slots(self.kv_groups)
+        k_slots, v_slots = _carve_pages(carver, shard, nbytes)
+        self.k_scales, self.v_scales, scale_slots = _carve_scales(carver, shard, nbytes, layer_slots)
         assert carver.offset == nbytes.total, (carver.offset, nbytes)  # the views tile the buffer exactly
+        self.k_caches = [k_slots[s] for s in layer_slots]
+        self.v_caches = [v_slots[s] for s in layer_slots]
+        self._block_tensors = [t for t in k_slots + v_slots if t is not None] + scale_slots
+        self._group_of = {layer: g for g, group in enumerate(self.kv_groups.groups) for layer in group.layers}
         self.shard_layout = shard.shard_layout  # the planner's KVShardLayout of the heads this rank holds
         self.page_layout = shard.page_layout  # "NHD" or "HND"
         self.kv_head_ids = shard.kv_head_ids
@@ -314,23 +355,36 @@ class PagedKVCache:
         """``[memory_bytes()] uint8``: the one allocation every page and in-pool scale tensor views."""
         return self._buffer
 
+    @property
+    def num_slots(self) -> int:
+        """Page tensors per K/V: ``num_layers`` for one group, ``kv_groups.group_size`` for a hybrid model."""
+        return self.kv_groups.group_size
+
+    def _checked_layer(self, i) -> int:
+        if isinstance(i, bool) or not hasattr(i, "__index__") or not -self.num_layers <= int(i) < self.num_layers:
+            raise InvalidArgumentError(f"layer {i!r} out of range for {self.num_layers} layers; pass an int in "
+                                       f"[{-self.num_layers}, {self.num_layers})")
+        return int(i) % self.num_layers
+
     def layer(self, i: int):
-        """``(k_cache, v_cache, k_scale, v_scale)`` of layer `i` (scales ``None`` unless fp8)."""
-        if not -self.num_layers <= i < self.num_layers:
-            raise InvalidArgumentError(f"layer {i} out of range for {self.num_layers} layers")
+        """``(k_cache, v_cache, k_scale, v_scale)`` of layer `i` (scales ``None`` unless fp8): its slot's views."""
+        i = self._checked_layer(i)
         ks = self.k_scales[i] if self.k_scales is not None else None
         vs = self.v_scales[i] if self.v_scales is not None else None
         return self.k_caches[i], self.v_caches[i], ks, vs
 
+    def group_of(self, i: int) -> int:
+        """The KV-cache group of layer `i`: the index of its block table (``BlockTables``' ``group=``,
+        ``batch.group(g)``). 0 for every layer of a single-group model."""
+        return self._group_of[self._checked_layer(i)]
+
     def block_tensors(self) -> list:
-        """Every tensor indexed by block id on dim 0 (pages, per-token scales): ``copy_blocks``'s `caches`."""
-        out = [t for t in self.k_caches + self.v_caches if t is not None]
-        if self.fp8_scales == "per_token_head":
-            out += [t for t in self.k_scales + self.v_scales if t is not None]
-        return out
+        """Every tensor indexed by block id on dim 0 (each slot's pages and per-token scales, once each):
+        ``copy_blocks``'s `caches`."""
+        return list(self._block_tensors)
 
     def memory_bytes(self) -> int:
-        """Bytes of the pool: ``bytes_per_block(block_size) * num_blocks`` of the planner, exactly.
+        """Bytes of the pool: ``pool_bytes_per_block(block_size) * num_blocks`` of the planner, exactly.
 
         The per-head fp8 scales (``fp8_scales="per_head"``, a few bytes per layer) live outside the pool.
         """
@@ -339,7 +393,8 @@ class PagedKVCache:
     def __repr__(self) -> str:
         kv = str(self.kv_dtype).removeprefix("torch.")
         scales = f", fp8_scales={self.fp8_scales}" if self.fp8_scales else ""
-        return (f"PagedKVCache(rank={self.tp_rank}/{self.tp_size}, layers={self.num_layers}, "
+        slots = f" in {self.num_slots} slots x {len(self.kv_groups.groups)} groups" if self.kv_groups.hybrid else ""
+        return (f"PagedKVCache(rank={self.tp_rank}/{self.tp_size}, layers={self.num_layers}{slots}, "
                 f"blocks={self.num_blocks}x{self.block_size}, kv_heads={self.kv_head_ids}, head_dim={self.head_dim}"
                 f"{'' if self.v_head_dim else ' (MLA latent)'}, layout={self.layout}, kv_dtype={kv}{scales}, "
                 f"device={self.device}, {self.memory_bytes() / 2**20:.1f} MiB)")

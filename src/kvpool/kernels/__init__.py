@@ -3,11 +3,13 @@
 - :func:`write_kv`: new tokens into their slots (fp8: quantized, scales stored or used).
 - :func:`gather_kv`: pages to packed varlen K and V plus ``cu_seqlens``.
 - :func:`copy_blocks`: copy-on-write of whole blocks, every layer in one launch.
-- :func:`paged_decode`: split-K flash-decoding over pages, GQA-grouped.
+- :func:`paged_decode`: split-K flash-decoding over pages, GQA-grouped (sliding window, soft cap, sinks).
+- :func:`prefill_attention`: causal attention over gathered K/V (torch reference on every device).
 
 Backend: Triton on CUDA tensors, the torch references otherwise; ``KVPOOL_KERNELS=triton|torch``
 forces one, ``KVPOOL_DEBUG=1`` range-checks block ids and slots (see :mod:`kvpool.kernels.backend`).
 """
 from .api import copy_blocks, gather_kv, paged_decode, write_kv
+from .prefill import prefill_attention
 
-__all__ = ["write_kv", "gather_kv", "copy_blocks", "paged_decode"]
+__all__ = ["write_kv", "gather_kv", "copy_blocks", "paged_decode", "prefill_attention"]

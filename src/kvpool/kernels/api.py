@@ -1,4 +1,4 @@
-"""The four public kernel entry points: check arguments, pick the backend, run.
+"""The public kernel entry points: check arguments, pick the backend, run.
 
 Every check here is host-side metadata only (no device sync) unless ``KVPOOL_DEBUG=1``. The Triton
 modules are imported on first use, so the torch backend works where Triton is not installed.
@@ -259,7 +259,7 @@ def copy_blocks(caches: Sequence[torch.Tensor], src, dst) -> None:
 
 
 def paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window=None, logit_soft_cap=None,
-                 k_scale=None, v_scale=None, *, out=None):
+                 k_scale=None, v_scale=None, *, sinks=None, out=None):
     """Decode attention: one query token per sequence against its paged K and V.
 
     Parameters
@@ -284,6 +284,11 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_wind
         Scores become ``c * tanh(scores / c)`` before the softmax (Gemma-2).
     k_scale, v_scale : torch.Tensor, optional
         fp8 caches: float32 ``[kv_heads]`` or ``[num_blocks, block_size, kv_heads]``.
+    sinks : torch.Tensor, optional
+        Attention sinks (gpt-oss): ``[q_heads]`` float32, one learned logit per q head that joins the
+        softmax's denominator and carries no value: ``out = sum_t e^(s_t) v_t / (e^sink + sum_t e^(s_t))``
+        with ``s_t`` the scaled (and soft-capped) scores; the sink itself is neither scaled nor capped.
+        ``-inf`` is no sink.
     out : torch.Tensor, optional
         Preallocated output ``[batch, q_heads, head_dim]`` ``q.dtype`` (``head_dim`` contiguous).
 
@@ -310,14 +315,8 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_wind
     if block_table.shape[0] != q.shape[0]:
         raise KernelError(f"q has {q.shape[0]} sequences but block_table has {block_table.shape[0]} rows")
     _b.same_device({"q": q, "k_cache": k_cache, "block_table": block_table, "seq_lens": seq_lens})
-    scale = _finite_float("scale", scale)
-    if sliding_window is not None:
-        sliding_window = _int_at_least("sliding_window", sliding_window, 1, "a positive int or None")
-        sliding_window = min(sliding_window, 2 ** 31 - 1)  # wider than any int32 seq_len: same result, int32 arg
-    if logit_soft_cap is not None:
-        logit_soft_cap = _finite_float("logit_soft_cap", logit_soft_cap)
-        if logit_soft_cap <= 0:
-            raise KernelError(f"logit_soft_cap must be a positive float or None, got {logit_soft_cap!r}")
+    scale, sliding_window, logit_soft_cap = _attention_scalars(scale, sliding_window, logit_soft_cap)
+    _b.check_sinks(sinks, q.shape[1], q.device)
     if out is not None and (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype
                             or out.device != q.device or out.stride(-1) != 1):
         raise KernelError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, head_dim contiguous")
@@ -326,7 +325,21 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_wind
     if _b.use_triton(q, k_cache):
         from .decode import paged_decode_triton
         return paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window,
-                                   logit_soft_cap, k_scale, v_scale, out=out)
+                                   logit_soft_cap, k_scale, v_scale, out=out, sinks=sinks)
     result = _ref.paged_decode_reference(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window,
-                                         logit_soft_cap, k_scale, v_scale)
+                                         logit_soft_cap, k_scale, v_scale, sinks=sinks)
     return result if out is None else out.copy_(result)
+
+
+def _attention_scalars(scale, sliding_window, logit_soft_cap) -> tuple:
+    """``scale`` a finite float, ``sliding_window`` a positive int (capped to int32) or None, ``logit_soft_cap``
+    a positive finite float or None; anything else raises :class:`KernelError`."""
+    scale = _finite_float("scale", scale)
+    if sliding_window is not None:
+        sliding_window = _int_at_least("sliding_window", sliding_window, 1, "a positive int or None")
+        sliding_window = min(sliding_window, 2 ** 31 - 1)  # wider than any int32 seq_len: same result, int32 arg
+    if logit_soft_cap is not None:
+        logit_soft_cap = _finite_float("logit_soft_cap", logit_soft_cap)
+        if logit_soft_cap <= 0:
+            raise KernelError(f"logit_soft_cap must be a positive float or None, got {logit_soft_cap!r}")
+    return scale, sliding_window, logit_soft_cap

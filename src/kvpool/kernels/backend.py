@@ -158,6 +158,29 @@ def check_scales(k_cache: torch.Tensor, k_scale, v_scale) -> str | None:
     return kinds[0]
 
 
+def check_sinks(sinks, q_heads: int, device: torch.device) -> None:
+    """Attention sinks: None, or a float32 ``[q_heads]`` tensor on the queries' device (any stride).
+
+    Values are checked (no NaN, no +inf; ``-inf`` is "no sink") where that costs no sync: CPU tensors, or
+    any tensor with ``KVPOOL_DEBUG=1``.
+    """
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor):
+        raise KernelError(f"sinks must be a float32 tensor [q_heads]=[{q_heads}] or None, got "
+                          f"{type(sinks).__name__}: pass torch.as_tensor(sinks, dtype=torch.float32)")
+    if tuple(sinks.shape) != (q_heads,):
+        raise KernelError(f"sinks shape {tuple(sinks.shape)} must be [q_heads]=({q_heads},): one logit per query "
+                          "head of this shard (slice the model's sinks to the heads this rank holds)")
+    if sinks.dtype != torch.float32:
+        raise KernelError(f"sinks dtype {sinks.dtype} must be float32: pass sinks.float()")
+    if sinks.device != device:
+        raise KernelError(f"sinks is on {sinks.device} but q is on {device}: move it with sinks.to(q.device)")
+    if (sinks.device.type == "cpu" or debug_checks()) and bool((torch.isnan(sinks) | (sinks == float("inf"))).any()):
+        bad = int((torch.isnan(sinks) | (sinks == float("inf"))).nonzero()[0, 0])
+        raise KernelError(f"sinks[{bad}]={float(sinks[bad])} is not a logit: sinks must be finite or -inf (no sink)")
+
+
 def check_index(name: str, t, dim: int) -> None:
     """An index tensor (block table, slots, lengths) of ``dim`` dims, int32/int64, innermost contiguous."""
     if not isinstance(t, torch.Tensor):

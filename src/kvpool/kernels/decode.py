@@ -13,6 +13,10 @@ merges them. Otherwise a single pass writes the output directly.
 
 fp8 pages are widened to the query dtype (exact) and their scales folded into the scores
 (``k``) and the probabilities / accumulator (``v``), so no float32 copy of a tile is made.
+
+Attention sinks (one logit per q head, no value) start the online softmax of the one-pass kernel
+(``m = sink``, ``l = 1``); with splits, the merge adds ``2^sink`` to the denominator instead, so each
+sink is counted once.
 """
 from __future__ import annotations
 
@@ -36,12 +40,14 @@ def _paged_decode_kernel(
     q_ptr,                               # [batch, q_heads, head_dim]
     k_cache_ptr, v_cache_ptr,            # [num_blocks, block_size, kv_heads, head_dim]
     k_scale_ptr, v_scale_ptr,            # fp8: [kv_heads] or [num_blocks, block_size, kv_heads] float32
+    sinks_ptr,                           # HAS_SINKS: [q_heads] float32 (natural-log logits)
     block_table_ptr,                     # [batch, max_blocks] int32
     seq_lens_ptr,                        # [batch] int32
     out_ptr,                             # SPLIT: [batch, q_heads, num_splits, head_dim] f32,
                                          # else [batch, q_heads, head_dim] q dtype
     lse_ptr,                             # SPLIT: [batch, q_heads, num_splits] f32 (log2 domain)
     sm_scale, soft_cap, window, num_splits,
+    stride_sinks,
     stride_q_b, stride_q_h,
     stride_bt_b,
     stride_cache_b, stride_cache_t, stride_cache_h,
@@ -50,6 +56,7 @@ def _paged_decode_kernel(
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     SCALE_MODE: tl.constexpr,            # 0 none, 1 per head, 2 per token and head
     HAS_WINDOW: tl.constexpr, HAS_SOFT_CAP: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_SINKS: tl.constexpr,             # one pass only (a split launch adds the sinks in the merge)
     DOT_FP32: tl.constexpr,              # fp32 operands, IEEE dot (fp32 caches; the interpreter, see below)
     ROUND_BITS: tl.constexpr,            # interpreter only: mantissa bits of the output store
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -85,6 +92,9 @@ def _paged_decode_kernel(
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
+    if HAS_SINKS:  # the sink is the softmax's first column: m = sink (log2 units), l = 2^(sink - m) = 1
+        m_i = tl.load(sinks_ptr + heads * stride_sinks, mask=h_ok, other=0.0) * 1.4426950408889634
+        l_i = tl.full([BLOCK_H], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     bt_row = block_table_ptr + b.to(tl.int64) * stride_bt_b
     head_off = kv_head.to(tl.int64) * stride_cache_h
@@ -132,7 +142,8 @@ def _paged_decode_kernel(
     if SCALE_MODE == 1:
         acc = acc * v_head_scale
 
-    # seq_len 0 (or an empty split): l_i = 0 -> a zero row, and lse = -inf so the merge ignores it
+    # seq_len 0 (or an empty split): acc = 0 -> a zero row; without a sink l_i = 0 and lse = -inf (the
+    # merge ignores it). A sink of -inf: m_i stays -inf until a token arrives (alpha = 0 drops l_i = 1).
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out_mask = h_ok[:, None] & d_ok[None, :]
     out_rows = b.to(tl.int64) * stride_out_b + heads * stride_out_h
@@ -151,9 +162,10 @@ def _paged_decode_kernel(
 def _merge_splits_kernel(
     part_ptr,                            # [batch * q_heads, num_splits, head_dim] f32, contiguous
     lse_ptr,                             # [batch * q_heads, num_splits] f32, log2 domain
+    sinks_ptr,                           # HAS_SINKS: [q_heads] float32 (natural-log logits)
     out_ptr,                             # [batch, q_heads, head_dim]
-    num_splits, stride_out_b, stride_out_h,
-    Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROUND_BITS: tl.constexpr,
+    num_splits, stride_sinks, stride_out_b, stride_out_h,
+    Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROUND_BITS: tl.constexpr, HAS_SINKS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -165,11 +177,16 @@ def _merge_splits_kernel(
     d_ok = offs_d < HEAD_DIM
     lse = tl.load(lse_ptr + pid * num_splits + offs_s, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (seq_len 0): weights 0, output 0
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + h * stride_sinks) * 1.4426950408889634
+        m = tl.maximum(m, sink)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (seq_len 0), no sink: weights 0, output 0
     w = tl.exp2(lse - m)
     part = tl.load(part_ptr + (pid * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     den = tl.sum(w, axis=0)
+    if HAS_SINKS:
+        den += tl.exp2(sink - m)  # the sink's column: in the denominator, no value
     o = tl.sum(part * w[:, None], axis=0) / tl.where(den > 0, den, 1.0)
     if ROUND_BITS != 0:
         o = round_mantissa(o, ROUND_BITS)
@@ -226,7 +243,7 @@ def choose_num_splits(batch: int, kv_heads: int, max_tokens: int, block_n: int, 
 
 
 def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window=None,
-                        logit_soft_cap=None, k_scale=None, v_scale=None, num_splits=None, out=None):
+                        logit_soft_cap=None, k_scale=None, v_scale=None, num_splits=None, out=None, sinks=None):
     """Launch the decode kernel (+ merge); arguments as :func:`kvpool.kernels.paged_decode`.
 
     ``num_splits`` overrides the heuristic (tests use it to cover both paths on CPU).
@@ -256,26 +273,30 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale, slidi
         dest, dest_strides = part, part.stride()[:3]
     else:
         lse, dest, dest_strides = out, out, (out.stride(0), out.stride(1), 0)
-    config_key = (q.dtype, k_cache.dtype, head_dim, group, scale_mode, split)
+    has_sinks = sinks is not None
+    sinks_arg, stride_sinks = (sinks, sinks.stride(0)) if has_sinks else (q, 0)  # q: an unread stand-in
+    config_key = (q.dtype, k_cache.dtype, head_dim, group, scale_mode, split, has_sinks)
     _launch_with_stage_fallback(
         _paged_decode_kernel, (batch * kv_heads, num_splits), config_key, num_stages,
-        q, k_cache, v_cache, k_scale, v_scale, block_table, seq_lens, dest, lse,
+        q, k_cache, v_cache, k_scale, v_scale, sinks_arg, block_table, seq_lens, dest, lse,
         float(scale), float(logit_soft_cap or 0.0), int(sliding_window or 0), num_splits,
+        stride_sinks,
         q.stride(0), q.stride(1),
         block_table.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         *scale_strides,
         *dest_strides,
         KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, SCALE_MODE=scale_mode,
-        HAS_WINDOW=bool(sliding_window), HAS_SOFT_CAP=bool(logit_soft_cap), SPLIT=split, DOT_FP32=dot_fp32,
+        HAS_WINDOW=bool(sliding_window), HAS_SOFT_CAP=bool(logit_soft_cap), SPLIT=split,
+        HAS_SINKS=has_sinks and not split, DOT_FP32=dot_fp32,
         ROUND_BITS=round_bits(q.dtype, interpreting()),
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(head_dim), num_warps=num_warps,
     )
     if split:
         _merge_splits_kernel[(batch * q_heads,)](
-            part, lse, out, num_splits, out.stride(0), out.stride(1),
-            Q_HEADS=q_heads, HEAD_DIM=head_dim, ROUND_BITS=round_bits(q.dtype, interpreting()),
+            part, lse, sinks_arg, out, num_splits, stride_sinks, out.stride(0), out.stride(1),
+            Q_HEADS=q_heads, HEAD_DIM=head_dim, ROUND_BITS=round_bits(q.dtype, interpreting()), HAS_SINKS=has_sinks,
             BLOCK_S=triton.next_power_of_2(num_splits),
             BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4,
         )

@@ -1,8 +1,13 @@
-"""Torch references of the four kernels: the definition the Triton kernels are tested against.
+"""Torch references of the kernels: the definition the Triton kernels are tested against.
 
-They are also the CPU backend (``KVPOOL_KERNELS=torch`` or CPU tensors). Math runs in float32
+They are also the CPU backend (``KVPOOL_KERNELS=torch`` or CPU tensors), and `prefill_attention_reference`
+is the backend of :func:`kvpool.kernels.prefill_attention` everywhere. Math runs in float32
 (``compute_dtype`` lets the tests ask for float64). Shapes and dtypes are those of the public
 functions in :mod:`kvpool.kernels`; the arguments are assumed checked already.
+
+Attention sinks (gpt-oss): one learned logit per query head joins each softmax's denominator as an
+extra column that carries no value, so ``out = sum_t exp(s_t) v_t / (exp(sink) + sum_t exp(s_t))``;
+a sink of ``-inf`` is no sink. The sink is not scaled and not soft-capped (it is already a logit).
 """
 from __future__ import annotations
 
@@ -89,8 +94,21 @@ def copy_blocks_reference(caches, src, dst) -> None:
         t[dst] = t[src].clone()
 
 
+def softmax_with_sinks(scores: torch.Tensor, sinks) -> torch.Tensor:
+    """Softmax over the last dim of ``scores`` (``-inf`` = masked), with an optional sink column.
+
+    ``sinks`` (or None) broadcasts to ``scores[..., :1]``; it joins the denominator and is dropped from the
+    result. A row with every score masked and no sink gives zeros (not NaN).
+    """
+    if sinks is not None:
+        logits = torch.cat([scores, sinks.to(scores.dtype).expand(scores.shape[:-1] + (1,))], dim=-1)
+        return torch.softmax(logits, dim=-1)[..., :-1].nan_to_num(0.0)
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+
 def paged_decode_reference(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window=None,
-                           logit_soft_cap=None, k_scale=None, v_scale=None, compute_dtype=torch.float32):
+                           logit_soft_cap=None, k_scale=None, v_scale=None, compute_dtype=torch.float32,
+                           sinks=None):
     """One query token per sequence against its pages.
 
     Parameters
@@ -102,6 +120,7 @@ def paged_decode_reference(q, k_cache, v_cache, block_table, seq_lens, scale, sl
     scale : float, multiplies ``q . k``
     sliding_window : int or None; attend to the last ``sliding_window`` tokens (the query's own included)
     logit_soft_cap : float or None; scores become ``c * tanh(scores / c)`` before the softmax
+    sinks : ``[q_heads]`` float32 or None; each q head's sink logit (see the module's docstring)
 
     Returns
     -------
@@ -122,6 +141,56 @@ def paged_decode_reference(q, k_cache, v_cache, block_table, seq_lens, scale, sl
     if sliding_window:
         keep &= pos >= lens - sliding_window
     scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # seq_len 0: all -inf -> zeros
+    head_sinks = None if sinks is None else sinks.to(compute_dtype).reshape(1, kv_heads, group, 1)
+    probs = softmax_with_sinks(scores, head_sinks)  # seq_len 0: all -inf -> zeros
     out = torch.einsum("bhgn,bnhd->bhgd", probs, values)
     return out.reshape(batch, q_heads, head_dim).to(q.dtype)
+
+
+def prefill_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, sliding_window=None,
+                                logit_soft_cap=None, sinks=None, compute_dtype=torch.float32):
+    """Causal attention of each sequence's new tokens over its packed K/V (e.g. `gather_kv`'s output).
+
+    Sequence ``b`` has ``n_k = cu_seqlens_k[b+1] - cu_seqlens_k[b]`` keys at positions ``0 .. n_k - 1``
+    and its ``n_q <= n_k`` queries are the LAST ones, at positions ``n_k - n_q .. n_k - 1`` (a cached
+    prefix, then this step's tokens). The query at position ``p`` reads keys ``t <= p`` and, with a window
+    ``W``, ``t >= p - W + 1`` (the query's own token included, as `paged_decode`).
+
+    >>> # a 10-token prompt whose first 8 tokens were cached: n_k = 10, n_q = 2 at positions 8 and 9
+    >>> # W = 4: the query at 9 reads keys 6, 7, 8, 9
+
+    Parameters
+    ----------
+    q : ``[total_q, q_heads, head_dim]`` float
+    k, v : ``[total_k, kv_heads, head_dim]`` float; q head ``j`` reads KV head ``j // (q_heads // kv_heads)``
+    cu_seqlens_q, cu_seqlens_k : ``[batch + 1]`` int32/int64, cumulative query / key counts from 0
+    scale : float, multiplies ``q . k``
+    sliding_window, logit_soft_cap, sinks : as `paged_decode_reference`
+
+    Returns
+    -------
+    ``[total_q, q_heads, head_dim]`` in ``q.dtype``
+    """
+    q_heads, head_dim = q.shape[1], q.shape[2]
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    out = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
+    head_sinks = None if sinks is None else sinks.to(compute_dtype).reshape(kv_heads, group, 1, 1)
+    cq, ck = cu_seqlens_q.to(torch.int64).tolist(), cu_seqlens_k.to(torch.int64).tolist()
+    for (q0, q1), (k0, k1) in zip(zip(cq, cq[1:]), zip(ck, ck[1:])):
+        n_q, n_k = q1 - q0, k1 - k0
+        if n_q == 0:
+            continue
+        qs = q[q0:q1].to(compute_dtype).reshape(n_q, kv_heads, group, head_dim)
+        scores = torch.einsum("qhgd,khd->hgqk", qs, k[k0:k1].to(compute_dtype)) * scale
+        if logit_soft_cap:
+            scores = logit_soft_cap * torch.tanh(scores / logit_soft_cap)
+        q_pos = torch.arange(n_k - n_q, n_k, device=q.device)[:, None]
+        k_pos = torch.arange(n_k, device=q.device)[None, :]
+        keep = k_pos <= q_pos
+        if sliding_window:
+            keep &= k_pos > q_pos - sliding_window
+        probs = softmax_with_sinks(scores.masked_fill(~keep, float("-inf")), head_sinks)
+        rows = torch.einsum("hgqk,khd->qhgd", probs, v[k0:k1].to(compute_dtype))
+        out[q0:q1] = rows.reshape(n_q, q_heads, head_dim)
+    return out.to(q.dtype)

@@ -3,9 +3,14 @@
 This is the contract between the planner (bytes per block) and `kvpool.cache.PagedKVCache` (the page
 tensors): ``PagedKVCache.memory_bytes() == plan.kv_cache.bytes_per_block_per_gpu * num_blocks``.
 
-The pool keeps one block table for all layers, so every layer's pages span the whole pool whatever its
-sliding window; `bytes_per_token` therefore counts every layer at full length. What an engine with a
-per-layer-type pool would hold instead is `window_aware_bytes_per_seq`.
+A model with one attention kind keeps one block table for all its layers: a block holds one page of
+every layer, ``bytes_per_block = bytes_per_token * block_size``. A hybrid model (sliding-window and full
+layers) splits its layers into KV-cache groups (`kvpool.plan.kv_groups`) of ``group_size`` layers; its
+pool has ``slots = group_size`` page tensors per K/V, and a block holds one page of each slot (the pages of
+ONE group's layers, whichever group owns the block): ``pool_bytes_per_block = slots x
+bytes_per_layer_token x block_size``, and a sequence needs a block per group. `bytes_per_token` and
+`bytes_per_block` count every layer at full length (one table of every layer); for a single-group model
+``pool_bytes_per_block == bytes_per_block``.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 from ..errors import InvalidArgumentError
 from .checks import check_block_size, check_choice, check_int
 from .dtypes import DTYPES, resolve_kv_dtype, serving_dtype
+from .kv_groups import KVGroups, kv_groups
 from .parallel import check_kv_head_split, check_tp
 
 FP8_SCALE_MODES = ("per_token_head", "per_head", "per_tensor", "none")
@@ -46,6 +52,9 @@ class KVShardLayout:
         with each token: no calibration needed, 4 B per 128-element head row, 3%), "per_head" or
         "per_tensor" (vLLM's layout: one float32 per layer and K/V tensor, set from calibration or 1.0),
         both outside the pool, or "none".
+    kv_groups : KVGroups or None
+        The shard's KV-cache groups (`kvpool.plan.kv_groups`); None means one group of every layer.
+        A hybrid model's pool has ``slots = kv_groups.group_size`` page tensors per K/V, not one per layer.
     """
 
     num_layers: int
@@ -56,6 +65,26 @@ class KVShardLayout:
     dtype_bytes: int
     scale_bytes: int
     fp8_scales: str | None = None
+    kv_groups: KVGroups | None = None
+
+    @property
+    def num_groups(self) -> int:
+        """KV-cache groups: 1 for a model with one attention kind."""
+        return len(self.kv_groups.groups) if self.kv_groups is not None else 1
+
+    @property
+    def slots(self) -> int:
+        """Page tensors per K/V in the pool: ``num_layers`` for one group, ``group_size`` for a hybrid model.
+
+        >>> # Gemma-3-27B (62 layers, 5 local : 1 global): 7 groups of 10 layers, so 10 slots, not 62
+        """
+        return self.kv_groups.group_size if self.kv_groups is not None else self.num_layers
+
+    @property
+    def bytes_per_layer_token(self) -> int:
+        """One layer's KV bytes per token on this shard (pages + per-token fp8 scales)."""
+        per_head = (self.head_dim + self.v_head_dim) * self.dtype_bytes + self.tensors_per_layer * self.scale_bytes
+        return self.kv_heads * per_head
 
     @property
     def tensors_per_layer(self) -> int:
@@ -97,8 +126,17 @@ class KVShardLayout:
         return "none (every scale 1.0)" if self.fp8_scales == "none" else ""
 
     def bytes_per_block(self, block_size: int) -> int:
-        """Bytes of one block of ``block_size`` tokens on this shard."""
+        """Bytes of one block of ``block_size`` tokens of every layer on this shard (one table of every layer)."""
         return self.bytes_per_token * check_block_size(block_size)
+
+    def pool_bytes_per_block(self, block_size: int) -> int:
+        """Bytes of one block of `kvpool.PagedKVCache`'s pool: one page of each slot (``slots *
+        bytes_per_layer_token * block_size``); ``bytes_per_block`` for a single-group model.
+
+        >>> # Gemma-3-27B at tp=1, bf16, block 16: 16 KV heads x (128 + 128) x 2 B = 8,192 B per layer-token
+        >>> # 10 slots x 8,192 x 16 = 1,310,720 B per block (a block of all 62 layers: 8,126,464)
+        """
+        return self.slots * self.bytes_per_layer_token * check_block_size(block_size)
 
     def to_dict(self) -> dict:
         return {
@@ -111,7 +149,7 @@ class KVShardLayout:
 
 
 def kv_shard_layout(spec, tp: int = 1, kv_dtype: str = "auto", fp8_scales: str = "per_token_head",
-                    num_layers: int | None = None) -> KVShardLayout:
+                    num_layers: int | None = None, layers: range | None = None) -> KVShardLayout:
     """KV page geometry of one TP rank of ``spec``.
 
     Parameters
@@ -126,19 +164,38 @@ def kv_shard_layout(spec, tp: int = 1, kv_dtype: str = "auto", fp8_scales: str =
         (one float32 per head and tensor, outside the pool), "per_tensor" (one per layer and tensor, outside
         the pool: vLLM's layout and figure) or "none". Only used for fp8.
     num_layers : int, optional
-        Layers held by this shard (a pipeline stage); default all of the model's layers.
+        Layers held by this shard (a pipeline stage): the first ``num_layers``; default all of the model's.
+    layers : range, optional
+        The model's layers this shard holds (a pipeline stage's `stage_layers` range): their sliding windows
+        decide the KV-cache groups. Overrides ``num_layers`` (which must then equal ``len(layers)``).
     """
     tp = check_tp(spec, tp)
     check_choice("fp8_scales", fp8_scales, FP8_SCALE_MODES)
     dtype = resolve_kv_dtype(kv_dtype, serving_dtype(spec))
-    layers = spec.num_layers if num_layers is None else check_int("num_layers", num_layers, maximum=spec.num_layers)
+    held = _held_layers(spec, num_layers, layers)
     if spec.is_mla:
         heads, k_dim, v_dim = 1, spec.kv_lora_rank + spec.qk_rope_head_dim, 0
     else:
         heads, k_dim, v_dim = max(1, spec.num_kv_heads // tp), spec.head_dim, spec.v_head_dim
     scale = SCALE_BYTES if dtype == "fp8" and fp8_scales == "per_token_head" else 0
-    return KVShardLayout(layers, heads, k_dim, v_dim, dtype, DTYPES[dtype].bytes, scale,
-                         fp8_scales if dtype == "fp8" else None)
+    windows = spec.layer_sliding_windows or (None,) * spec.num_layers
+    return KVShardLayout(len(held), heads, k_dim, v_dim, dtype, DTYPES[dtype].bytes, scale,
+                         fp8_scales if dtype == "fp8" else None, kv_groups([windows[i] for i in held]))
+
+
+def _held_layers(spec, num_layers, layers) -> range:
+    """The layers a shard holds: ``layers`` if given, else the first ``num_layers`` (default all)."""
+    if layers is None:
+        n = spec.num_layers if num_layers is None else check_int("num_layers", num_layers, maximum=spec.num_layers)
+        return range(n)
+    if not isinstance(layers, range) or not layers or layers.step != 1 or layers.start < 0 \
+            or layers.stop > spec.num_layers:
+        raise InvalidArgumentError(f"layers={layers!r} must be a non-empty range of consecutive layers within "
+                                   f"the model's {spec.num_layers}; pass a stage_layers() range")
+    if num_layers is not None and num_layers != len(layers):
+        raise InvalidArgumentError(f"num_layers={num_layers!r} disagrees with layers={layers!r} ({len(layers)} "
+                                   "layers); pass one of them")
+    return layers
 
 
 def shard_kv_heads(num_kv_heads: int, tp: int, tp_rank: int) -> list[int]:
