@@ -41,9 +41,12 @@ def test_seed_planner_class():
 def test_block_bytes_match_the_cache_contract(model, tp, kv_dtype):
     plan = plan_memory(model, tp=tp, gpu="h200", kv_dtype=kv_dtype)
     lay = kv_shard_layout(load_model_spec(model), tp, plan.kv_cache["kv_dtype"])
-    assert plan.kv_cache["bytes_per_block_per_gpu"] == lay.bytes_per_block(16)
-    assert plan.kv_cache["tokens"] == plan.kv_cache["num_blocks"] * 16
-    assert plan.kv_cache["num_blocks"] * lay.bytes_per_block(16) <= plan.kv_cache["kv_bytes_per_gpu"]
+    # the block PagedKVCache holds: every layer for one group; a hybrid model's group_size slots
+    assert plan.kv_cache["bytes_per_block_per_gpu"] == lay.pool_bytes_per_block(16)
+    groups = lay.num_groups
+    assert (groups > 1) == (model == "gemma-2-27b")  # 23 local + 23 global layers: 2 groups of 23 slots
+    assert plan.kv_cache["tokens"] == plan.kv_cache["num_blocks"] // groups * 16
+    assert plan.kv_cache["num_blocks"] * lay.pool_bytes_per_block(16) <= plan.kv_cache["kv_bytes_per_gpu"]
 
 
 def test_mem_fraction_semantics():

@@ -48,3 +48,30 @@ def test_the_plan_prints_window_freeing_for_hybrid_presets_only(capsys):
     assert plan_memory("llama-3.1-8b").kv_cache.window is None
     assert cli.main(["plan", "gemma-3-27b", "--max-model-len", "32768"]) == 0
     assert "with window freeing" in capsys.readouterr().out
+
+
+def test_a_hybrid_plans_blocks_are_the_caches_and_a_workload_counts_every_group():
+    from kvpool.plan import plan_memory
+    from kvpool.plan.workload import fit
+
+    plan = plan_memory("gemma-3-27b", max_model_len=32_768, batch=5, seq_len=32_768)
+    kv = plan.kv_cache
+    assert kv.num_groups == 7 and kv.bytes_per_block_per_gpu == 10 * 16 * 16 * 256 * 2  # 10 slots x 16 tokens
+    assert kv.tokens == kv.num_blocks // 7 * 16
+    assert kv.blocks_per_request(32_768) == 2048 + 6 * 64 and plan.workload.fit.blocks_per_seq == 2432
+    assert plan.workload.fit.fits == (5 * 2432 <= kv.num_blocks)
+    # the longest length 5 sequences reach: full group blocks + 6 x 65 window blocks within num_blocks // 5
+    f = fit(kv.num_blocks, 16, 5, 32_768, kv.group_windows)
+    assert f.blocks_per_seq <= kv.num_blocks // 5
+    longest = f.max_seq_len
+    assert kv.blocks_per_request(longest) <= kv.num_blocks // 5 < kv.blocks_per_request(longest + 1)
+    # a full-length request fits with window freeing: no "does not fit" note although tokens < max_model_len
+    assert kv.tokens < 32_768 and not any("does not fit" in w for w in plan.warnings)
+
+
+def test_a_single_group_plan_is_unchanged_by_groups():
+    from kvpool.plan import plan_memory
+
+    kv = plan_memory("llama-3.1-8b").kv_cache
+    assert kv.num_groups == 1 and kv.tokens == kv.num_blocks * 16
+    assert kv.requests_fit(8192) == kv.num_blocks // 512

@@ -66,8 +66,11 @@ def _kv_rows(plan, spec) -> list[list[str]]:
         ["bytes / token / GPU", f"{kv.bytes_per_token_per_gpu:,}", f"{shape} × {lay.dtype_bytes} B{scale}"],
         ["bytes / block / GPU", f"{kv.bytes_per_block_per_gpu:,}", f"block_size {kv.block_size}"],
         ["blocks", f"{kv.num_blocks:,}", f"{_gib(kv.kv_bytes_per_gpu)} GiB ÷ block bytes (rounded down)"],
-        ["tokens", f"{kv.tokens:,}", f"blocks × {kv.block_size} ({kv.tokens_unpaged:,} without block rounding)"],
-        ["max concurrency", f"{kv.max_concurrency:,.2f}×", f"requests of max_model_len {kv.max_model_len:,} tokens"],
+        ["tokens", f"{kv.tokens:,}", f"blocks × {kv.block_size} ({kv.tokens_unpaged:,} without block rounding)"
+         if kv.num_groups == 1 else f"blocks ÷ {kv.num_groups} KV-cache groups × {kv.block_size}: every group "
+         f"keeping every token ({kv.tokens_unpaged:,} in one table of every layer)"],
+        ["max concurrency", f"{kv.max_concurrency:,.2f}×", f"requests of max_model_len {kv.max_model_len:,} tokens"
+         + ("" if kv.num_groups == 1 else ", every group keeping every token")],
     ]
     if lay.fp8_scales:
         rows.insert(1, ["fp8 scales", f"{lay.scale_bytes_per_token:,} B/token", lay.scale_layout()])
@@ -104,7 +107,8 @@ def _workload(plan) -> list:
     items = [_title("Workload") + f" batch {f.batch} × {f.seq_len:,} tokens: {verdict} — needs "
              f"{f.blocks_needed:,} blocks ({_gib(w.kv_needed_bytes)} GiB/GPU) of {kv.num_blocks:,}; "
              f"largest batch at this length {f.max_batch:,}; longest length at this batch "
-             f"{f.max_seq_len:,} ({w.tokens_unpaged // f.batch:,} without block rounding)"]
+             f"{f.max_seq_len:,}" + (f" ({w.tokens_unpaged // f.batch:,} without block rounding)"
+                                     if f.group_windows == (None,) else " (windowed groups holding their window)")]
     return items + [indented(r, bullet="•") for r in w.recommendations()]
 
 

@@ -1,7 +1,6 @@
 """Everything ``kvpool comm`` prints: NCCL memory for the deployment and the all-reduce cost per link."""
 from __future__ import annotations
 
-import math
 
 from ..errors import PlanError
 from .checks import check_names, check_positive_int
@@ -33,7 +32,7 @@ def comm_report(model, gpu="h100-sxm", tp: int = 4, *, batch: int = 32, seq_len:
     plan = plan_memory(spec, tp, 1, gpu_preset, interconnect=own, **plan_kwargs)
     elem = dtype_bytes(plan.request.serving_dtype)
     chunk = plan.request.max_batched_tokens
-    b = min(batch, plan.num_blocks // math.ceil(seq_len / plan.block_size))
+    b = min(batch, plan.kv_cache.requests_fit(seq_len))
     if b <= 0:
         raise PlanError(f"no sequence of {seq_len:,} tokens fits the KV pool at tp={tp}; lower --seq-len")
     comm = plan.term("comm")

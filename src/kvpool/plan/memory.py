@@ -100,7 +100,7 @@ def assemble(req: PlanRequest, stages: tuple[StageMemory, ...], budget: int, hea
     weights = tight.term("weights").bytes
     if weights > budget:
         raise PlanError(_weights_error(req, weights, budget))
-    bytes_per_block = tight.layout.bytes_per_block(req.block_size)
+    bytes_per_block = tight.layout.pool_bytes_per_block(req.block_size)
     if tight.kv_bytes < bytes_per_block:
         terms = " + ".join(f"{t.name} {gib_text(t.bytes)}" for t in tight.terms)
         raise PlanError(
@@ -117,6 +117,7 @@ def assemble(req: PlanRequest, stages: tuple[StageMemory, ...], budget: int, hea
         per_seq_bytes_per_gpu_window_aware=window_aware_bytes_per_seq(
             spec, layout.bytes_per_token // layout.num_layers, tight.layers, req.max_model_len),
         sliding_window_layers=spec.sliding_layers, kv_heads_per_gpu=layout.kv_heads,
+        group_windows=layout.kv_groups.windows if layout.kv_groups is not None else (None,),
         vllm=vllm_kv_figures(
             windows, (layout.bytes_per_token - layout.scale_bytes_per_token) // layout.num_layers * req.block_size,
             tight.kv_bytes, req.block_size, req.max_model_len, req.max_batched_tokens),
@@ -134,7 +135,7 @@ def _window_capacity(req: PlanRequest, layout, windows: list, kv_bytes: int) -> 
     """Requests held with window freeing, for a stage with sliding-window layers (None without)."""
     if not any(windows):
         return None
-    page = layout.bytes_per_token // layout.num_layers * req.block_size  # one layer's block, scales included
+    page = layout.bytes_per_layer_token * req.block_size  # one layer's block, scales included
     return window_capacity(kv_groups(windows), page, kv_bytes, req.max_model_len, req.block_size)
 
 

@@ -126,9 +126,13 @@ def warnings(plan) -> list[str]:
         out.append(f"{gib(before)} GiB exists before vLLM's start-up snapshot (CUDA context, NCCL set-up) but the "
                    f"headroom is {gib(plan.headroom_bytes)} GiB: vLLM refuses to start when free memory is below "
                    "gpu_memory_utilization x total; lower --mem-fraction")
-    if kv.tokens < kv.max_model_len:
-        out.append(f"the pool holds {kv.tokens:,} tokens, fewer than max_model_len={kv.max_model_len:,}: one "
-                   f"full-length request does not fit; lower --max-model-len to {kv.tokens:,} or add memory")
+    if kv.requests_fit(kv.max_model_len) < 1:
+        from .workload import fit  # workload builds on the typed plan, which builds on this module
+
+        longest = fit(kv.num_blocks, kv.block_size, 1, kv.max_model_len, kv.group_windows).max_seq_len
+        out.append(f"the pool holds one request of at most {longest:,} tokens, fewer than max_model_len="
+                   f"{kv.max_model_len:,}: one full-length request does not fit; lower --max-model-len to "
+                   f"{longest:,} or add memory")
     if kv.window is not None:
         w = kv.window
         out.append(f"{spec.sliding_layers} of {spec.num_layers} layers use a sliding window: with KV-cache groups "

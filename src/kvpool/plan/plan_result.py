@@ -15,7 +15,7 @@ from . import plan_json
 from .request import PlanRequest
 from .stage import StageMemory, Term
 from .vllm_kv import VLLMKVFigures
-from .window_capacity import WindowCapacity
+from .window_capacity import WindowCapacity, per_request_blocks
 
 if TYPE_CHECKING:  # workload.py builds on this module
     from .workload import WorkloadCheck
@@ -58,13 +58,28 @@ class KVPool(JSONSection):
     per_seq_bytes_per_gpu_window_aware: int
     sliding_window_layers: int
     kv_heads_per_gpu: int
+    group_windows: tuple = (None,)  # each KV-cache group's window (None: full attention)
     vllm: VLLMKVFigures | None = None  # what vLLM's log prints for the same KV bytes (`plan.vllm_kv`)
     window: WindowCapacity | None = None  # requests held with window freeing (models with sliding windows)
 
     @property
+    def num_groups(self) -> int:
+        """KV-cache groups (1 for a model with one attention kind)."""
+        return len(self.group_windows)
+
+    @property
     def tokens(self) -> int:
-        """Tokens the pool holds in whole blocks."""
-        return self.num_blocks * self.block_size
+        """Tokens the pool holds in whole blocks when every group keeps every token (a hybrid model's
+        block serves one group: ``num_blocks // num_groups * block_size``, vLLM's "GPU KV cache size")."""
+        return self.num_blocks // self.num_groups * self.block_size
+
+    def blocks_per_request(self, num_tokens: int) -> int:
+        """Blocks one request of ``num_tokens`` computed tokens holds in all groups (windows freed)."""
+        return per_request_blocks(self.group_windows, num_tokens, self.block_size)
+
+    def requests_fit(self, num_tokens: int) -> int:
+        """Requests of ``num_tokens`` computed tokens the pool holds at once."""
+        return self.num_blocks // max(1, self.blocks_per_request(num_tokens))
 
     @property
     def tokens_unpaged(self) -> int:

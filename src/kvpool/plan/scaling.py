@@ -98,8 +98,7 @@ def scale(model, gpu="h100-sxm", tps=(1, 2, 4, 8), *, seq_len: int = 4096, batch
             row.update({"fits": False, "reason": str(exc)})
             rows.append(row)
             continue
-        blocks_per_seq = math.ceil(seq_len / plan.block_size)
-        capacity_batch = plan.num_blocks // blocks_per_seq
+        capacity_batch = plan.kv_cache.requests_fit(seq_len)  # windowed groups hold only their window
         b = min(capacity_batch, plan.request.max_seqs) if batch is None else min(batch, capacity_batch)
         row.update({"fits": b > 0, "weights_gib": gib(plan.term("weights").bytes),
                     "kv_cache_gib": gib(plan.kv_cache.kv_bytes_per_gpu), "kv_tokens": plan.kv_cache.tokens,
@@ -188,7 +187,7 @@ def _by_seq_len(spec, gpu, link, ok, pp, plan_kwargs) -> list[dict]:
             break
         res = {}
         for name, p in (("lo", p_lo), ("hi", p_hi)):
-            b = min(p.num_blocks // math.ceil(L / p.block_size), p.request.max_seqs)
+            b = min(p.kv_cache.requests_fit(L), p.request.max_seqs)
             res[name] = b / step_model(spec, p, gpu, link, b, L)["step_s"] if b > 0 else 0.0
         if res["lo"] == 0 and res["hi"] == 0:
             continue
@@ -210,7 +209,7 @@ def compare_interconnects(model, gpu="h100-sxm", tp: int = 4, links=("nvlink4", 
     for key in links:
         link = get_interconnect(key)
         plan = plan_memory(spec, tp, 1, gpu_preset, interconnect=key, **plan_kwargs)
-        b = min(batch, plan.num_blocks // math.ceil(seq_len / plan.block_size))
+        b = min(batch, plan.kv_cache.requests_fit(seq_len))
         if b <= 0:
             raise PlanError(f"no sequence of {seq_len:,} tokens fits the KV pool at tp={tp}; lower --seq-len")
         step = step_model(spec, plan, gpu_preset, link, b, seq_len)

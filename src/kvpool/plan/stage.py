@@ -184,10 +184,12 @@ def plan_stage(req: PlanRequest, index: int, layers: range, budget: int, shared:
     weights, for the weights term's account.
     """
     first, last = index == 0, index == req.pp - 1
-    layout = kv_shard_layout(req.spec, req.tp, req.kv_dtype, req.fp8_scales, num_layers=len(layers))
+    layout = kv_shard_layout(req.spec, req.tp, req.kv_dtype, req.fp8_scales, layers=layers)
     terms = (weights_term(req, layers, first, last, model_bytes), activation_term(req, last), *shared)
     kv_bytes = budget - sum(t.bytes for t in terms)
-    return StageMemory(index, layers, layout, terms, kv_bytes, max(0, kv_bytes) // layout.bytes_per_block(req.block_size))
+    # the blocks PagedKVCache holds: a hybrid model's block spans its group_size slots, not every layer
+    return StageMemory(index, layers, layout, terms, kv_bytes,
+                       max(0, kv_bytes) // layout.pool_bytes_per_block(req.block_size))
 
 
 __all__ = ["Term", "StageMemory", "stage_layers", "plan_stage", "weights_term", "activation_term", "comm_term",

@@ -5,13 +5,13 @@ One fit check (`fit`) and one search for a larger TP degree (`first_larger_tp`),
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
 from ..errors import KVPoolError
 from .kv import window_aware_bytes_per_seq
 from .plan_result import JSONSection
+from .window_capacity import per_request_blocks
 from .parallel import larger_tps
 from .units import gib
 
@@ -35,10 +35,12 @@ class Fit:
     seq_len: int
     block_size: int
     num_blocks: int
+    group_windows: tuple = (None,)  # each KV-cache group's window (None: full attention)
 
     @property
     def blocks_per_seq(self) -> int:
-        return math.ceil(self.seq_len / self.block_size)
+        """Blocks one sequence holds in all its KV-cache groups (windowed groups only their window)."""
+        return per_request_blocks(self.group_windows, self.seq_len, self.block_size)
 
     @property
     def blocks_needed(self) -> int:
@@ -56,11 +58,22 @@ class Fit:
     @property
     def max_seq_len(self) -> int:
         """Tokens each of ``batch`` sequences can hold (whole blocks)."""
-        return (self.num_blocks // self.batch) * self.block_size
+        per_seq = self.num_blocks // self.batch
+        if self.group_windows == (None,):
+            return per_seq * self.block_size
+        # blocks per sequence grow with its length only through the full groups: search the longest
+        lo, hi = 0, per_seq * self.block_size
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if per_request_blocks(self.group_windows, mid, self.block_size) <= per_seq:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
 
-def fit(num_blocks: int, block_size: int, batch: int, seq_len: int) -> Fit:
-    return Fit(batch, seq_len, block_size, num_blocks)
+def fit(num_blocks: int, block_size: int, batch: int, seq_len: int, group_windows: tuple = (None,)) -> Fit:
+    return Fit(batch, seq_len, block_size, num_blocks, tuple(group_windows))
 
 
 @dataclass(frozen=True)
@@ -166,7 +179,7 @@ def check_workload(plan, replan: Callable) -> WorkloadCheck:
     each larger TP degree (an explicit weights reservation scaled by the degree) and fp8 KV.
     """
     req, kv, tight = plan.request, plan.kv_cache, plan.tight
-    f = fit(kv.num_blocks, kv.block_size, req.batch, req.seq_len)
+    f = fit(kv.num_blocks, kv.block_size, req.batch, req.seq_len, kv.group_windows)
     per_layer_token = kv.bytes_per_token_per_gpu // len(tight.layers)
     larger = fp8 = None
     if req.recommend and not f.fits:
@@ -181,7 +194,7 @@ def check_workload(plan, replan: Callable) -> WorkloadCheck:
         if kv.kv_dtype != "fp8":
             try:
                 other = replan(replace(variant, kv_dtype="fp8"))
-                fp8 = (other.kv_cache.bytes_per_token_per_gpu, other.num_blocks // f.blocks_per_seq)
+                fp8 = (other.kv_cache.bytes_per_token_per_gpu, other.kv_cache.requests_fit(req.seq_len))
             except KVPoolError:
                 pass
     return WorkloadCheck(f, kv.bytes_per_block_per_gpu, kv.kv_bytes_per_gpu, kv.tokens_unpaged, kv.max_model_len,

@@ -178,7 +178,7 @@ def prepare(grp: Group, request: SizeRequest) -> Prepared:
     )
     return Prepared(
         args=args, spec=spec, device=dev, kv_dtype=layout.kv_dtype,
-        bytes_per_block=int(layout.bytes_per_block(args.block_size)),
+        bytes_per_block=int(layout.pool_bytes_per_block(args.block_size)),  # what PagedKVCache holds
         torch_dtype=torch_dtype,
         warmup_bytes=args.max_batched_tokens * spec.hidden_size * torch_dtype.itemsize,
         settings=settings,
