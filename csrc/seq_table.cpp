@@ -50,6 +50,7 @@ SeqTable::SeqTable(BlockAllocator* allocator, int32_t max_seqs, int32_t max_bloc
     }
     if (windows_[g] == 0 && reference_ < 0) reference_ = g;
     any_window_ = any_window_ || windows_[g] != 0;
+    if (windows_[g] != 0) windowed_.push_back(g);
   }
   // Full groups chain their cache entries on their own blocks; windowed ones anchor on the first full
   // group's chain (a hit then needs only the window's blocks), or chain on their own without one.
@@ -365,9 +366,16 @@ void SeqTable::offer_to_cache(Seq& s, int64_t old_computed, int64_t full) {
 }
 
 // Windowed groups give back the blocks that left their window as num_computed advanced from
-// old_computed, into released_ (newest position first, groups in order within a position: free() then
-// queues the oldest first, so it is evicted first, as vLLM does); the list keeps -1 there.
+// old_computed (newest position first, groups in order within a position: free() then queues the oldest
+// first, so it is evicted first, as vLLM does). The entries lie a window behind the tail, in memory
+// not touched for a while: they are prefetched here and read by take_released().
 void SeqTable::release_window(Seq& s, int64_t old_computed) {
+  bool moved = false;  // most steps move no window across a block boundary
+  for (int32_t g : windowed_) moved = moved || released_before(g, old_computed) != released_before(g, s.num_computed);
+  if (moved) release_moved(s, old_computed);
+}
+
+void SeqTable::release_moved(Seq& s, int64_t old_computed) {
   int64_t from[kMaxGroups], to[kMaxGroups];
   int64_t lo = std::numeric_limits<int64_t>::max(), hi = 0;
   for (int32_t g = 0; g < num_groups_; ++g) {
@@ -380,11 +388,21 @@ void SeqTable::release_window(Seq& s, int64_t old_computed) {
   for (int64_t j = hi - 1; j >= lo; --j) {
     for (int32_t g = 0; g < num_groups_; ++g) {
       if (j < from[g] || j >= to[g]) continue;
-      int32_t& block = s.blocks[static_cast<size_t>(j * num_groups_ + g)];
-      if (block != kReleased) released_.push_back(block);
-      block = kReleased;
+      int32_t* block = &s.blocks[static_cast<size_t>(j * num_groups_ + g)];
+      prefetch_for_write(block);
+      leaving_.push_back(block);
     }
   }
+}
+
+// The blocks release_window() marked, into released_ in that order; the lists keep -1 there.
+void SeqTable::take_released() {
+  released_.clear();
+  for (int32_t* block : leaving_) {
+    if (*block != kReleased) released_.push_back(*block);
+    *block = kReleased;
+  }
+  leaving_.clear();
 }
 
 void SeqTable::mark_computed(const int64_t* ids, int64_t k, const int64_t* lens) {
@@ -398,7 +416,6 @@ void SeqTable::mark_computed(const int64_t* ids, int64_t k, const int64_t* lens)
                             "] (computed so far, tokens in the sequence)");
     }
   }
-  released_.clear();
   for (int64_t i = 0; i < k; ++i) {
     Seq& s = *seqs[static_cast<size_t>(i)];
     const int64_t old = s.num_computed;
@@ -407,7 +424,9 @@ void SeqTable::mark_computed(const int64_t* ids, int64_t k, const int64_t* lens)
     if (prefix_caching_ && full > s.num_cached) offer_to_cache(s, old, full);  // first: a released block stays cached
     if (any_window_) release_window(s, old);
   }
-  if (!released_.empty()) allocator_->free(released_.data(), static_cast<int64_t>(released_.size()));
+  if (leaving_.empty()) return;
+  take_released();  // (no list grows in between: the marked entries stay where they are)
+  allocator_->free(released_.data(), static_cast<int64_t>(released_.size()));
 }
 
 // The blocks s holds (released positions skipped), position-major; sets *count.

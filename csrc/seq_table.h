@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "block_allocator.h"
+#include "block_slot.h"
 
 namespace kvpool {
 
@@ -133,9 +134,9 @@ class SeqTable {
     std::vector<int32_t> blocks;     // position-major: group g's block at position j is blocks[j * G + g]
     std::vector<int32_t> tokens;
     std::vector<uint64_t> hashes;    // group 0's hash of each full block whose tokens are known
+    uint32_t mark = 0;               // per-call scratch: listed twice in one batch?
     std::vector<uint64_t> anchors;   // reference group's chain value after each cached block (anchored groups)
     std::vector<uint64_t> chains;    // [G - 1]: the chain values of groups 1.. (chained groups)
-    uint32_t mark = 0;               // per-call scratch: listed twice in one batch?
   };
   struct Grow {                      // one sequence's share of an append, planned before any change
     Seq* seq;
@@ -166,11 +167,14 @@ class SeqTable {
   void cache_chained(Seq& s, int32_t g, int64_t first, int64_t full);
   void cache_anchored(Seq& s, int32_t g, int64_t first, int64_t full);
   void release_window(Seq& s, int64_t old_computed);
+  void release_moved(Seq& s, int64_t old_computed);
+  void take_released();
   uint64_t& chain_of(Seq& s, int32_t g) { return g == 0 ? s.chain : s.chains[static_cast<size_t>(g - 1)]; }
   const int32_t* held_blocks(const Seq& s, int64_t* count);
-  int64_t num_positions_of(const Seq& s) const {  // (no division in the single-group hot path)
-    const auto n = static_cast<int64_t>(s.blocks.size());
-    return num_groups_ == 1 ? n : n / num_groups_;
+  int64_t num_positions_of(const Seq& s) const {  // ceil(num_tokens / bs), without a division when it can
+    if (num_groups_ == 1) return static_cast<int64_t>(s.blocks.size());
+    return block_shift_ >= 0 ? (s.num_tokens + block_size_ - 1) >> block_shift_
+                             : static_cast<int64_t>(s.blocks.size()) / num_groups_;
   }
   // Positions group g has released at num_computed tokens: (j + 1) * bs <= num_computed - W + 1 for j below it.
   int64_t released_before(int32_t g, int64_t num_computed) const {
@@ -204,12 +208,14 @@ class SeqTable {
   std::vector<uint64_t> contexts_;   // scratch [G]: group_context() of the sequence at hand
   std::vector<int32_t> chained_;     // groups whose cache entries chain on their own blocks
   std::vector<int32_t> anchored_;    // windowed groups anchored on the reference group's chain
+  std::vector<int32_t> windowed_;    // every group with a window
   int32_t reference_ = -1;           // the first full group (-1: none; then every group is chained)
   bool any_window_ = false;
   std::vector<uint64_t> masked_;     // scratch: hashes under hash_mask_ (and per group)
   std::vector<int32_t> gathered_;    // scratch: one group's block ids, or a sequence's held ones
   std::vector<uint64_t> parents_;    // scratch: anchors of an anchored group's blocks
-  std::vector<int32_t> released_;    // scratch: blocks mark_computed() gives back
+  std::vector<int32_t*> leaving_;    // scratch: list entries a window released in this mark_computed()
+  std::vector<int32_t> released_;    // scratch: their blocks, given back in one free()
   uint64_t next_serial_ = 1;
   uint32_t epoch_ = 0;
   std::unordered_map<int64_t, Seq> index_;

@@ -127,7 +127,17 @@ void SeqTable::write_step_groups(int64_t row, const Seq* s, int32_t n, bool same
     int32_t* entries = step_table_.data() + base;
     int32_t& zeroed = row_released_[static_cast<size_t>(g) * max_seqs_ + row];
     const int32_t released = s == nullptr ? 0 : static_cast<int32_t>(released_before(g, s->num_computed));
-    for (int32_t j = same ? std::min(zeroed, released) : 0; j < released; ++j) set_entry(entries, base, j, kTablePad);
+    if (!same) {
+      for (int32_t j = 0; j < released; ++j) set_entry(entries, base, j, kTablePad);
+    } else {
+      // Entries the window released since the last step held this sequence's blocks: zero them without
+      // reading them first (they lie a window behind, in cold memory; a block 0 gives a redundant delta).
+      for (int32_t j = zeroed; j < released; ++j) {
+        entries[j] = kTablePad;
+        delta_index_.push_back(static_cast<int32_t>(base + j));
+        delta_value_.push_back(kTablePad);
+      }
+    }
     for (int32_t j = std::max(from, released); j < n; ++j) {
       set_entry(entries, base, j, s->blocks[static_cast<size_t>(j) * num_groups_ + g]);
     }
