@@ -416,6 +416,7 @@ void SeqTable::mark_computed(const int64_t* ids, int64_t k, const int64_t* lens)
                             "] (computed so far, tokens in the sequence)");
     }
   }
+  leaving_.clear();  // (never left over, unless a call threw half way: then its pointers may dangle)
   for (int64_t i = 0; i < k; ++i) {
     Seq& s = *seqs[static_cast<size_t>(i)];
     const int64_t old = s.num_computed;
