@@ -486,3 +486,64 @@ def test_anchored_entries_skip_broken_parents_and_chained_ones_report_each_chain
     assert alloc.num_cached_blocks == 3  # the block without its anchor stays uncached
     run, _, _ = alloc.probe_anchored([77], np.arange(100, 104), 9, [chains[0]])
     assert run.tolist() == [other[0]]
+
+
+# ---- every refcount matches its holders, whatever the calls ----------------------------------------
+
+def check_holders(tables, alloc, live):
+    """Each block's refcount = the (sequence, group, position) entries holding it + the copy queue's."""
+    holders = {}
+    for s in live:
+        for g in range(tables.num_groups):
+            for b in tables.blocks(s, g):
+                if b >= 0:
+                    holders[int(b)] = holders.get(int(b), 0) + 1
+    for src, dst in tables.pending_copies:
+        holders[src] = holders.get(src, 0) + 1
+        holders[dst] = holders.get(dst, 0) + 1
+    ids = np.arange(alloc.num_blocks)
+    expected = np.array([holders.get(int(b), 0) for b in ids])
+    assert alloc.refcounts(ids).tolist() == expected.tolist()
+    alloc.check_invariants()
+
+
+@pytest.mark.parametrize("windows", [TWO, (None, 5, 9), (6,)], ids=["2-groups", "3-groups", "window-only"])
+@settings(max_examples=40, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["add", "append", "step", "chunk", "fork", "free", "copies"]),
+                              st.integers(0, 10**6)), max_size=30))
+def test_random_calls_keep_every_refcount_equal_to_its_holders(windows, ops):
+    tables, alloc = tables_for(windows, num_blocks=48, max_seqs=4, max_blocks_per_seq=16)
+    live, next_id = [], 0
+    for op, r in ops:
+        try:
+            if op == "add" or not live:
+                tables.add(next_id, [t % 3 for t in range(r % 7, r % 7 + 1 + r % 23)])
+                live.append(next_id)
+                next_id += 1
+            else:
+                s = live[r % len(live)]
+                if op == "append":
+                    tables.append(s, 1 + r % 5, [r % 3] * (1 + r % 5))
+                elif op == "step" and tables.num_computed(s) == tables.num_tokens(s):
+                    tables.mark_computed(tables.decode_step([s], [r % 3]))
+                elif op == "chunk" and tables.num_computed(s) < tables.num_tokens(s):
+                    todo = tables.num_tokens(s) - tables.num_computed(s)
+                    tables.mark_computed(tables.batch([s], num_new_tokens=[1 + r % todo]))
+                elif op == "fork" and tables.num_computed(s) == tables.num_tokens(s) and len(live) < 4:
+                    tables.fork(s, next_id)
+                    live.append(next_id)
+                    next_id += 1
+                elif op == "free":
+                    tables.free(s)
+                    live.remove(s)
+                elif op == "copies":
+                    tables.pop_copies()
+        except (OutOfBlocksError, InvalidArgumentError):
+            pass  # all or nothing: the check below sees the state as it was
+        check_holders(tables, alloc, live)
+        for s in live:
+            check_lists(tables, s)
+    tables.pop_copies()
+    for s in live:
+        tables.free(s)
+    assert alloc.num_free_blocks == 48
