@@ -183,8 +183,8 @@ def test_decode_step_two_groups_vs_one():
         for w, tables in sides.items():
             medians[w].append(_median_of(lambda t=tables: t.mark_computed(t.decode_step(ids, tokens)), rounds))
     one, two = (min(medians[w]) for w in sides)
-    _rows.setdefault("decode step, batch 256, 1 group (2-group run)", {})["kvpool"] = one
-    _rows.setdefault("decode step, batch 256, 2 groups (full + 1,024)", {})["kvpool"] = two
+    _rows.setdefault("decode step, batch 256, 1 group (vs 2)", {})["kvpool"] = one
+    _rows.setdefault("decode step, batch 256, 2 groups (W 1,024)", {})["kvpool"] = two
     ratio = two / one
     lines = _rows.setdefault("notes", {}).setdefault("lines", [])
     lines.append(f"2 groups vs 1, decode step at batch 256: {two * 1e6:.2f} us / {one * 1e6:.2f} us = {ratio:.2f}x "
