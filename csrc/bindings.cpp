@@ -302,6 +302,43 @@ chain : int
     other content is a counted collision: it and the blocks after it stay uncached (the returned
     value then makes later calls cache nothing).)doc";
 
+constexpr const char* kProbeChainDoc = R"doc(The verified chain walk of allocate_with_prefix(), taking nothing.
+
+Returns ``(ids [h] int32, stamps [h] uint64, collided)``: the leading blocks whose entries hold exactly
+``token_ids`` (``[k * block_size]``) under ``context`` after the same cached prefix, their stamps (for
+take_cached), and whether the walk stopped at a block holding other content. For hybrid models
+(KV-cache groups); kvpool.BlockTables calls it from C++.)doc";
+
+constexpr const char* kProbeAnchoredDoc = R"doc(Blocks verified one by one against given parents, from the end.
+
+Block ``j`` of ``hashes [k]`` is a hit when its entry holds its tokens under ``context`` after the
+cached block whose stamp is ``parents[j]`` (``[k] uint64``). Checks ``j = k - 1`` down and stops at the
+first miss. Returns ``(ids [r] int32, stamps [r] uint64, collided)`` for the last ``r`` blocks.
+Takes nothing.)doc";
+
+constexpr const char* kTakeCachedDoc = R"doc(Take probed cached blocks and ``n`` fresh ones, all or nothing.
+
+One reference on each of ``ids`` (``[k] int32``, no repeats), each of which must still hold the entry
+whose stamp is ``stamps[j]``, then ``n`` fresh blocks. Returns the ``[n] int32`` fresh ids, or None
+(nothing changed) when a block was evicted since it was probed. Counts one prefix query of
+``query_blocks`` hashes that met ``collisions`` collisions and ``k`` hits.
+
+Raises
+------
+OutOfBlocksError
+    The fresh blocks do not fit next to the revived ones; nothing changed.)doc";
+
+constexpr const char* kCacheBlocksChainedDoc = R"doc(cache_blocks_verified() returning the chain value after every block.
+
+Returns ``[k] uint64``: the value to pass as a parent for the block after each one (the anchors of a
+hybrid model's windowed groups); ``2**64 - 1`` from where caching stopped.)doc";
+
+constexpr const char* kCacheBlocksAnchoredDoc = R"doc(Cache blocks each on its own after a given parent.
+
+Block ``ids[j]`` (held) becomes a verified entry of its ``token_ids`` under ``context`` whose parent is
+``parents[j]`` (``[k] uint64``; ``2**64 - 1`` skips the block). Same entry cached already: not cached
+twice; other content under the hash: a counted collision, a free block replaced, a held one kept.)doc";
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -343,6 +380,24 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("token_ids"), py::arg("block_size"), py::arg("parent_hash"), py::arg("extra_key"), py::arg("k0") = 0,
       py::arg("k1") = 0);
+
+  m.def(
+      "group_hash",
+      [](py::handle hash_obj, int64_t group, uint64_t k0, uint64_t k1) {
+        if (group < 0) throw kvpool::InvalidArgument("group_hash(): group=" + std::to_string(group) + " must be >= 0");
+        return kvpool::group_hash(as_uint64(hash_obj, "group_hash()", "hash"), group, kvpool::HashKey{k0, k1});
+      },
+      py::arg("hash"), py::arg("group"), py::arg("k0") = 0, py::arg("k1") = 0,
+      "KV-cache group ``group``'s prefix-cache hash of a block whose group-0 hash is ``hash`` (identity for group 0).");
+  m.def(
+      "group_context",
+      [](py::handle context_obj, int64_t group, uint64_t k0, uint64_t k1) {
+        if (group < 0) throw kvpool::InvalidArgument("group_context(): group=" + std::to_string(group) + " must be >= 0");
+        return kvpool::group_context(as_uint64(context_obj, "group_context()", "context"), group,
+                                     kvpool::HashKey{k0, k1});
+      },
+      py::arg("context"), py::arg("group"), py::arg("k0") = 0, py::arg("k1") = 0,
+      "KV-cache group ``group``'s salt digest for a sequence whose salt digest is ``context`` (identity for group 0).");
 
   py::class_<BlockAllocator>(m, "BlockAllocator")
       .def(py::init([](int64_t num_blocks, int64_t block_size, bool enable_prefix_caching, uint64_t k0, uint64_t k1) {
@@ -474,6 +529,118 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("ids"), py::arg("hashes"), py::arg("token_ids"), py::arg("context") = 0,
           py::arg("parent") = 0, kCacheBlocksVerifiedDoc)
+      .def(
+          "probe_chain",
+          [](const BlockAllocator& a, py::handle hashes_obj, py::handle tokens_obj, py::handle context_obj) {
+            const char* fn = "probe_chain()";
+            std::vector<uint64_t> hashes = owned_hashes(hashes_obj, fn);
+            std::vector<int32_t> tokens = owned_tokens(tokens_obj, fn);
+            const uint64_t context = as_uint64(context_obj, fn, "context");
+            const auto k = static_cast<py::ssize_t>(hashes.size());
+            py::array_t<int32_t> ids(k);
+            py::array_t<uint64_t> stamps(k);
+            int32_t* ids_out = ids.mutable_data();
+            uint64_t* stamps_out = stamps.mutable_data();
+            bool collided = false;
+            int64_t h;
+            {
+              py::gil_scoped_release release;
+              h = a.probe_chain(hashes.data(), k, tokens.data(), static_cast<int64_t>(tokens.size()), context, ids_out,
+                                stamps_out, &collided);
+            }
+            ids.resize({static_cast<py::ssize_t>(h)}, /*refcheck=*/false);
+            stamps.resize({static_cast<py::ssize_t>(h)}, /*refcheck=*/false);
+            return std::make_tuple(ids, stamps, collided);
+          },
+          py::arg("hashes"), py::arg("token_ids"), py::arg("context") = 0, kProbeChainDoc)
+      .def(
+          "probe_anchored",
+          [](const BlockAllocator& a, py::handle hashes_obj, py::handle tokens_obj, py::handle context_obj,
+             py::handle parents_obj) {
+            const char* fn = "probe_anchored()";
+            std::vector<uint64_t> hashes = owned_hashes(hashes_obj, fn);
+            std::vector<int32_t> tokens = owned_tokens(tokens_obj, fn);
+            const uint64_t context = as_uint64(context_obj, fn, "context");
+            std::vector<uint64_t> parents = owned<uint64_t>(parents_obj, fn, "parents", "InvalidArgumentError");
+            const auto k = static_cast<int64_t>(hashes.size());
+            std::vector<int32_t> ids(hashes.size());
+            std::vector<uint64_t> stamps(hashes.size());
+            bool collided = false;
+            int64_t r;
+            {
+              py::gil_scoped_release release;
+              r = a.probe_anchored(hashes.data(), k, tokens.data(), static_cast<int64_t>(tokens.size()), context,
+                                   parents.data(), static_cast<int64_t>(parents.size()), ids.data(), stamps.data(),
+                                   &collided);
+            }
+            const auto run = static_cast<py::ssize_t>(r);
+            return std::make_tuple(py::array_t<int32_t>(run, ids.data() + (k - r)),
+                                   py::array_t<uint64_t>(run, stamps.data() + (k - r)), collided);
+          },
+          py::arg("hashes"), py::arg("token_ids"), py::arg("context"), py::arg("parents"), kProbeAnchoredDoc)
+      .def(
+          "take_cached",
+          [](BlockAllocator& a, py::handle ids_obj, py::handle stamps_obj, py::handle n_obj, py::handle query_obj,
+             py::handle collisions_obj) -> py::object {
+            const char* fn = "take_cached()";
+            std::vector<int32_t> ids = owned_ids(ids_obj, fn);
+            std::vector<uint64_t> stamps = owned<uint64_t>(stamps_obj, fn, "stamps", "InvalidArgumentError");
+            const int64_t n = as_int64(n_obj, fn, "n");
+            const int64_t query_blocks = as_int64(query_obj, fn, "query_blocks");
+            const int64_t collisions = as_int64(collisions_obj, fn, "collisions");
+            const bool plausible = n >= 0 && n <= a.num_blocks();
+            py::array_t<int32_t> out(static_cast<py::ssize_t>(plausible ? n : 0));
+            int32_t* dst = out.mutable_data();
+            bool taken;
+            {
+              py::gil_scoped_release release;
+              taken = a.take_cached(ids.data(), static_cast<int64_t>(ids.size()), stamps.data(),
+                                    static_cast<int64_t>(stamps.size()), n, dst, query_blocks, collisions);
+            }
+            if (!taken) return py::none();
+            return std::move(out);
+          },
+          py::arg("ids"), py::arg("stamps"), py::arg("n"), py::arg("query_blocks") = 0, py::arg("collisions") = 0,
+          kTakeCachedDoc)
+      .def(
+          "cache_blocks_chained",
+          [](BlockAllocator& a, py::handle ids_obj, py::handle hashes_obj, py::handle tokens_obj,
+             py::handle context_obj, py::handle parent_obj) {
+            const char* fn = "cache_blocks_chained()";
+            std::vector<int32_t> ids = owned_ids(ids_obj, fn);
+            std::vector<uint64_t> hashes = owned_hashes(hashes_obj, fn);
+            std::vector<int32_t> tokens = owned_tokens(tokens_obj, fn);
+            const uint64_t context = as_uint64(context_obj, fn, "context");
+            const uint64_t parent = as_uint64(parent_obj, fn, "parent");
+            std::vector<uint64_t> chains(ids.size());
+            {
+              py::gil_scoped_release release;
+              a.cache_blocks_chained(ids.data(), static_cast<int64_t>(ids.size()), hashes.data(),
+                                     static_cast<int64_t>(hashes.size()), tokens.data(),
+                                     static_cast<int64_t>(tokens.size()), context, parent, chains.data());
+            }
+            return py::array_t<uint64_t>(static_cast<py::ssize_t>(chains.size()), chains.data());
+          },
+          py::arg("ids"), py::arg("hashes"), py::arg("token_ids"), py::arg("context") = 0, py::arg("parent") = 0,
+          kCacheBlocksChainedDoc)
+      .def(
+          "cache_blocks_anchored",
+          [](BlockAllocator& a, py::handle ids_obj, py::handle hashes_obj, py::handle tokens_obj,
+             py::handle context_obj, py::handle parents_obj) {
+            const char* fn = "cache_blocks_anchored()";
+            std::vector<int32_t> ids = owned_ids(ids_obj, fn);
+            std::vector<uint64_t> hashes = owned_hashes(hashes_obj, fn);
+            std::vector<int32_t> tokens = owned_tokens(tokens_obj, fn);
+            const uint64_t context = as_uint64(context_obj, fn, "context");
+            std::vector<uint64_t> parents = owned<uint64_t>(parents_obj, fn, "parents", "InvalidArgumentError");
+            py::gil_scoped_release release;
+            a.cache_blocks_anchored(ids.data(), static_cast<int64_t>(ids.size()), hashes.data(),
+                                    static_cast<int64_t>(hashes.size()), tokens.data(),
+                                    static_cast<int64_t>(tokens.size()), context, parents.data(),
+                                    static_cast<int64_t>(parents.size()));
+          },
+          py::arg("ids"), py::arg("hashes"), py::arg("token_ids"), py::arg("context"), py::arg("parents"),
+          kCacheBlocksAnchoredDoc)
       .def("stats", [](const BlockAllocator& a) { return stats_dict(a.stats(), a); }, kStatsDoc)
       .def("check_invariants", &BlockAllocator::check_invariants, py::call_guard<py::gil_scoped_release>(),
            "Verify every internal invariant in O(num_blocks); raises AssertionError naming a broken one.");
@@ -481,19 +648,33 @@ PYBIND11_MODULE(_C, m) {
   // SeqTable: the GIL stays held in every call (they take microseconds, and one table belongs to one
   // scheduler thread), so the caller's arrays cannot change while the core reads them.
   py::class_<SeqTable>(m, "SeqTable")
-      .def(py::init<BlockAllocator*, int32_t, int32_t, bool, uint64_t>(), py::arg("allocator"), py::arg("max_seqs"),
-           py::arg("max_blocks_per_seq"), py::arg("prefix_caching"), py::arg("hash_mask") = ~uint64_t{0},
-           py::keep_alive<1, 2>())
+      .def(py::init([](BlockAllocator* allocator, int32_t max_seqs, int32_t max_blocks_per_seq, bool prefix_caching,
+                       uint64_t hash_mask, py::handle windows_obj) {
+             std::vector<int64_t> windows = owned<int64_t>(windows_obj, "SeqTable()", "group_windows",
+                                                           "InvalidArgumentError");
+             return new SeqTable(allocator, max_seqs, max_blocks_per_seq, prefix_caching, hash_mask, windows);
+           }),
+           py::arg("allocator"), py::arg("max_seqs"), py::arg("max_blocks_per_seq"), py::arg("prefix_caching"),
+           py::arg("hash_mask") = ~uint64_t{0}, py::arg("group_windows") = py::make_tuple(0), py::keep_alive<1, 2>())
       .def_property_readonly("max_seqs", &SeqTable::max_seqs)
       .def_property_readonly("max_blocks_per_seq", &SeqTable::max_blocks_per_seq)
+      .def_property_readonly("num_groups", &SeqTable::num_groups)
+      .def_property_readonly("group_windows", [](const SeqTable& t) {
+        const std::vector<int64_t>& w = t.group_windows();
+        return py::array_t<int64_t>(static_cast<py::ssize_t>(w.size()), w.data());
+      })
       .def("__len__", &SeqTable::size)
       .def("__contains__", &SeqTable::contains)
       .def("num_tokens", &SeqTable::num_tokens)
       .def("num_computed", &SeqTable::num_computed)
-      .def("blocks", [](const SeqTable& t, int64_t id) {
-        const std::vector<int32_t>& b = t.blocks(id);
-        return py::array_t<int32_t>(static_cast<py::ssize_t>(b.size()), b.data());
-      })
+      .def(
+          "blocks",
+          [](const SeqTable& t, int64_t id, int32_t group) {  // group's block at each position, -1: released
+            py::array_t<int32_t> out(static_cast<py::ssize_t>(t.num_positions(id)));
+            t.group_blocks(id, group, out.mutable_data());
+            return out;
+          },
+          py::arg("seq_id"), py::arg("group") = 0)
       .def("add", [](SeqTable& t, int64_t id, py::handle tokens_obj, int64_t n, uint64_t context) {
         py::array_t<int32_t> tokens = optional_array<int32_t>(tokens_obj, "add()", "prompt_tokens");
         if (!tokens_obj.is_none() && tokens.shape(0) != n) {
@@ -509,7 +690,7 @@ PYBIND11_MODULE(_C, m) {
         const int64_t b = ids.shape(0);
         // Size the output only for a request that can be valid; the core raises on the others first.
         const bool plausible = n >= 1 && n <= int64_t{t.max_blocks_per_seq()} * t.block_size();
-        py::array_t<int32_t> slots(static_cast<py::ssize_t>(plausible ? b * n : 0));
+        py::array_t<int32_t> slots(static_cast<py::ssize_t>(plausible ? t.num_groups() * b * n : 0));  // [G, b * n]
         const bool given = !tokens_obj.is_none();
         t.append_batch(ids.data(), b, n, given ? tokens.data() : nullptr, given ? tokens.shape(0) : -1,
                        slots.mutable_data());
@@ -563,12 +744,13 @@ PYBIND11_MODULE(_C, m) {
         return t.decode_step(ids.data(), ids.shape(0), given ? tokens.data() : nullptr, given ? tokens.shape(0) : -1,
                              pad_to);
       })
-      .def("step_table", [](py::object self) {  // a view of the fixed buffer; it keeps the table alive
+      .def("step_table", [](py::object self) {  // a view of the fixed buffer [G, max_seqs, W]; it keeps the table alive
         const SeqTable& t = self.cast<const SeqTable&>();
-        return py::array_t<int32_t>({static_cast<py::ssize_t>(t.max_seqs()), static_cast<py::ssize_t>(t.max_blocks_per_seq())},
+        return py::array_t<int32_t>({static_cast<py::ssize_t>(t.num_groups()), static_cast<py::ssize_t>(t.max_seqs()),
+                                     static_cast<py::ssize_t>(t.max_blocks_per_seq())},
                                     t.step_table(), self);
       })
-      .def("step_io", [](py::object self) {  // lens [rows] | slots [rows] | qsl [rows + 1], packed
+      .def("step_io", [](py::object self) {  // lens [rows] | slots [G][rows] | qsl [rows + 1], packed
         const SeqTable& t = self.cast<const SeqTable&>();
         return py::array_t<int32_t>(static_cast<py::ssize_t>(t.step_io_size()), t.step_io(), self);
       })
@@ -579,4 +761,5 @@ PYBIND11_MODULE(_C, m) {
         return std::make_tuple(py::array_t<int32_t>(static_cast<py::ssize_t>(idx.size()), idx.data()),
                                py::array_t<int32_t>(static_cast<py::ssize_t>(val.size()), val.data()));
       });
+  m.attr("SeqTable").attr("MAX_GROUPS") = py::int_(SeqTable::kMaxGroups);
 }

@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "allocator_checks.h"
 #include "errors.h"
 
 namespace kvpool {
@@ -43,21 +44,6 @@ int32_t checked_geometry(int64_t num_blocks, int64_t block_size) {
   }
   return blocks;
 }
-
-void check_count(const char* fn, int64_t k) {
-  if (k < 0) throw InvalidArgument(std::string(fn) + ": count " + to_string(k) + " must be >= 0");
-}
-
-void check_token_count(const char* fn, int64_t num_tokens, int64_t num_blocks, int32_t block_size) {
-  if (num_tokens != num_blocks * block_size) {
-    throw InvalidArgument(std::string(fn) + ": got " + to_string(num_tokens) + " token ids for " +
-                          to_string(num_blocks) + " blocks of " + to_string(block_size) +
-                          "; pass the tokens of exactly those full blocks (num_blocks * block_size)");
-  }
-}
-
-// A block's refcount never passes this (int32); a reference that would is refused.
-constexpr int64_t kMaxRefcount = std::numeric_limits<int32_t>::max();
 
 }  // namespace
 
@@ -379,7 +365,7 @@ int64_t BlockAllocator::match_prefix(const uint64_t* hashes, int64_t k, int32_t*
 // ---- verified prefix caching ----------------------------------------------------------------
 
 int64_t BlockAllocator::walk_verified(const uint64_t* hashes, int64_t k, const int32_t* tokens, uint64_t context,
-                                      int32_t* out, bool* collided) const {
+                                      int32_t* out, bool* collided, uint64_t* stamps) const {
   uint64_t parent = kChainRoot;
   int64_t i = 0;
   for (; i < k; ++i) {
@@ -394,6 +380,7 @@ int64_t BlockAllocator::walk_verified(const uint64_t* hashes, int64_t k, const i
     }
     out[i] = b;
     parent = entries_.stamp(b);
+    if (stamps != nullptr) stamps[i] = parent;
   }
   return i;
 }
@@ -437,31 +424,38 @@ uint64_t BlockAllocator::cache_blocks_verified(const int32_t* ids, int64_t k, co
   check_cacheable(fn, ids, k, hashes, num_hashes);
   check_token_count(fn, num_tokens, k, block_size_);
   if (!prefix_caching_) return kChainBroken;
+  return cache_chain(ids, k, hashes, tokens, context, parent, nullptr);
+}
+
+uint64_t BlockAllocator::cache_chain(const int32_t* ids, int64_t k, const uint64_t* hashes, const int32_t* tokens,
+                                     uint64_t context, uint64_t parent, uint64_t* chains) {
   uint64_t chain = parent;
-  for (int64_t j = 0; j < k && chain != kChainBroken; ++j) {
+  for (int64_t j = 0; j < k; ++j) {
     const int32_t b = ids[j];
     const int32_t* t = tokens + j * int64_t{block_size_};
-    if (slots_[b].has_hash) {  // cached already: a verified hit of this sequence, or a fork twin's block
+    if (chain == kChainBroken) {
+      // nothing after a block that could not be cached is cached
+    } else if (slots_[b].has_hash) {  // cached already: a verified hit of this sequence, or a fork twin's block
       chain = entries_.holds(b, t, context, chain) ? entries_.stamp(b) : kChainBroken;
-      continue;
+    } else {
+      chain = cache_verified_one(b, hashes[j], t, context, chain);
     }
-    const int32_t q = index_.find(hashes[j]);
-    if (q >= 0 && entries_.holds(q, t, context, chain)) {  // the same prefix is cached in block q
-      chain = entries_.stamp(q);
-      continue;
-    }
-    if (q >= 0) {
-      stats_.hash_collisions += entries_.verified(q) && !entries_.same_content(q, t, context);
-      if (slots_[q].refcount != 0) {  // a held block keeps its hash: nothing after this block is cached
-        chain = kChainBroken;
-        continue;
-      }
-      forget_hash(q);  // a free block under our hash holds another prefix: ours replaces it
-    }
-    cache_one(b, hashes[j]);
-    chain = entries_.record(b, t, context, chain);
+    if (chains != nullptr) chains[j] = chain;
   }
   return chain;
+}
+
+uint64_t BlockAllocator::cache_verified_one(int32_t b, uint64_t hash, const int32_t* tokens, uint64_t context,
+                                            uint64_t parent) {
+  const int32_t q = index_.find(hash);
+  if (q >= 0 && entries_.holds(q, tokens, context, parent)) return entries_.stamp(q);  // cached in block q
+  if (q >= 0) {
+    stats_.hash_collisions += entries_.verified(q) && !entries_.same_content(q, tokens, context);
+    if (slots_[q].refcount != 0) return kChainBroken;  // a held block keeps its hash
+    forget_hash(q);  // a free block under our hash holds another prefix: ours replaces it
+  }
+  cache_one(b, hash);
+  return entries_.record(b, tokens, context, parent);
 }
 
 void BlockAllocator::check_invariants() const {

@@ -99,6 +99,42 @@ class BlockAllocator {
   int64_t allocate_with_prefix(int64_t n, const uint64_t* hashes, int64_t k, const int32_t* tokens,
                                int64_t num_tokens, uint64_t context, int32_t* out, uint64_t* chain);
 
+  // ---- prefix caching across KV-cache groups (SeqTable; docs/allocator.md "Hybrid models") -------
+  // A hit of a hybrid model is decided over several groups before any block is taken, so it is
+  // found by read-only probes and then taken, all or nothing, by take_cached(), which re-checks every
+  // block's stamp (a block evicted and cached again in between has a new one).
+  //
+  // Chained probe: the verified walk of allocate_with_prefix() over hashes[0, k) (tokens[0, k *
+  // block_size)), without taking anything: returns h, the blocks to ids[0, h), their stamps to
+  // stamps[0, h); *collided tells whether the walk stopped at a block holding other content.
+  int64_t probe_chain(const uint64_t* hashes, int64_t k, const int32_t* tokens, int64_t num_tokens,
+                      uint64_t context, int32_t* ids, uint64_t* stamps, bool* collided) const;
+  // Anchored probe: block j of hashes[0, k) is verified on its own against parents[j] (the chain
+  // value its entry must record), from j = k - 1 down, stopping at the first miss. Returns r, the
+  // verified blocks at the end (j in [k - r, k)), written to ids[j] and stamps[j]; *collided as above.
+  int64_t probe_anchored(const uint64_t* hashes, int64_t k, const int32_t* tokens, int64_t num_tokens,
+                         uint64_t context, const uint64_t* parents, int64_t num_parents, int32_t* ids,
+                         uint64_t* stamps, bool* collided) const;
+  // One reference on each of ids[0, k) (cached blocks, free or held, each still under stamps[j]) and
+  // n fresh blocks into out[0, n), all or nothing. Returns false, with nothing changed, when a block
+  // no longer holds the probed entry (another thread evicted it: probe again); OutOfBlocks (nothing
+  // changed) when the fresh blocks do not fit next to the revived ones. Counts one prefix query of
+  // `query_blocks` hashes that met `collisions` collisions and k hit blocks (probes count nothing,
+  // so a refused call leaves the statistics as they were).
+  bool take_cached(const int32_t* ids, int64_t k, const uint64_t* stamps, int64_t num_stamps, int64_t n,
+                   int32_t* out, int64_t query_blocks, int64_t collisions);
+  // cache_blocks_verified() that also writes the chain value after each block to chains[0, k)
+  // (kChainBroken from where caching stopped): the anchors of the anchored groups.
+  uint64_t cache_blocks_chained(const int32_t* ids, int64_t k, const uint64_t* hashes, int64_t num_hashes,
+                                const int32_t* tokens, int64_t num_tokens, uint64_t context, uint64_t parent,
+                                uint64_t* chains);
+  // Caches each block ids[j] on its own as a verified entry whose parent is parents[j] (skipped when
+  // kChainBroken). Same content cached already under the same parent: not cached twice; other content
+  // under the hash: a counted collision, a free block replaced, a held one kept (this block uncached).
+  void cache_blocks_anchored(const int32_t* ids, int64_t k, const uint64_t* hashes, int64_t num_hashes,
+                             const int32_t* tokens, int64_t num_tokens, uint64_t context, const uint64_t* parents,
+                             int64_t num_parents);
+
   // Throws InvariantBroken naming the first broken invariant. O(num_blocks); for tests.
   void check_invariants() const;
 
@@ -108,7 +144,12 @@ class BlockAllocator {
   void check_new_references(const char* fn, const int32_t* ids, int64_t k);
   [[noreturn]] void refuse_free(const int32_t* ids, int64_t k);
   int64_t walk_verified(const uint64_t* hashes, int64_t k, const int32_t* tokens, uint64_t context, int32_t* out,
-                        bool* collided) const;
+                        bool* collided, uint64_t* stamps = nullptr) const;
+  uint64_t cache_chain(const int32_t* ids, int64_t k, const uint64_t* hashes, const int32_t* tokens, uint64_t context,
+                       uint64_t parent, uint64_t* chains);
+  // Caches held block b (uncached) under hash as a verified entry after `parent`, unless the same entry
+  // is cached already; returns the chain value after b (kChainBroken when a held block keeps the hash).
+  uint64_t cache_verified_one(int32_t b, uint64_t hash, const int32_t* tokens, uint64_t context, uint64_t parent);
   void take_hits(const int32_t* ids, int64_t h);
   void pop_free(int64_t n, int32_t* out);
   void cache_one(int32_t b, uint64_t hash);

@@ -35,6 +35,18 @@ uint64_t hash_extra(uint8_t tag, const uint8_t* data, std::size_t len, HashKey k
   return mix64(e ^ static_cast<uint64_t>(len) ^ key.k1);
 }
 
+namespace {
+uint64_t group_tag(int64_t group, HashKey key) { return mix64(kHashK3 ^ (static_cast<uint64_t>(group) * kHashK1) ^ key.k0); }
+}  // namespace
+
+uint64_t group_hash(uint64_t hash, int64_t group, HashKey key) {
+  return group == 0 ? hash : mix64(hash ^ group_tag(group, key) ^ key.k1);
+}
+
+uint64_t group_context(uint64_t context, int64_t group, HashKey key) {
+  return group == 0 ? context : mix64((context * kHashK2) ^ group_tag(group, key) ^ key.k1);
+}
+
 void hash_block_tokens(const int32_t* tokens, int64_t n_tokens, int64_t block_size,
                        uint64_t parent_hash, uint64_t extra_key, HashKey key, uint64_t* out) {
   if (block_size < 1) {

@@ -35,6 +35,15 @@ struct HashKey {
 // 1 = bytes, 2 = str as UTF-8, 3 = int as minimal signed little-endian bytes).
 uint64_t hash_extra(uint8_t tag, const uint8_t* data, std::size_t len, HashKey key);
 
+// KV-cache groups (seq_table.h): group g > 0 keys its prefix-cache entries apart from every other group,
+// since its blocks hold other layers' pages. Group 0 keeps the plain hash and salt (a one-group model
+// caches exactly as before); for g > 0, with tag(g) = mix64(K3 ^ (g * K1) ^ k0):
+//   group_hash(h, g)    = mix64(h ^ tag(g) ^ k1)
+//   group_context(c, g) = mix64((c * K2) ^ tag(g) ^ k1)
+// A verified hit compares the salt digest too, so a block never serves another group, whatever its hash.
+uint64_t group_hash(uint64_t hash, int64_t group, HashKey key);
+uint64_t group_context(uint64_t context, int64_t group, HashKey key);
+
 // Number of full blocks in n_tokens tokens.
 inline int64_t num_full_blocks(int64_t n_tokens, int64_t block_size) { return n_tokens / block_size; }
 

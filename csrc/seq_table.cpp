@@ -1,45 +1,73 @@
 #include "seq_table.h"
 
 #include <algorithm>
+#include <bitset>
 #include <cstring>
 #include <limits>
 #include <string>
 
 #include "block_hash.h"
 #include "errors.h"
+#include "seq_table_internal.h"
 
 namespace kvpool {
-namespace {
 
 using std::to_string;
+using namespace seq_table_detail;
 
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-constexpr int32_t kTablePad = 0;  // block_table entries past a sequence's blocks
-constexpr int32_t kSlotPad = -1;  // slot_mapping entries of padding tokens
-
-std::string id_text(int64_t id) { return to_string(id); }
-
+namespace {
+int32_t log2_if_power_of_two(int32_t n) {
+  int32_t shift = 0;
+  while ((int64_t{1} << shift) < n) ++shift;
+  return (int64_t{1} << shift) == n ? shift : -1;
+}
 }  // namespace
 
 SeqTable::SeqTable(BlockAllocator* allocator, int32_t max_seqs, int32_t max_blocks_per_seq, bool prefix_caching,
-                   uint64_t hash_mask)
+                   uint64_t hash_mask, const std::vector<int64_t>& group_windows)
     : allocator_(allocator),
       block_size_(allocator->block_size()),
+      block_shift_(log2_if_power_of_two(block_size_)),
       max_seqs_(max_seqs),
       max_blocks_(max_blocks_per_seq),
       prefix_caching_(prefix_caching && allocator->prefix_caching()),
       key_(allocator->hash_key()),
-      hash_mask_(hash_mask) {
+      hash_mask_(hash_mask),
+      num_groups_(static_cast<int32_t>(std::min<size_t>(group_windows.size(), kMaxGroups + 1))),
+      windows_(group_windows) {
   if (max_seqs < 1) throw InvalidArgument("SeqTable: max_seqs=" + to_string(max_seqs) + " must be >= 1");
   if (max_blocks_per_seq < 1) {
     throw InvalidArgument("SeqTable: max_blocks_per_seq=" + to_string(max_blocks_per_seq) + " must be >= 1");
   }
-  step_table_.assign(static_cast<size_t>(max_seqs) * static_cast<size_t>(max_blocks_per_seq), kTablePad);
-  step_io_.assign(3 * static_cast<size_t>(max_seqs) + 1, 0);
+  if (group_windows.empty() || group_windows.size() > static_cast<size_t>(kMaxGroups)) {
+    throw InvalidArgument("SeqTable: " + to_string(group_windows.size()) + " KV-cache groups; need 1.." +
+                          to_string(kMaxGroups) + " (one per attention kind: kvpool.plan.kv_groups)");
+  }
+  for (int32_t g = 0; g < num_groups_; ++g) {
+    if (windows_[g] < 0) {
+      throw InvalidArgument("SeqTable: group_windows[" + to_string(g) + "]=" + to_string(windows_[g]) +
+                            " must be 0 (full attention) or a window >= 1 in tokens");
+    }
+    if (windows_[g] == 0 && reference_ < 0) reference_ = g;
+    any_window_ = any_window_ || windows_[g] != 0;
+    if (windows_[g] != 0) windowed_.push_back(g);
+  }
+  // Full groups chain their cache entries on their own blocks; windowed ones anchor on the first full
+  // group's chain (a hit then needs only the window's blocks), or chain on their own without one.
+  for (int32_t g = 0; g < num_groups_; ++g) (windows_[g] == 0 || reference_ < 0 ? chained_ : anchored_).push_back(g);
+  const int64_t entries = int64_t{num_groups_} * max_seqs * max_blocks_per_seq;
+  if (entries > std::numeric_limits<int32_t>::max()) {
+    throw InvalidArgument("SeqTable: the decode-step table of " + to_string(num_groups_) + " groups x max_seqs=" +
+                          to_string(max_seqs) + " x max_blocks_per_seq=" + to_string(max_blocks_per_seq) + " = " +
+                          to_string(entries) + " entries exceeds 2**31 - 1; pass max_blocks_per_seq=ceil("
+                          "max_model_len / block_size)");
+  }
+  step_table_.assign(static_cast<size_t>(entries), kTablePad);
+  step_io_.assign(static_cast<size_t>(num_groups_ + 2) * static_cast<size_t>(max_seqs) + 1, 0);
   row_owner_.assign(max_seqs, 0);
   row_version_.assign(max_seqs, 0);
   row_len_.assign(max_seqs, 0);
+  row_released_.assign(static_cast<size_t>(num_groups_) * static_cast<size_t>(max_seqs), 0);
 }
 
 // ---- lookup and validation -------------------------------------------------------------------
@@ -84,6 +112,26 @@ void SeqTable::check_width(const char* fn, const Seq& s, int64_t tokens) const {
   }
 }
 
+// Group g's shared partial tails of s that must be copied before a write (bit g set), given the
+// copy-on-write references this call has already moved to the queue.
+uint64_t SeqTable::shared_tails_to_copy(const Seq& s, std::vector<std::pair<int32_t, int32_t>>& moved) const {
+  uint64_t mask = 0;
+  const size_t last = s.blocks.size() - static_cast<size_t>(num_groups_);
+  for (int32_t g = 0; g < num_groups_; ++g) {
+    const int32_t block = s.blocks[last + static_cast<size_t>(g)];
+    int32_t refs = 0;
+    allocator_->refcounts(&block, 1, &refs);
+    auto q = queued_.find(block);
+    int64_t holders = refs - (q == queued_.end() ? 0 : q->second);
+    for (const auto& m : moved) holders -= m.first == block ? m.second : 0;
+    if (holders > 1) {  // a shared block must not be written in place
+      mask |= uint64_t{1} << g;
+      moved.emplace_back(block, 1);
+    }
+  }
+  return mask;
+}
+
 // Plans n more tokens for each sequence (in order, as sequential appends would) and returns the new
 // blocks they need in all. Nothing changes here.
 int64_t SeqTable::plan_growth(const char* fn, const std::vector<Seq*>& seqs, int64_t n) {
@@ -92,21 +140,12 @@ int64_t SeqTable::plan_growth(const char* fn, const std::vector<Seq*>& seqs, int
   int64_t total = 0;
   for (Seq* s : seqs) {
     check_width(fn, *s, s->num_tokens + n);
-    const int64_t offset = s->num_tokens % block_size_;
-    bool copy_tail = false;
-    if (offset != 0 && s->shared_tail) {
-      const int32_t last = s->blocks.back();
-      int32_t refs = 0;
-      allocator_->refcounts(&last, 1, &refs);
-      auto q = queued_.find(last);
-      int64_t holders = refs - (q == queued_.end() ? 0 : q->second);
-      for (const auto& m : moved) holders -= m.first == last ? m.second : 0;
-      copy_tail = holders > 1;  // a shared block must not be written in place
-      if (copy_tail) moved.emplace_back(last, 1);
-    }
-    const int64_t grow = cdiv(s->num_tokens + n, block_size_) - static_cast<int64_t>(s->blocks.size());
-    plan_.push_back(Grow{s, grow + (copy_tail ? 1 : 0), copy_tail});
-    total += grow + (copy_tail ? 1 : 0);
+    const bool partial = s->num_tokens % block_size_ != 0;
+    const uint64_t copy = partial && s->shared_tail ? shared_tails_to_copy(*s, moved) : 0;
+    const int64_t positions = cdiv(s->num_tokens + n, block_size_) - num_positions_of(*s);
+    const int64_t blocks = positions * num_groups_ + (copy == 0 ? 0 : static_cast<int64_t>(std::bitset<64>(copy).count()));
+    plan_.push_back(Grow{s, positions, blocks, copy});
+    total += blocks;
   }
   return total;
 }
@@ -121,7 +160,8 @@ int64_t SeqTable::add(int64_t id, const int32_t* tokens, int64_t n, uint64_t con
   s.num_tokens = n;
   check_width("add()", s, n);
   const int64_t total = cdiv(n, block_size_);
-  s.blocks.resize(static_cast<size_t>(total));
+  s.blocks.resize(static_cast<size_t>(total * num_groups_));
+  s.chains.assign(static_cast<size_t>(num_groups_ - 1), kChainRoot);
   s.context = context;
   if (tokens != nullptr) {
     s.tokens.assign(tokens, tokens + n);
@@ -132,13 +172,17 @@ int64_t SeqTable::add(int64_t id, const int32_t* tokens, int64_t n, uint64_t con
     s.hashes.resize(static_cast<size_t>(n / block_size_));
     hash_block_tokens(tokens, n, block_size_, kRootHash, context, key_, s.hashes.data());
     const int64_t matchable = (n - 1) / block_size_;  // the last token is always recomputed (its logits)
-    hits = allocator_->allocate_with_prefix(total, allocator_hashes(s, 0, matchable), matchable, tokens,
-                                            matchable * block_size_, context, s.blocks.data(), &s.chain);
+    if (num_groups_ == 1 && !any_window_) {  // one full group: the single-table path, one allocator call
+      hits = allocator_->allocate_with_prefix(total, allocator_hashes(s, 0, matchable), matchable, tokens,
+                                              matchable * block_size_, context, s.blocks.data(), &s.chain);
+      s.num_cached = hits;
+    } else {
+      hits = add_across_groups(s, tokens, n);
+    }
   } else {
-    allocator_->allocate(total, s.blocks.data());
+    allocator_->allocate(total * num_groups_, s.blocks.data());  // position-major: a position's groups together
   }
   s.num_computed = hits * block_size_;
-  s.num_cached = hits;
   s.serial = next_serial_++;
   index_.emplace(id, std::move(s));
   return hits * block_size_;
@@ -161,10 +205,59 @@ void SeqTable::extend_tokens(Seq& s, const int32_t* token_ids, int64_t n) {
   }
 }
 
+// Gives s its planned blocks from fresh_[next, ...): copy-on-write copies first (group order), then
+// the new positions, position-major.
+inline void SeqTable::grow(Seq& s, const Grow& g, int64_t& next) {
+  if (g.copy_tail != 0) {
+    const size_t last = s.blocks.size() - static_cast<size_t>(num_groups_);
+    for (int32_t grp = 0; grp < num_groups_; ++grp) {
+      if (!(g.copy_tail >> grp & 1)) continue;
+      // This sequence's reference on the shared tail passes to the copy queue, which also takes one
+      // on the copy: until pop_copies() neither block can be handed out before the copy runs.
+      int32_t& tail = s.blocks[last + static_cast<size_t>(grp)];
+      const int32_t src = tail, dst = fresh_[static_cast<size_t>(next++)];
+      allocator_->incref(&dst, 1);
+      copies_.emplace_back(src, dst);
+      ++queued_[src];
+      ++queued_[dst];
+      tail = dst;
+    }
+    ++s.version;
+  }
+  s.shared_tail = false;
+  const int64_t take = g.positions * num_groups_;
+  s.blocks.insert(s.blocks.end(), fresh_.begin() + next, fresh_.begin() + next + take);
+  next += take;
+}
+
+// Slots of tokens [first, first + n) of s: group g's at slots[g * stride + t].
+inline void SeqTable::write_slots(const Seq& s, int64_t first, int64_t n, int32_t* slots, int64_t stride) const {
+  const int64_t bs = block_size_;
+  if (num_groups_ == 1) {
+    for (int64_t pos = first; pos < first + n; ++pos) {
+      *slots++ = static_cast<int32_t>(s.blocks[static_cast<size_t>(pos / bs)] * bs + pos % bs);
+    }
+    return;
+  }
+  for (int32_t g = 0; g < num_groups_; ++g) {
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t pos = first + t;
+      const int32_t block = s.blocks[static_cast<size_t>(pos / bs * num_groups_ + g)];
+      slots[g * stride + t] = static_cast<int32_t>(block * bs + pos % bs);
+    }
+  }
+}
+
 void SeqTable::append_batch(const int64_t* ids, int64_t b, int64_t n, const int32_t* token_ids,
                             int64_t num_token_ids, int32_t* slots) {
   const char* fn = "append_batch()";
   std::vector<Seq*> seqs = lookup(fn, ids, b);
+  append_to(fn, seqs, n, token_ids, num_token_ids, slots, b * n);
+}
+
+void SeqTable::append_to(const char* fn, const std::vector<Seq*>& seqs, int64_t n, const int32_t* token_ids,
+                         int64_t num_token_ids, int32_t* slots, int64_t stride) {
+  const int64_t b = static_cast<int64_t>(seqs.size());
   if (n < 1) throw InvalidArgument(std::string(fn) + ": n_tokens=" + to_string(n) + " must be >= 1");
   if (token_ids != nullptr && num_token_ids != b * n) {
     throw InvalidArgument(std::string(fn) + ": got " + to_string(num_token_ids) + " token ids for " + to_string(b) +
@@ -187,35 +280,17 @@ void SeqTable::append_batch(const int64_t* ids, int64_t b, int64_t n, const int3
   allocator_->allocate(need, fresh_.data());
   // From here on nothing can fail: hand the blocks out in sequence order.
   int64_t next = 0;
-  const int64_t bs = block_size_;
   for (int64_t i = 0; i < b; ++i) {
     const Grow& g = plan_[static_cast<size_t>(i)];
     Seq& s = *g.seq;
-    int64_t take = g.new_blocks;
-    if (g.copy_tail) {
-      // This sequence's reference on the shared tail passes to the copy queue, which also takes one
-      // on the copy: until pop_copies() neither block can be handed out before the copy runs.
-      const int32_t src = s.blocks.back(), dst = fresh_[static_cast<size_t>(next++)];
-      allocator_->incref(&dst, 1);
-      copies_.emplace_back(src, dst);
-      ++queued_[src];
-      ++queued_[dst];
-      s.blocks.back() = dst;
-      ++s.version;
-      --take;
-    }
-    s.shared_tail = false;
-    s.blocks.insert(s.blocks.end(), fresh_.begin() + next, fresh_.begin() + next + take);
-    next += take;
-    const int64_t old = s.num_tokens;
-    for (int64_t t = 0; t < n; ++t) {
-      const int64_t pos = old + t;
-      slots[i * n + t] = static_cast<int32_t>(s.blocks[static_cast<size_t>(pos / bs)] * bs + pos % bs);
-    }
-    s.num_tokens = old + n;
+    grow(s, g, next);
+    write_slots(s, s.num_tokens, n, slots + i * n, stride);
+    s.num_tokens += n;
     extend_tokens(s, token_ids == nullptr ? nullptr : token_ids + i * n, n);
   }
 }
+
+// ---- the prefix cache and the windows, as computed tokens advance ----------------------------------
 
 const uint64_t* SeqTable::allocator_hashes(const Seq& s, int64_t first, int64_t k) {
   if (hash_mask_ == ~uint64_t{0}) return s.hashes.data() + first;
@@ -224,14 +299,110 @@ const uint64_t* SeqTable::allocator_hashes(const Seq& s, int64_t first, int64_t 
   return masked_.data();
 }
 
-void SeqTable::offer_to_cache(Seq& s) {
-  const int64_t full = std::min<int64_t>(s.num_computed / block_size_, static_cast<int64_t>(s.hashes.size()));
-  if (!prefix_caching_ || full <= s.num_cached) return;
-  const int64_t first = s.num_cached, k = full - first;
-  s.chain = allocator_->cache_blocks_verified(s.blocks.data() + first, k, allocator_hashes(s, first, k), k,
-                                              s.tokens.data() + first * block_size_, k * block_size_, s.context,
-                                              s.chain);
+const uint64_t* SeqTable::group_hashes(const Seq& s, int32_t g, int64_t first, int64_t k) {
+  if (g == 0) return allocator_hashes(s, first, k);
+  masked_.resize(static_cast<size_t>(k));
+  for (int64_t j = 0; j < k; ++j) masked_[j] = group_hash(s.hashes[static_cast<size_t>(first + j)], g, key_) & hash_mask_;
+  return masked_.data();
+}
+
+const int32_t* SeqTable::group_ids(const Seq& s, int32_t g, int64_t first, int64_t k) {
+  if (num_groups_ == 1) return s.blocks.data() + first;
+  gathered_.resize(static_cast<size_t>(k));
+  for (int64_t j = 0; j < k; ++j) gathered_[j] = s.blocks[static_cast<size_t>((first + j) * num_groups_ + g)];
+  return gathered_.data();
+}
+
+
+// Blocks [first, full) of a group whose entries chain on its own blocks; the reference group also
+// records the chain value after each block: the anchors of the windowed groups.
+void SeqTable::cache_chained(Seq& s, int32_t g, int64_t first, int64_t full) {
+  uint64_t& chain = chain_of(s, g);
+  const int64_t bs = block_size_, k = full - first;
+  const int32_t* ids = group_ids(s, g, first, k);
+  const uint64_t* hashes = group_hashes(s, g, first, k);
+  const int32_t* tokens = s.tokens.data() + first * bs;
+  const uint64_t context = group_context(s.context, g, key_);
+  if (g == reference_ && !anchored_.empty()) {
+    s.anchors.resize(static_cast<size_t>(full), kChainBroken);
+    chain = allocator_->cache_blocks_chained(ids, k, hashes, k, tokens, k * bs, context, chain, s.anchors.data() + first);
+  } else {
+    chain = allocator_->cache_blocks_verified(ids, k, hashes, k, tokens, k * bs, context, chain);
+  }
+}
+
+// Blocks [first, full) of a windowed group, each anchored on the reference chain before it.
+void SeqTable::cache_anchored(Seq& s, int32_t g, int64_t first, int64_t full) {
+  const int64_t bs = block_size_, k = full - first;
+  parents_.resize(static_cast<size_t>(k));
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t before = first + j - 1;  // the reference chain's block before this one
+    parents_[j] = before < 0 ? kChainRoot
+                             : before < static_cast<int64_t>(s.anchors.size()) ? s.anchors[before] : kChainBroken;
+  }
+  const int32_t* ids = group_ids(s, g, first, k);
+  const uint64_t* hashes = group_hashes(s, g, first, k);
+  allocator_->cache_blocks_anchored(ids, k, hashes, k, s.tokens.data() + first * bs, k * bs,
+                                    group_context(s.context, g, key_), parents_.data(), k);
+}
+
+// Offers every group's newly computed full blocks [num_cached, full) (those whose tokens are known) to the
+// prefix cache.
+// A block is cached before its window releases it, so none of them is released yet: a window can
+// outrun the cache only where hashing stopped for good (a token appended without its id), and the
+// guards below only keep -1 from ever reaching the allocator.
+void SeqTable::offer_to_cache(Seq& s, int64_t old_computed, int64_t full) {
+  for (int32_t g : chained_) {  // the reference group first: it makes the anchors
+    const int64_t gone = released_before(g, old_computed);
+    if (gone > s.num_cached) chain_of(s, g) = kChainBroken;
+    const int64_t first = std::min(std::max(s.num_cached, gone), full);
+    if (first < full) cache_chained(s, g, first, full);
+  }
+  for (int32_t g : anchored_) {
+    const int64_t first = std::min(std::max(s.num_cached, released_before(g, old_computed)), full);
+    if (first < full) cache_anchored(s, g, first, full);
+  }
   s.num_cached = full;
+}
+
+// Windowed groups give back the blocks that left their window as num_computed advanced from
+// old_computed (newest position first, groups in order within a position: free() then queues the oldest
+// first, so it is evicted first, as vLLM does). The entries lie a window behind the tail, in memory
+// not touched for a while: they are prefetched here and read by take_released().
+void SeqTable::release_window(Seq& s, int64_t old_computed) {
+  bool moved = false;  // most steps move no window across a block boundary
+  for (int32_t g : windowed_) moved = moved || released_before(g, old_computed) != released_before(g, s.num_computed);
+  if (moved) release_moved(s, old_computed);
+}
+
+void SeqTable::release_moved(Seq& s, int64_t old_computed) {
+  int64_t from[kMaxGroups], to[kMaxGroups];
+  int64_t lo = std::numeric_limits<int64_t>::max(), hi = 0;
+  for (int32_t g = 0; g < num_groups_; ++g) {
+    from[g] = released_before(g, old_computed);
+    to[g] = released_before(g, s.num_computed);  // (0 for a full group)
+    if (to[g] <= from[g]) continue;
+    lo = std::min(lo, from[g]);
+    hi = std::max(hi, to[g]);
+  }
+  for (int64_t j = hi - 1; j >= lo; --j) {
+    for (int32_t g = 0; g < num_groups_; ++g) {
+      if (j < from[g] || j >= to[g]) continue;
+      int32_t* block = &s.blocks[static_cast<size_t>(j * num_groups_ + g)];
+      prefetch_for_write(block);
+      leaving_.push_back(block);
+    }
+  }
+}
+
+// The blocks release_window() marked, into released_ in that order; the lists keep -1 there.
+void SeqTable::take_released() {
+  released_.clear();
+  for (int32_t* block : leaving_) {
+    if (*block != kReleased) released_.push_back(*block);
+    *block = kReleased;
+  }
+  leaving_.clear();
 }
 
 void SeqTable::mark_computed(const int64_t* ids, int64_t k, const int64_t* lens) {
@@ -245,11 +416,32 @@ void SeqTable::mark_computed(const int64_t* ids, int64_t k, const int64_t* lens)
                             "] (computed so far, tokens in the sequence)");
     }
   }
+  leaving_.clear();  // (never left over, unless a call threw half way: then its pointers may dangle)
   for (int64_t i = 0; i < k; ++i) {
     Seq& s = *seqs[static_cast<size_t>(i)];
+    const int64_t old = s.num_computed;
     s.num_computed = lens == nullptr ? s.num_tokens : lens[i];
-    offer_to_cache(s);
+    const int64_t full = std::min<int64_t>(s.num_computed / block_size_, static_cast<int64_t>(s.hashes.size()));
+    if (prefix_caching_ && full > s.num_cached) offer_to_cache(s, old, full);  // first: a released block stays cached
+    if (any_window_) release_window(s, old);
   }
+  if (leaving_.empty()) return;
+  take_released();  // (no list grows in between: the marked entries stay where they are)
+  allocator_->free(released_.data(), static_cast<int64_t>(released_.size()));
+}
+
+// The blocks s holds (released positions skipped), position-major; sets *count.
+const int32_t* SeqTable::held_blocks(const Seq& s, int64_t* count) {
+  if (!any_window_) {
+    *count = static_cast<int64_t>(s.blocks.size());
+    return s.blocks.data();
+  }
+  gathered_.clear();
+  for (int32_t b : s.blocks) {
+    if (b != kReleased) gathered_.push_back(b);
+  }
+  *count = static_cast<int64_t>(gathered_.size());
+  return gathered_.data();
 }
 
 void SeqTable::fork(int64_t parent, int64_t child) {
@@ -260,7 +452,9 @@ void SeqTable::fork(int64_t parent, int64_t child) {
                           to_string(p.num_tokens - p.num_computed) + " tokens not yet computed; run the forward "
                           "and mark_computed() first so no shared block is written twice");
   }
-  allocator_->incref(p.blocks.data(), static_cast<int64_t>(p.blocks.size()));
+  int64_t count = 0;
+  const int32_t* held = held_blocks(p, &count);
+  allocator_->incref(held, count);
   Seq twin = p;
   twin.id = child;
   twin.serial = next_serial_++;
@@ -272,8 +466,20 @@ void SeqTable::fork(int64_t parent, int64_t child) {
 
 void SeqTable::free_seq(int64_t id) {
   Seq& s = seq(id);
-  allocator_->free(s.blocks.data(), static_cast<int64_t>(s.blocks.size()));
+  int64_t count = 0;
+  const int32_t* held = held_blocks(s, &count);
+  allocator_->free(held, count);  // position by position: the prefix stays cached longest
   index_.erase(id);
+}
+
+void SeqTable::group_blocks(int64_t id, int32_t group, int32_t* out) const {
+  const Seq& s = seq(id);
+  if (group < 0 || group >= num_groups_) {
+    throw InvalidArgument("blocks(): group=" + to_string(group) + " must lie in [0, " + to_string(num_groups_) +
+                          ") (one per KV-cache group)");
+  }
+  const int64_t positions = num_positions_of(s);
+  for (int64_t j = 0; j < positions; ++j) out[j] = s.blocks[static_cast<size_t>(j * num_groups_ + group)];
 }
 
 void SeqTable::pop_copies(int64_t* src, int64_t* dst) {
@@ -288,154 +494,6 @@ void SeqTable::pop_copies(int64_t* src, int64_t* dst) {
   copies_.clear();
   queued_.clear();
   allocator_->free(refs.data(), static_cast<int64_t>(refs.size()));  // drop the queue's references
-}
-
-// ---- a mixed batch (prefill, chunked prefill and decode) ------------------------------------------
-
-BatchShape SeqTable::plan_batch(const int64_t* ids, int64_t b, const int64_t* new_tokens, int64_t pad_slots_to,
-                                bool decode) {
-  const char* fn = decode ? "decode_batch()" : "batch()";
-  if (b < 1 || b > max_seqs_) {
-    throw InvalidArgument(std::string(fn) + ": batch of " + to_string(b) + " sequences; need 1..max_seqs=" +
-                          to_string(max_seqs_) + " (raise max_seqs when building BlockTables)");
-  }
-  std::vector<Seq*> seqs = lookup(fn, ids, b);
-  BatchShape shape;
-  shape.rows = b;
-  for (int64_t i = 0; i < b; ++i) {
-    const Seq& s = *seqs[static_cast<size_t>(i)];
-    const int64_t uncomputed = s.num_tokens - s.num_computed;
-    if (decode && uncomputed != 1) {
-      throw InvalidArgument(std::string(fn) + ": seq_id " + id_text(s.id) + " has " + to_string(uncomputed) +
-                            " uncomputed tokens, not 1; append() one token per step and mark_computed() after "
-                            "each forward, or use batch()");
-    }
-    const int64_t fresh = new_tokens == nullptr ? uncomputed : new_tokens[i];
-    if (fresh < 0 || fresh > uncomputed) {
-      throw InvalidArgument(std::string(fn) + ": num_new_tokens[" + to_string(i) + "]=" + to_string(fresh) +
-                            " must lie in 0.." + to_string(uncomputed) + " (the uncomputed tokens of seq_id " +
-                            id_text(s.id) + ")");
-    }
-    const int64_t len = s.num_computed + fresh;
-    if (len < 1) throw InvalidArgument(std::string(fn) + ": sequence " + id_text(s.id) + " would attend to 0 tokens");
-    const int64_t nblk = cdiv(len, block_size_);
-    shape.max_blocks = std::max(shape.max_blocks, nblk);
-    shape.nnz += nblk;
-    shape.new_tokens += fresh;
-  }
-  shape.padded = pad_slots_to < 0 ? shape.new_tokens : pad_slots_to;
-  if (shape.padded < shape.new_tokens) {
-    throw InvalidArgument(std::string(fn) + ": pad_slots_to=" + to_string(pad_slots_to) + " is below the " +
-                          to_string(shape.new_tokens) + " new tokens of this batch");
-  }
-  const int64_t sizes[7] = {b * shape.max_blocks, b, b + 1, shape.nnz, b, b + 1, shape.padded};
-  for (int k = 0; k < 7; ++k) shape.offset[k + 1] = shape.offset[k] + sizes[k];
-  return shape;
-}
-
-void SeqTable::fill_batch(const int64_t* ids, const int64_t* new_tokens, const BatchShape& shape, int32_t* out) const {
-  const int64_t b = shape.rows, w = shape.max_blocks, bs = block_size_;
-  int32_t *table = out + shape.offset[0], *lens = out + shape.offset[1], *indptr = out + shape.offset[2],
-          *indices = out + shape.offset[3], *last = out + shape.offset[4], *qsl = out + shape.offset[5],
-          *slots = out + shape.offset[6];
-  std::fill(table, table + b * w, kTablePad);
-  indptr[0] = 0;
-  qsl[0] = 0;
-  int64_t t = 0;
-  for (int64_t i = 0; i < b; ++i) {
-    const Seq& s = seq(ids[i]);
-    const int64_t fresh = new_tokens == nullptr ? s.num_tokens - s.num_computed : new_tokens[i];
-    const int64_t len = s.num_computed + fresh, nblk = cdiv(len, bs);
-    std::copy(s.blocks.begin(), s.blocks.begin() + nblk, table + i * w);
-    std::copy(s.blocks.begin(), s.blocks.begin() + nblk, indices + indptr[i]);
-    indptr[i + 1] = static_cast<int32_t>(indptr[i] + nblk);
-    lens[i] = static_cast<int32_t>(len);
-    last[i] = static_cast<int32_t>(len - bs * (nblk - 1));
-    for (int64_t pos = s.num_computed; pos < len; ++pos) {
-      slots[t++] = static_cast<int32_t>(s.blocks[static_cast<size_t>(pos / bs)] * bs + pos % bs);
-    }
-    qsl[i + 1] = static_cast<int32_t>(t);
-  }
-  std::fill(slots + t, slots + shape.padded, kSlotPad);
-}
-
-// ---- the decode step at fixed addresses ------------------------------------------------------------
-
-void SeqTable::write_step_row(int64_t row, const Seq* s) {
-  int32_t* entries = step_table_.data() + row * max_blocks_;
-  const int32_t base = static_cast<int32_t>(row * max_blocks_);
-  const int32_t n = s == nullptr ? 0 : static_cast<int32_t>(s->blocks.size());
-  int32_t from = 0;  // entries [from, n) are rewritten
-  if (s != nullptr && row_owner_[row] == s->serial && row_version_[row] == s->version) {
-    from = std::min(row_len_[row], n);  // the same sequence as last step: only its new blocks
-  }
-  for (int32_t j = from; j < n; ++j) {
-    if (entries[j] != s->blocks[j]) {
-      entries[j] = s->blocks[j];
-      delta_index_.push_back(base + j);
-      delta_value_.push_back(entries[j]);
-    }
-  }
-  for (int32_t j = n; j < row_len_[row]; ++j) {  // what the previous owner left behind
-    if (entries[j] != kTablePad) {
-      entries[j] = kTablePad;
-      delta_index_.push_back(base + j);
-      delta_value_.push_back(kTablePad);
-    }
-  }
-  row_len_[row] = n;
-  row_owner_[row] = s == nullptr ? 0 : s->serial;
-  row_version_[row] = s == nullptr ? 0 : s->version;
-}
-
-int64_t SeqTable::decode_step(const int64_t* ids, int64_t b, const int32_t* token_ids, int64_t num_token_ids,
-                              int64_t pad_to) {
-  const char* fn = "decode_step()";
-  if (b < 1 || b > max_seqs_) {
-    throw InvalidArgument(std::string(fn) + ": batch of " + to_string(b) + " sequences; need 1..max_seqs=" +
-                          to_string(max_seqs_) + " (raise max_seqs when building BlockTables)");
-  }
-  for (const Seq* s : lookup(fn, ids, b)) {
-    if (s->num_computed != s->num_tokens) {
-      throw InvalidArgument(std::string(fn) + ": seq_id " + id_text(s->id) + " has " +
-                            to_string(s->num_tokens - s->num_computed) + " uncomputed tokens; mark_computed() "
-                            "the previous step (or use append() and batch())");
-    }
-  }
-  const int64_t rows = pad_to < 0 ? b : pad_to;
-  if (rows < b || rows > max_seqs_) {
-    throw InvalidArgument(std::string(fn) + ": pad_batch_to=" + to_string(pad_to) + " must lie in [" +
-                          to_string(b) + ", max_seqs=" + to_string(max_seqs_) + "]");
-  }
-  int32_t* lens = step_io_.data();
-  int32_t* slots = lens + rows;
-  int32_t* qsl = lens + 2 * rows;
-  // validates the rest; nothing has changed if it throws
-  append_batch(ids, b, 1, token_ids, num_token_ids, slots);
-  delta_index_.clear();
-  delta_value_.clear();
-  step_seqs_.clear();
-  qsl[0] = 0;
-  int64_t longest = 0;
-  for (int64_t i = 0; i < rows; ++i) {
-    const Seq* s = i < b ? plan_[static_cast<size_t>(i)].seq : nullptr;
-    write_step_row(i, s);
-    lens[i] = s == nullptr ? 0 : static_cast<int32_t>(s->num_tokens);
-    if (s == nullptr) slots[i] = kSlotPad;
-    qsl[i + 1] = static_cast<int32_t>(std::min(i + 1, b));
-    if (s != nullptr) step_seqs_.emplace_back(s->id, s->serial);  // serial: kept for debugging
-    longest = std::max<int64_t>(longest, lens[i]);
-  }
-  return longest;
-}
-
-void SeqTable::mark_step_computed() {
-  std::vector<int64_t> ids, lens;
-  for (size_t i = 0; i < step_seqs_.size(); ++i) {
-    ids.push_back(step_seqs_[i].first);
-    lens.push_back(step_io_[i]);  // seq_lens sit first in step_io
-  }
-  mark_computed(ids.data(), static_cast<int64_t>(ids.size()), lens.data());
 }
 
 }  // namespace kvpool

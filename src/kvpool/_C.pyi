@@ -24,6 +24,12 @@ def hash_block_tokens(token_ids: _Ids, block_size: int, parent_hash: int, extra_
                       k1: int = 0) -> npt.NDArray[np.uint64]:
     """``[n // block_size] uint64`` chained hashes of the full blocks of ``[n] int32`` tokens under key (k0, k1)."""
 
+def group_hash(hash: int, group: int, k0: int = 0, k1: int = 0) -> int:
+    """KV-cache group ``group``'s prefix-cache hash of a block whose group-0 hash is ``hash`` (group 0: itself)."""
+
+def group_context(context: int, group: int, k0: int = 0, k1: int = 0) -> int:
+    """KV-cache group ``group``'s salt digest of a sequence whose salt digest is ``context`` (group 0: itself)."""
+
 class BlockAllocator:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, k0: int, k1: int) -> None: ...
     @property
@@ -60,6 +66,22 @@ class BlockAllocator:
     def cache_blocks_verified(self, ids: _Ids, hashes: _Hashes, token_ids: _Ids, context: int = 0,
                               parent: int = 0) -> int:
         """Cache consecutive blocks of one sequence with their tokens; returns the chain value after them."""
+    def probe_chain(self, hashes: _Hashes, token_ids: _Ids,
+                    context: int = 0) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.uint64], bool]:
+        """Verified chain walk taking nothing: ``(ids [h], stamps [h], collided)``."""
+    def probe_anchored(self, hashes: _Hashes, token_ids: _Ids, context: int,
+                       parents: _Hashes) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.uint64], bool]:
+        """Blocks verified each against ``parents[j]``, from the end: ``(ids [r], stamps [r], collided)``."""
+    def take_cached(self, ids: _Ids, stamps: _Hashes, n: int, query_blocks: int = 0,
+                    collisions: int = 0) -> npt.NDArray[np.int32] | None:
+        """One reference on each probed block and ``n`` fresh blocks (returned), all or nothing; None when a block
+        was evicted since its probe."""
+    def cache_blocks_chained(self, ids: _Ids, hashes: _Hashes, token_ids: _Ids, context: int = 0,
+                             parent: int = 0) -> npt.NDArray[np.uint64]:
+        """cache_blocks_verified() returning the chain value after each block (``[k] uint64``)."""
+    def cache_blocks_anchored(self, ids: _Ids, hashes: _Hashes, token_ids: _Ids, context: int,
+                              parents: _Hashes) -> None:
+        """Cache each block on its own after ``parents[j]`` (``2**64 - 1``: skipped)."""
     def stats(self) -> dict[str, int]:
         """Counters: allocations, frees, increfs, prefix_queries, prefix_query_blocks, prefix_hit_blocks,
         cached_blocks_added, evictions, hash_collisions, high_water_mark, num_blocks, free_blocks, used_blocks,
@@ -74,19 +96,27 @@ class SeqTable:
     outside ``[-2**62, 2**62)``). The GIL stays held in every call.
     """
 
+    MAX_GROUPS: int
     def __init__(self, allocator: BlockAllocator, max_seqs: int, max_blocks_per_seq: int, prefix_caching: bool,
-                 hash_mask: int = ...) -> None: ...
+                 hash_mask: int = ..., group_windows: _Ids = ...) -> None:
+        """``group_windows``: one entry per KV-cache group, 0 for full attention, else the window in tokens."""
     @property
     def max_seqs(self) -> int: ...
     @property
     def max_blocks_per_seq(self) -> int: ...
+    @property
+    def num_groups(self) -> int: ...
+    @property
+    def group_windows(self) -> npt.NDArray[np.int64]: ...
     def __len__(self) -> int: ...
     def __contains__(self, seq_id: int) -> bool: ...
     def num_tokens(self, seq_id: int) -> int: ...
     def num_computed(self, seq_id: int) -> int: ...
-    def blocks(self, seq_id: int) -> npt.NDArray[np.int32]: ...
+    def blocks(self, seq_id: int, group: int = 0) -> npt.NDArray[np.int32]:
+        """Group ``group``'s block at each position (-1: released by its window)."""
     def add(self, seq_id: int, tokens: _Ids | None, n: int, context: int) -> int: ...
-    def append_batch(self, seq_ids: _Ids, n: int, token_ids: _Ids | None, check: bool) -> npt.NDArray[np.int32]: ...
+    def append_batch(self, seq_ids: _Ids, n: int, token_ids: _Ids | None, check: bool) -> npt.NDArray[np.int32]:
+        """``[G * b * n]`` slots, group-major."""
     def mark_computed(self, seq_ids: _Ids, lens: _Ids | None, check: bool) -> None: ...
     def mark_step_computed(self) -> None: ...
     def fork(self, parent: int, child: int) -> None: ...
@@ -95,12 +125,13 @@ class SeqTable:
     def pop_copies(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
     def batch(self, seq_ids: _Ids, num_new_tokens: _Ids | None, pad_slots_to: int, decode: bool,
               check: bool) -> tuple[npt.NDArray[np.int32], int, int, tuple[int, ...]]:
-        """``(buffer, max_blocks, new_tokens, offsets)``: table | lens | indptr | indices | last | qsl | slots."""
+        """``(buffer, max_blocks, new_tokens, offsets)``: table [G, b, w] | lens [b] | indptr [G, b + 1] | indices
+        [G, nnz] | last [G, b] | qsl [b + 1] | slots [G, padded]."""
     def decode_step(self, seq_ids: _Ids, token_ids: _Ids | None, pad_to: int, check: bool) -> int:
         """Appends one token to each sequence and fills the step buffers; returns the longest sequence."""
     def step_table(self) -> npt.NDArray[np.int32]:
-        """``[max_seqs, max_blocks_per_seq]`` view of the persistent decode-step table."""
+        """``[G, max_seqs, max_blocks_per_seq]`` view of the persistent decode-step table."""
     def step_io(self) -> npt.NDArray[np.int32]:
-        """``[3 * max_seqs + 1]`` view: seq_lens [rows] | slot_mapping [rows] | query_start_loc [rows + 1]."""
+        """``[(G + 2) * max_seqs + 1]`` view: seq_lens [rows] | slot_mapping [G, rows] | query_start_loc [rows + 1]."""
     def step_deltas(self) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
-        """(flat index, block id) of the table entries the last decode_step changed."""
+        """(flat index into the ``[G, max_seqs, W]`` table, block id) of the entries the last decode_step changed."""

@@ -22,6 +22,11 @@ Lifecycle of one sequence (the server calls these):
 4. ``fork(parent, child)`` shares all blocks; the first write into a shared partial block copies it
    (copy-on-write): run ``copy_blocks(caches, *pop_copies())`` before the next forward.
 5. ``free(seq_id)``.
+
+Hybrid models (sliding-window and full-attention layers): ``group_windows`` gives each KV-cache group's
+window (`kvpool.plan.kv_groups`); every group keeps its own block list per sequence, all drawn from the one
+allocator, and a windowed group gives back the blocks that leave its window as tokens are computed
+(``docs/page_table.md``, "Hybrid models").
 """
 from __future__ import annotations
 
@@ -59,6 +64,11 @@ class BlockTables:
         Most blocks one sequence may hold (``ceil(max_model_len / block_size)``); the width of the decode
         step's block table. Default ``allocator.num_blocks`` (no limit but the pool; the fixed table then
         takes ``max_seqs * num_blocks * 4`` bytes on the device, so pass it for large pools).
+    group_windows : sequence of (int or None), optional
+        One entry per KV-cache group: None for full attention, else the sliding window in tokens (>= 1);
+        ``kv_groups(spec.layer_sliding_windows).windows``. Default ``(None,)``: one full-attention group, the
+        single table of every layer. With ``G > 1`` groups the per-group outputs gain a leading group axis
+        (``append`` slots ``[G, n]``, `BatchTables` tables ``[G, ...]``; ``batch.group(g)`` is group g's).
 
     Notes
     -----
@@ -70,7 +80,7 @@ class BlockTables:
 
     def __init__(self, allocator, block_size: int, device="cpu", max_seqs: int = 256,
                  enable_prefix_caching: bool | None = None, max_blocks_per_seq: int | None = None,
-                 _mirror: bool = False, _hash_bits: int = 64):
+                 group_windows=None, _mirror: bool = False, _hash_bits: int = 64):
         if not isinstance(allocator, _C.BlockAllocator):
             raise InvalidArgumentError(
                 f"BlockTables needs kvpool.BlockAllocator (the C++ allocator), got {type(allocator).__name__}; "
@@ -96,8 +106,11 @@ class BlockTables:
         if enable_prefix_caching is None:
             enable_prefix_caching = allocator.enable_prefix_caching
         self.enable_prefix_caching = bool(enable_prefix_caching)
+        self.group_windows = _checked_group_windows(group_windows)
+        self.num_groups = len(self.group_windows)
         # _hash_bits < 64 (tests only) keeps that many bits of each block hash: collisions on demand
-        self._core = _C.SeqTable(allocator, max_seqs, width, self.enable_prefix_caching, (1 << _hash_bits) - 1)
+        self._core = _C.SeqTable(allocator, max_seqs, width, self.enable_prefix_caching, (1 << _hash_bits) - 1,
+                                 [0 if w is None else w for w in self.group_windows])
         self._step = StepBuffers(self._core, self.device, mirror=_mirror)
         self._last_step: BatchTables | None = None
         self._ids = SeqIds()
@@ -122,9 +135,11 @@ class BlockTables:
     def __len__(self) -> int:
         return len(self._core)
 
-    def blocks(self, seq_id) -> np.ndarray:
-        """``[n_blocks] int32`` copy of the block ids of `seq_id`, in token order."""
-        return self._core.blocks(self._ids.handle(seq_id))
+    def blocks(self, seq_id, group: int = 0) -> np.ndarray:
+        """``[n_blocks] int32`` copy of the block ids of `seq_id` in KV-cache group `group`, in token order;
+        ``-1`` where a windowed group released the block (or never allocated it: before the window of a
+        prefix hit). ``n_blocks = ceil(num_tokens / block_size)`` in every group."""
+        return self._core.blocks(self._ids.handle(seq_id), as_int(group, "blocks(): group"))
 
     def num_tokens(self, seq_id) -> int:
         """Tokens in `seq_id` (prompt plus appended)."""
@@ -191,7 +206,8 @@ class BlockTables:
         Returns
         -------
         np.ndarray
-            ``[n_tokens] int32`` slots (``block_id * block_size + offset``) of the new tokens.
+            ``[n_tokens] int32`` slots (``block_id * block_size + offset``) of the new tokens; ``[G, n_tokens]``
+            with ``G > 1`` KV-cache groups.
 
         Raises
         ------
@@ -201,7 +217,9 @@ class BlockTables:
         n = as_int(n_tokens, f"append({seq_id!r}): n_tokens")
         if n < 1:
             raise InvalidArgumentError(f"append(n_tokens={n}) on seq_id {seq_id!r}: need n_tokens >= 1")
-        return self._call("append_batch", np.array([self._ids.handle(seq_id)], np.int64), n, as_token_ids(token_ids), False)
+        slots = self._call("append_batch", np.array([self._ids.handle(seq_id)], np.int64), n, as_token_ids(token_ids),
+                           False)
+        return slots if self.num_groups == 1 else slots.reshape(self.num_groups, n)
 
     def append_batch(self, seq_ids, n_tokens: int = 1, token_ids=None) -> np.ndarray:
         """`append` to many sequences in one call: ``for s in seq_ids: append(s, n_tokens)``, all or nothing.
@@ -218,7 +236,7 @@ class BlockTables:
         Returns
         -------
         np.ndarray
-            ``[b * n_tokens] int32`` slots, sequence-major.
+            ``[b * n_tokens] int32`` slots, sequence-major; ``[G, b * n_tokens]`` with ``G > 1`` groups.
 
         Raises
         ------
@@ -227,7 +245,8 @@ class BlockTables:
         """
         n = as_int(n_tokens, "append_batch(): n_tokens")
         ids, check, _ = self._ids.batch(seq_ids)
-        return self._call("append_batch", ids, n, as_token_ids(token_ids), check)
+        slots = self._call("append_batch", ids, n, as_token_ids(token_ids), check)
+        return slots if self.num_groups == 1 else slots.reshape(self.num_groups, -1)
 
     def fork(self, parent, child) -> None:
         """Make `child` a copy of `parent` sharing all its blocks (beam search, parallel sampling).
@@ -314,7 +333,9 @@ class BlockTables:
         Returns
         -------
         BatchTables
-            Valid until the next `decode_step`. Its CSR form is derived on the device when first read.
+            Valid until the next `decode_step`. Its CSR form is derived on the device when first read. With
+            ``G > 1`` KV-cache groups ``block_table`` is ``[G, rows, max_blocks_per_seq]`` and ``slot_mapping``
+            ``[G, rows]`` (``step.group(g)``: group g's, at fixed addresses too).
         """
         ids, check, shown = self._ids.batch(seq_ids)
         pad = -1 if pad_batch_to is None else as_int(pad_batch_to, "pad_batch_to")
@@ -366,10 +387,14 @@ class BlockTables:
         buf, max_blocks, new_tokens, offs = self._call("batch", ids, fresh, pad, decode, check)
         dev = self._to_device(buf)
         v = [dev[offs[k]:offs[k + 1]] for k in range(7)]
-        b = len(ids)
+        b, g = len(ids), self.num_groups
         lens = buf[offs[1]:offs[2]].copy()
-        return BatchTables(shown, v[0].view(b, max_blocks), v[1], v[6], v[5], lens, new_tokens, int(lens.max()),
-                           self.block_size, csr=(v[2], v[3], v[4]))
+        if g == 1:
+            return BatchTables(shown, v[0].view(b, max_blocks), v[1], v[6], v[5], lens, new_tokens, int(lens.max()),
+                               self.block_size, csr=(v[2], v[3], v[4]))
+        csr = (v[2].view(g, b + 1), v[3].view(g, -1), v[4].view(g, b))  # one CSR per group
+        return BatchTables(shown, v[0].view(g, b, max_blocks), v[1], v[6].view(g, -1), v[5], lens, new_tokens,
+                           int(lens.max()), self.block_size, csr=csr)
 
     def _to_device(self, buf: np.ndarray) -> torch.Tensor:
         """One host-to-device copy of a batch's int32 buffer (the buffer itself on the CPU)."""
@@ -389,6 +414,27 @@ class BlockTables:
         return dev
 
     def __repr__(self) -> str:
+        groups = "" if self.group_windows == (None,) else f", group_windows={self.group_windows}"
         return (f"BlockTables(seqs={len(self)}, block_size={self.block_size}, device={self.device}, "
                 f"max_seqs={self.max_seqs}, max_blocks_per_seq={self.max_blocks_per_seq}, "
-                f"prefix_caching={self.enable_prefix_caching}, pending_copies={len(self.pending_copies)})")
+                f"prefix_caching={self.enable_prefix_caching}, pending_copies={len(self.pending_copies)}{groups})")
+
+
+def _checked_group_windows(group_windows) -> tuple:
+    """``group_windows`` as a tuple of None (full attention) or int windows >= 1; default ``(None,)``."""
+    if group_windows is None:
+        return (None,)
+    if isinstance(group_windows, (str, bytes)) or not hasattr(group_windows, "__len__") or len(group_windows) == 0:
+        raise InvalidArgumentError(
+            f"group_windows={group_windows!r} must be a non-empty sequence with one entry per KV-cache group: None "
+            "(full attention) or a window in tokens, e.g. kv_groups(spec.layer_sliding_windows).windows")
+    windows = []
+    for g, w in enumerate(group_windows):
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1):
+            raise InvalidArgumentError(f"group_windows[{g}]={w!r} must be None (full attention) or a window of >= 1 "
+                                       "tokens")
+        windows.append(None if w is None else int(w))
+    if len(windows) > _C.SeqTable.MAX_GROUPS:
+        raise InvalidArgumentError(f"group_windows has {len(windows)} groups; at most {_C.SeqTable.MAX_GROUPS} "
+                                   "(one per attention kind and layer count)")
+    return tuple(windows)

@@ -1,15 +1,17 @@
 """The decode step's tensors at fixed device addresses, updated by deltas (CUDA-graph ready).
 
-The C++ ``SeqTable`` keeps the step's host arrays in buffers allocated once: a ``[max_seqs, W]`` block
-table and ``io`` = seq_lens ``[rows]`` | slot_mapping ``[rows]`` | query_start_loc ``[rows + 1]``, packed,
-so for a given row count they always sit at the same offsets. This module gives the kernels device
-tensors at fixed addresses:
+The C++ ``SeqTable`` keeps the step's host arrays in buffers allocated once: a ``[G, max_seqs, W]`` block
+table (one ``[max_seqs, W]`` table per KV-cache group) and ``io`` = seq_lens ``[rows]`` | slot_mapping
+``[G, rows]`` | query_start_loc ``[rows + 1]``, packed, so for a given row count they always sit at the same
+offsets. This module gives the kernels device tensors at fixed addresses (with one group, G = 1, the
+table is ``[max_seqs, W]`` and the slot mapping ``[rows]``, as they always were):
 
 - on the CPU the tensors ARE those host buffers (``torch.from_numpy``: no copy at all);
 - on a GPU (or with ``mirror=True``, which tests use to run the same path on the CPU) the device holds
-  its own table and io buffer; per step the host sends ``io`` (``3 * rows + 1`` int32) in one copy and
-  only the table entries that changed, as (flat index, block id) pairs applied with one
-  ``index_copy_``. A new block every 16 tokens makes that ~12.5 bytes per sequence per step.
+  its own table and io buffer; per step the host sends ``io`` (``(G + 2) * rows + 1`` int32) in one copy
+  and only the table entries that changed (every group's), as (flat index, block id) pairs applied with
+  one ``index_copy_``. A new block every 16 tokens makes that ~12.5 bytes per sequence per step and group
+  (a windowed group also zeroes the entry its window released, ~12 more).
 
 Views are cached per row count, so a step builds no new tensor objects and a captured CUDA graph that
 reads ``block_table[:rows]`` / ``seq_lens[:rows]`` reads the same memory after every later step.
@@ -26,8 +28,9 @@ class StepBuffers:
     Parameters
     ----------
     core : kvpool._C.SeqTable
-        Owns the host buffers (``step_table()`` ``[max_seqs, W] int32``, ``step_io()`` ``[3 * max_seqs + 1]
-        int32``) and the deltas of the last step (``step_deltas()``).
+        Owns the host buffers (``step_table()`` ``[G, max_seqs, W] int32``, ``step_io()``
+        ``[(G + 2) * max_seqs + 1] int32``) and the deltas of the last step (``step_deltas()``: flat indices
+        into the whole ``[G, max_seqs, W]`` table).
     device : torch.device
     mirror : bool
         Keep separate device buffers even on the CPU (the GPU path, for tests).
@@ -37,8 +40,11 @@ class StepBuffers:
         self.core = core
         self.device = device
         host_table = torch.from_numpy(core.step_table())
+        self.num_groups = host_table.shape[0]
+        if self.num_groups == 1:
+            host_table = host_table[0]  # one group: today's [max_seqs, W] table, same memory
         host_io = torch.from_numpy(core.step_io())
-        self.max_seqs = host_table.shape[0]
+        self.max_seqs = host_table.shape[-2]
         self.staged = device.type != "cpu" or mirror
         if not self.staged:
             self.table, self.io = host_table, host_io
@@ -61,11 +67,16 @@ class StepBuffers:
         self.rows = 0  # rows of the last step
 
     def views(self, rows: int) -> tuple:
-        """``(block_table [rows, W], seq_lens [rows], slot_mapping [rows], query_start_loc [rows + 1])``."""
+        """``(block_table [rows, W], seq_lens [rows], slot_mapping [rows], query_start_loc [rows + 1])``; with
+        G > 1 groups ``block_table`` is ``[G, rows, W]`` and ``slot_mapping`` ``[G, rows]``."""
         v = self._views.get(rows)
         if v is None:
-            io = self.io
-            v = (self.table[:rows], io[:rows], io[rows:2 * rows], io[2 * rows:3 * rows + 1])
+            io, g = self.io, self.num_groups
+            if g == 1:
+                table, slots = self.table[:rows], io[rows:2 * rows]
+            else:
+                table, slots = self.table[:, :rows], io[rows:(g + 1) * rows].view(g, rows)
+            v = (table, io[:rows], slots, io[(g + 1) * rows:(g + 2) * rows + 1])
             self._views[rows] = v
         return v
 
@@ -79,12 +90,12 @@ class StepBuffers:
 
     def h2d_bytes(self) -> int:
         """Bytes a device copy of the last step sends: ``io`` plus 12 per changed table entry."""
-        return 4 * (3 * self.rows + 1) + 12 * len(self.core.step_deltas()[0])
+        return 4 * ((self.num_groups + 2) * self.rows + 1) + 12 * len(self.core.step_deltas()[0])
 
     def publish(self, rows: int) -> None:
         """Send what the last ``decode_step`` of ``core`` changed to the device tensors."""
         self.rows = rows
-        n_io = 3 * rows + 1
+        n_io = (self.num_groups + 2) * rows + 1
         if not self.staged:  # the device tensors are the host buffers themselves
             return
         index, value = self.core.step_deltas()
