@@ -4,8 +4,14 @@ import pytest
 import torch
 
 from kvpool.demo.hf_reference import build_hf_model, hf_logits
-from kvpool.demo.model import (TinyLlama, dense_causal_attention, layer_windows, random_llama_weights,
-                               tiny_hybrid_config, tiny_llama_config)
+from kvpool.demo.model import (
+    TinyLlama,
+    dense_causal_attention,
+    layer_windows,
+    random_llama_weights,
+    tiny_hybrid_config,
+    tiny_llama_config,
+)
 from kvpool.errors import ConfigError
 from kvpool.plan.kv_groups import kv_groups
 
@@ -101,3 +107,117 @@ def test_windowed_dense_attention_reads_only_the_window(q_start, n_q, window):
 def test_unknown_architecture_is_refused(weights):
     with pytest.raises(ConfigError, match="architecture 'GPT2LMHeadModel' has no transformers reference"):
         build_hf_model(tiny_llama_config(architectures=["GPT2LMHeadModel"]), weights)
+
+
+# ---------------------------------------------------------------------------- served over kvpool's pages
+HYBRID_WORKLOAD = {"prefix_len": (32, 80), "suffix_len": (8, 48), "new_tokens": (32, 96)}  # several windows long
+
+
+def charged_bytes_per_block(config) -> int:
+    """What size_kv_pool charges the pool per block of the hybrid model (fp32, tp 1, block 16)."""
+    from kvpool.plan import load_model_spec
+    from kvpool.runtime import size_kv_pool
+
+    pool = size_kv_pool(load_model_spec(config), 16, mem_fraction=1.0, kv_dtype="fp32", device="cpu",
+                        activation_bytes=0, max_batched_tokens=256, device_memory_bytes=2**26, in_use_bytes=0)
+    return int(pool.bytes_per_block)
+
+
+def serve(requests, num_blocks, **kw):
+    from kvpool.demo.launch import DemoOptions, run_rank
+
+    per_block = charged_bytes_per_block(tiny_hybrid_config())
+    opts = DemoOptions(model="hybrid", requests=requests, seed=SEED, kv_mib=num_blocks * per_block / 2**20,
+                       progress=False, **kw)
+    report = run_rank(0, opts)
+    assert report.num_blocks == num_blocks
+    return report
+
+
+def assert_matches_hf(hf, requests, report):
+    from kvpool.demo.hf_reference import hf_greedy
+
+    for r in requests:
+        result = report.summary.results[r.req_id]
+        assert result.error is None, result.error
+        assert result.output == hf_greedy(hf, r.prompt, r.max_new_tokens), f"request {r.req_id}"
+
+
+def assert_window_freeing(report):
+    """The windowed group held at most ceil((W - 1) / bs) + 1 = 3 blocks per sequence after every step,
+    far below a full table; the full group held every block."""
+    windowed, full = report.summary.group_usage
+    assert (windowed.window, windowed.layers, full.window, full.layers) == (WINDOW, (0, 2), None, (1, 3))
+    assert windowed.bound_per_seq == 3 and windowed.max_seq_held == 3
+    assert full.peak_held == full.peak_full and full.held_block_steps == full.full_block_steps
+    assert windowed.peak_full == full.peak_full
+    assert 2 * windowed.held_block_steps < windowed.full_block_steps
+
+
+def test_hybrid_serving_with_prefix_sharing_matches_transformers(config, hf):
+    from kvpool.demo.requests import make_workload
+
+    requests = make_workload(8, config["vocab_size"], seed=1, mean_gap=2.0, **HYBRID_WORKLOAD)
+    assert max(len(r.prompt) + r.max_new_tokens for r in requests) > 4 * WINDOW
+    report = serve(requests, num_blocks=64)
+    assert report.summary.prefix_hit_rate > 0.2 and report.summary.max_batch_seqs > 1
+    assert_matches_hf(hf, requests, report)
+    assert_window_freeing(report)
+    assert report.num_free_blocks == report.num_blocks  # every group freed everything
+
+
+def test_hybrid_prefix_hit_reuses_the_window_before_it(config, hf):
+    from kvpool.demo.requests import Request
+
+    prefix = [(7 * i + 3) % config["vocab_size"] for i in range(80)]  # 5 full blocks, 2.5 windows
+    requests = [Request(0, prefix + [1, 2], 40, 0), Request(1, prefix + [9, 8, 7], 40, 50)]
+    report = serve(requests, num_blocks=64)
+    # request 0's windowed blocks 0..2 left its window and went back to the pool, cached; the hit needs
+    # the full group's blocks 0..4 and the windowed group's blocks covering tokens 49..79 only
+    assert report.summary.results[1].num_cached_prompt_tokens == 80
+    assert_matches_hf(hf, requests, report)
+
+
+def test_hybrid_preemption_matches_transformers(config, hf):
+    from kvpool.demo.requests import make_workload
+
+    requests = make_workload(8, config["vocab_size"], seed=2, mean_gap=0.5, **HYBRID_WORKLOAD)
+    report = serve(requests, num_blocks=24)
+    assert report.summary.preemptions > 0
+    assert_matches_hf(hf, requests, report)
+    assert_window_freeing(report)
+    assert report.num_free_blocks == report.num_blocks
+
+
+def test_hybrid_request_longer_than_the_pool_is_refused(config):
+    from kvpool.demo.requests import Request
+
+    report = serve([Request(0, list(range(64)) * 24, 8, 0), Request(1, list(range(40)), 4, 0)], num_blocks=24)
+    error = report.summary.results[0].error
+    assert "1544 tokens need 194 (2 KV-cache groups x 97) KV blocks but the whole pool holds 24" in error
+    assert report.summary.results[1].error is None and report.num_free_blocks == 24
+
+
+def test_cli_prints_blocks_held_per_group(capsys):
+    from kvpool.demo.__main__ import main
+
+    assert main(["--model", "hybrid", "--requests", "4", "--no-progress", "--check-hf"]) == 0
+    out = capsys.readouterr().out
+    assert "model=hybrid" in out
+    assert "KV group 0    window 32 (layers 0, 2): peak" in out and "(bound 3)" in out
+    assert "KV group 1    full attention (layers 1, 3): peak" in out
+    assert "4/4 requests match Qwen2ForCausalLM greedy tokens exactly" in out
+
+
+def test_window_freeing_runs_the_same_tokens_in_fewer_steps(config, hf):
+    from kvpool.demo.requests import make_workload
+
+    requests = make_workload(8, config["vocab_size"], seed=2, mean_gap=0.5, **HYBRID_WORKLOAD)
+    freeing = serve(requests, num_blocks=24).summary
+    keeping = serve(requests, num_blocks=24, window_freeing=False).summary
+    windowed = keeping.group_usage[0]
+    assert windowed.window == WINDOW and windowed.held_block_steps == windowed.full_block_steps
+    assert windowed.max_seq_held > 3 * windowed.bound_per_seq  # a full table of a long sequence
+    assert_matches_hf(hf, requests, type("Report", (), {"summary": keeping}))
+    # the windowed group's freed blocks let more sequences run at once in the same pool
+    assert freeing.steps < keeping.steps and freeing.preemptions < keeping.preemptions

@@ -4,7 +4,11 @@ import pytest
 
 from kvpool.demo.hf_reference import build_hf_model, hf_greedy
 from kvpool.demo.launch import DemoOptions, run_demo
-from kvpool.demo.model import random_llama_weights, tiny_llama_config
+from kvpool.demo.model import (
+    random_llama_weights,
+    tiny_hybrid_config,
+    tiny_llama_config,
+)
 from kvpool.demo.requests import make_workload
 from kvpool.errors import ConfigError
 
@@ -39,3 +43,23 @@ def test_tp_that_does_not_split_the_heads_is_refused_before_spawning():
     opts = DemoOptions(tp=3, num_requests=1, progress=False)
     with pytest.raises(ConfigError, match="num_attention_heads=8 does not split over tp=3"):
         run_demo(opts, timeout_s=60)
+
+
+def test_tp2_hybrid_ranks_share_every_groups_block_ids_and_match_transformers():
+    config = tiny_hybrid_config()
+    requests = make_workload(6, config["vocab_size"], seed=5, mean_gap=0.5, prefix_len=(32, 64),
+                             suffix_len=(8, 32), new_tokens=(32, 64))
+    # 24 blocks of 2 page slots x 1 KV head per rank x (K + V) x fp32 x 16 tokens: preemption happens
+    opts = DemoOptions(tp=2, model="hybrid", requests=requests, seed=SEED, kv_mib=24 * 2 * 64 * 4 * 16 / 2**20,
+                       progress=False)
+    r0, r1 = run_demo(opts, timeout_s=120)
+    assert r0.num_blocks == r1.num_blocks == 24
+    # both groups' tables ([2, batch, max_blocks]) and slot mappings are digested every step
+    assert r0.summary.block_digests == r1.summary.block_digests and r0.summary.preemptions > 0
+    assert r0.summary.group_usage[0].max_seq_held == 3  # the windowed group's bound, on every rank alike
+    hf = build_hf_model(config, random_llama_weights(config, seed=SEED))
+    for r in requests:
+        out0 = r0.summary.results[r.req_id].output
+        assert out0 == r1.summary.results[r.req_id].output
+        assert out0 == hf_greedy(hf, r.prompt, r.max_new_tokens), f"request {r.req_id}"
+    assert r0.num_free_blocks == r1.num_free_blocks == 24

@@ -8,6 +8,7 @@ python -m kvpool.demo --kv-mib 0.125       # an even smaller pool: more preempti
 python -m kvpool.demo --bad-requests       # plus three bad requests, refused one by one
 python -m kvpool.demo --check-hf           # compare every request with transformers' greedy generate
 python -m kvpool.demo --metrics-port 9400  # Prometheus metrics on 127.0.0.1:9400/metrics during the run
+python -m kvpool.demo --model hybrid       # a Qwen2 with sliding-window layers: blocks held per KV-cache group
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import sys
 
 from .._optional_deps import require
 from ..errors import KVPoolError
-from .launch import DemoOptions, run_demo
+from .launch import DEFAULT_KV_MIB, DemoOptions, run_demo
+from .model import DEMO_MODELS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,8 +28,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the workload")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (processes); 1 or 2 for the tiny model")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--kv-mib", type=float, default=0.375,
-                   help="memory each rank gives its KV pool, MiB (size_kv_pool's device_memory_bytes)")
+    p.add_argument("--model", choices=sorted(DEMO_MODELS), default="llama",
+                   help="llama: 4 full-attention layers; hybrid: Qwen2 whose layers 0 and 2 slide over a 32-token "
+                        "window (two KV-cache groups; prints the blocks each holds against full attention)")
+    p.add_argument("--no-window-freeing", action="store_true",
+                   help="keep every block of a windowed KV-cache group (one table of every token, as full attention), "
+                        "to compare pool use and preemptions with window freeing")
+    p.add_argument("--kv-mib", type=float, default=None,
+                   help="memory each rank gives its KV pool, MiB (size_kv_pool's device_memory_bytes); default "
+                        + ", ".join(f"{v} for {k}" for k, v in DEFAULT_KV_MIB.items()))
     p.add_argument("--max-batch-tokens", type=int, default=256, help="token budget of one step")
     p.add_argument("--max-running", type=int, default=16, help="most sequences in flight")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix sharing")
@@ -44,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bad-requests", action="store_true",
                    help="add an empty prompt, an out-of-vocabulary token and a too-long request")
     p.add_argument("--check-hf", action="store_true",
-                   help="after the run, compare every request's tokens with transformers' LlamaForCausalLM")
+                   help="after the run, compare every request's tokens with transformers (LlamaForCausalLM, "
+                        "Qwen2ForCausalLM)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p.parse_args(argv)
@@ -54,8 +64,8 @@ def format_summary(report, opts: DemoOptions) -> str:
     """The final summary of rank 0's run, as printed by the CLI."""
     s = report.summary
     lines = [
-        f"kvpool demo: tp={opts.tp} device={opts.device} pool={s.num_blocks} blocks x {s.block_size} tokens "
-        f"per rank (KV heads {report.kv_head_ids} on rank 0)",
+        f"kvpool demo: model={opts.model} tp={opts.tp} device={opts.device} pool={s.num_blocks} blocks x "
+        f"{s.block_size} tokens per rank (KV heads {report.kv_head_ids} on rank 0)",
         f"  requests      {s.finished} finished, {s.rejected} refused, in {s.steps} steps, {s.wall_s:.2f} s",
         f"  tokens        {s.generated_tokens} generated ({s.tokens_per_s:.0f} tok/s), {s.prompt_tokens} prompt tokens, "
         f"{s.computed_prompt_tokens} computed (recompute after preemption included)",
@@ -65,6 +75,8 @@ def format_summary(report, opts: DemoOptions) -> str:
         f"  prefix cache  {100 * s.prefix_hit_rate:.1f}% of prompt tokens hit",
         f"  preemptions   {s.preemptions}",
     ]
+    if len(s.group_usage) > 1:  # a hybrid model: what window freeing saved, group by group
+        lines += [f"  KV group {g}    {usage.describe()}" for g, usage in enumerate(s.group_usage)]
     if opts.tenants > 0:
         hits = [sum(r.num_cached_prompt_tokens for rid, r in s.results.items() if rid % opts.tenants == t)
                 for t in range(opts.tenants)]
@@ -76,12 +88,12 @@ def format_summary(report, opts: DemoOptions) -> str:
     return "\n".join(lines)
 
 
-def check_against_hf(report, requests, seed: int) -> tuple[int, list[int]]:
+def check_against_hf(report, requests, seed: int, model_name: str = "llama") -> tuple[int, list[int]]:
     """Greedy-generate every served request with transformers; return (matches, mismatching ids)."""
     from .hf_reference import build_hf_model, hf_greedy
-    from .model import random_llama_weights, tiny_llama_config
+    from .model import demo_config, random_llama_weights
 
-    config = tiny_llama_config()
+    config = demo_config(model_name)
     model = build_hf_model(config, random_llama_weights(config, seed=seed))
     served = [r for r in requests if report.summary.results[r.req_id].error is None]
     bad = [r.req_id for r in served
@@ -92,7 +104,9 @@ def check_against_hf(report, requests, seed: int) -> tuple[int, list[int]]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     opts = DemoOptions(num_requests=args.requests, seed=args.seed, tp=args.tp, block_size=args.block_size,
-                       kv_mib=args.kv_mib, max_batch_tokens=args.max_batch_tokens, max_running=args.max_running,
+                       kv_mib=args.kv_mib, model=args.model, window_freeing=not args.no_window_freeing,
+                       max_batch_tokens=args.max_batch_tokens,
+                       max_running=args.max_running,
                        prefix_caching=not args.no_prefix_caching, device=args.device,
                        metrics_port=args.metrics_port, progress=not args.no_progress,
                        bad_requests=args.bad_requests, mean_gap=args.mean_gap, threads=args.threads,
@@ -115,12 +129,13 @@ def main(argv=None) -> int:
         print(f"  metrics       were served on http://127.0.0.1:{report.metrics_port}/metrics")
     if args.check_hf:
         from .launch import build_requests
+        from .model import demo_config
 
-        from .model import tiny_llama_config
-
-        requests = build_requests(opts, tiny_llama_config()["vocab_size"])
-        matched, bad = check_against_hf(report, requests, opts.seed)
-        print(f"  transformers  {matched}/{matched + len(bad)} requests match LlamaForCausalLM greedy tokens exactly"
+        config = demo_config(opts.model)
+        requests = build_requests(opts, config["vocab_size"])
+        matched, bad = check_against_hf(report, requests, opts.seed, opts.model)
+        print(f"  transformers  {matched}/{matched + len(bad)} requests match {config['architectures'][0]} greedy "
+              f"tokens exactly"
               + (f"; MISMATCH in {bad}" if bad else ""))
         return 1 if bad else 0
     return 0

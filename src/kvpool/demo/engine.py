@@ -15,6 +15,13 @@ One step: the scheduler's batch (prefills first, then decodes) becomes one ``Blo
 each layer writes the new tokens' K/V with ``write_kv``; prefills gather their whole context
 (cached prefix + new tokens) with ``gather_kv`` and attend causally over it; decodes run
 ``paged_decode`` straight over the pages. The KV cache is read only through those kernels.
+
+Hybrid models (sliding-window layers beside full-attention ones): the pages hold one KV-cache group
+per attention kind (``cache.kv_groups``), the tables one block list per group and sequence, all drawn
+from the one allocator; layer ``i`` reads and writes group ``cache.group_of(i)``'s tables
+(``batch.group(g)``) and attends to its window only (``paged_decode(..., sliding_window=W)``, a windowed
+dense prefill). A windowed group's blocks that leave the window go back to the pool at
+``mark_computed``; :mod:`~kvpool.demo.group_usage` counts what each group held.
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import RankMismatchError
+from ..errors import ConfigError, RankMismatchError
+from .group_usage import GroupUsage, group_usages, observe_tables
 from .model import TinyLlama, dense_causal_attention
 from .requests import Request, RequestResult
 from .scheduler import Scheduler, StepPlan
@@ -49,6 +57,7 @@ class RunSummary:
     mixed_steps: int = 0
     max_batch_seqs: int = 0
     block_digests: list[int] = field(default_factory=list)
+    group_usage: list[GroupUsage] = field(default_factory=list)  # one per KV-cache group
 
     @property
     def finished(self) -> int:
@@ -69,7 +78,8 @@ class Engine:
     Parameters
     ----------
     model_config : dict
-        Hugging Face Llama config dict (:func:`kvpool.demo.model.tiny_llama_config`).
+        Hugging Face Llama or Qwen2 config dict (:func:`kvpool.demo.model.tiny_llama_config`,
+        :func:`kvpool.demo.model.tiny_hybrid_config`).
     weights : dict[str, torch.Tensor]
         Full fp32 weights (each rank slices its shard).
     pool_bytes : int
@@ -83,11 +93,15 @@ class Engine:
         Scheduler limits (see :class:`Scheduler`).
     enable_prefix_caching : bool
     metrics : kvpool.metrics.PoolMetrics, optional
+    window_freeing : bool
+        False: the tables give every KV-cache group full attention's block lists (nothing is freed
+        when it leaves a window; the layers still attend to their windows only), to compare with.
     """
 
     def __init__(self, model_config: dict, weights: dict, *, pool_bytes: int, block_size: int = 16,
                  tp_rank: int = 0, tp_size: int = 1, group=None, device="cpu", max_batch_tokens: int = 256,
-                 max_running: int = 16, enable_prefix_caching: bool = True, metrics=None):
+                 max_running: int = 16, enable_prefix_caching: bool = True, metrics=None,
+                 window_freeing: bool = True):
         from ..allocator import BlockAllocator
         from ..block_table import BlockTables
         from ..cache import PagedKVCache
@@ -120,7 +134,17 @@ class Engine:
         # then make the same decisions and hand out the same block ids.
         self.allocator = BlockAllocator(self.num_blocks, self.block_size, enable_prefix_caching=enable_prefix_caching,
                                         hash_key=self.pool.hash_key)
-        self.tables = BlockTables(self.allocator, self.block_size, self.device, max_seqs=max_running)
+        groups = self.cache.kv_groups
+        self.layer_group = [self.cache.group_of(i) for i in range(self.model.num_layers)]
+        for i, g in enumerate(self.layer_group):
+            if groups.groups[g].window != self.model.layer_windows[i]:
+                raise ConfigError(
+                    f"layer {i} attends to window {self.model.layer_windows[i]} but its KV-cache group {g} has "
+                    f"window {groups.groups[g].window}; the model and the pages must read one config")
+        table_windows = groups.windows if window_freeing else (None,) * len(groups.groups)
+        self.tables = BlockTables(self.allocator, self.block_size, self.device, max_seqs=max_running,
+                                  group_windows=table_windows)
+        self.group_usage = group_usages(groups, self.block_size)
         self.metrics = metrics
         self.scheduler = Scheduler(self.tables, self.model.vocab_size,
                                    int(model_config["max_position_embeddings"]), max_batch_tokens, max_running,
@@ -134,8 +158,6 @@ class Engine:
     # ----------------------------------------------------------------- one step
     def step(self, step: int) -> tuple[StepPlan, list[int]]:
         """Schedule and run one step; return the plan and the ids of the requests it finished."""
-        from ..kernels import gather_kv, paged_decode, write_kv
-
         plan = self.scheduler.schedule(step)
         self._observe_pool()
         if not plan.entries:
@@ -160,27 +182,9 @@ class Engine:
             raise RankMismatchError(f"step {step}: BlockTables' new tokens {batch.query_start_loc.tolist()} "
                                     f"differ from the scheduler's {qsl.tolist()}")
         t_pre = int(qsl[n_pre])
-        bt_pre, lens_pre = batch.block_table[:n_pre], batch.seq_lens[:n_pre]
-        bt_dec, lens_dec = batch.block_table[n_pre:], batch.seq_lens[n_pre:]
-        scale = self.model.scale
+        views = [_GroupViews.of(batch.group(g), n_pre) for g in range(self.tables.num_groups)]
         self.computed_prompt_tokens += t_pre
-
-        def attention(layer: int, q, k, v):
-            k_cache, v_cache = self.cache.k_caches[layer], self.cache.v_caches[layer]
-            write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
-            out = torch.empty_like(q)
-            if n_pre:
-                # [cached prefix + new tokens] of every prefill, read back from the pages
-                keys, values, cu = gather_kv(k_cache, v_cache, bt_pre, lens_pre)
-                cu = cu.tolist()
-                for j, e in enumerate(entries[:n_pre]):
-                    rows = slice(int(qsl[j]), int(qsl[j + 1]))
-                    out[rows] = dense_causal_attention(q[rows], keys[cu[j]:cu[j + 1]], values[cu[j]:cu[j + 1]],
-                                                       scale, q_start=e.start_pos)
-            if t_pre < q.shape[0]:
-                out[t_pre:] = paged_decode(q[t_pre:].contiguous(), k_cache, v_cache, bt_dec, lens_dec, scale)
-            return out
-
+        attention = self._attention_fn(entries[:n_pre], qsl, t_pre, views)
         logit_rows = torch.as_tensor(qsl[1:] - 1, dtype=torch.int64, device=self.device)
         logits = self.model.forward(tokens, positions, attention, logit_rows)
         next_tokens = logits.argmax(dim=-1)
@@ -188,10 +192,39 @@ class Engine:
             import torch.distributed as dist
 
             dist.broadcast(next_tokens, src=_global_rank(self.group, 0), group=self.group)
-        self.tables.mark_computed(batch)
+        self.tables.mark_computed(batch)  # publishes full prompt blocks; windowed groups free what left the window
+        observe_tables(self.group_usage, self.tables, [e.seq_id for e in entries])
         finished = self.scheduler.finish_step(plan, next_tokens.tolist())
         self._observe_pool()
         return plan, finished
+
+    def _attention_fn(self, prefills, qsl, t_pre: int, views):
+        """The model's attention callback for one step: layer ``i`` writes and reads the pages of its slot
+        through its group's tables, within its window."""
+        from ..kernels import gather_kv, paged_decode, write_kv
+
+        scale = self.model.scale
+
+        def attention(layer: int, q, k, v):
+            k_cache, v_cache = self.cache.k_caches[layer], self.cache.v_caches[layer]
+            window, view = self.model.layer_windows[layer], views[self.layer_group[layer]]
+            write_kv(k, v, k_cache, v_cache, view.slot_mapping)
+            out = torch.empty_like(q)
+            if prefills:
+                # [cached prefix + new tokens] of every prefill, read back from the pages (a windowed
+                # group's released blocks read as block 0: dense_causal_attention skips them)
+                keys, values, cu = gather_kv(k_cache, v_cache, view.bt_pre, view.lens_pre)
+                cu = cu.tolist()
+                for j, e in enumerate(prefills):
+                    rows = slice(int(qsl[j]), int(qsl[j + 1]))
+                    out[rows] = dense_causal_attention(q[rows], keys[cu[j]:cu[j + 1]], values[cu[j]:cu[j + 1]],
+                                                       scale, q_start=e.start_pos, window=window)
+            if t_pre < q.shape[0]:
+                out[t_pre:] = paged_decode(q[t_pre:].contiguous(), k_cache, v_cache, view.bt_dec, view.lens_dec,
+                                           scale, sliding_window=window)
+            return out
+
+        return attention
 
     # ----------------------------------------------------------------- whole run
     def run(self, requests: list[Request], progress: bool = False) -> RunSummary:
@@ -222,7 +255,7 @@ class Engine:
             peak_used_blocks=self.peak_used_blocks,
             prefix_hit_rate=s.prompt_tokens_cached / s.prompt_tokens_seen if s.prompt_tokens_seen else 0.0,
             preemptions=s.num_preemptions, mixed_steps=self.mixed_steps, max_batch_seqs=self.max_batch_seqs,
-            block_digests=list(self.block_digests))
+            block_digests=list(self.block_digests), group_usage=self.group_usage)
 
     # ----------------------------------------------------------------- helpers
     def _observe_pool(self) -> None:
@@ -250,6 +283,22 @@ class Engine:
             raise RankMismatchError(
                 f"block tables differ across TP ranks at step {len(self.block_digests) - 1}: digests {values}; "
                 "every rank must run the same scheduler on the same requests and tokens")
+
+
+@dataclass
+class _GroupViews:
+    """One KV-cache group's tensors of a step, split at the prefills/decodes boundary."""
+
+    slot_mapping: torch.Tensor  # [num_new_tokens] int32
+    bt_pre: torch.Tensor  # [n_prefills, max_blocks] int32
+    lens_pre: torch.Tensor  # [n_prefills] int32
+    bt_dec: torch.Tensor  # [n_decodes, max_blocks] int32
+    lens_dec: torch.Tensor  # [n_decodes] int32
+
+    @classmethod
+    def of(cls, batch, n_pre: int) -> _GroupViews:
+        bt, lens = batch.block_table, batch.seq_lens
+        return cls(batch.slot_mapping, bt[:n_pre], lens[:n_pre], bt[n_pre:], lens[n_pre:])
 
 
 def _global_rank(group, rank: int) -> int:

@@ -17,6 +17,16 @@ from dataclasses import dataclass, field
 from ..errors import InvalidArgumentError
 from .requests import Request, make_workload
 
+# --model NAME -> the seeded workload's shape (make_workload's length ranges): the hybrid model's
+# prompts and generations run several of its 32-token windows long
+WORKLOADS = {
+    "llama": {},
+    "hybrid": {"prefix_len": (32, 80), "suffix_len": (8, 48), "new_tokens": (32, 96)},
+}
+# --model NAME -> the KV pool each rank gets by default, MiB: small on purpose, so the pool fills and
+# requests get preempted (llama: 12 blocks of 32 KiB; hybrid: 64 blocks of 16 KiB, two page slots a block)
+DEFAULT_KV_MIB = {"llama": 0.375, "hybrid": 1.0}
+
 
 @dataclass
 class DemoOptions:
@@ -26,7 +36,9 @@ class DemoOptions:
     seed: int = 0
     tp: int = 1
     block_size: int = 16
-    kv_mib: float = 0.375
+    kv_mib: float | None = None  # None: DEFAULT_KV_MIB of the model
+    model: str = "llama"  # a name of kvpool.demo.model.DEMO_MODELS
+    window_freeing: bool = True  # False: every KV-cache group keeps every block (the layers still read their window)
     max_batch_tokens: int = 256
     max_running: int = 16
     prefix_caching: bool = True
@@ -61,7 +73,7 @@ def build_requests(opts: DemoOptions, vocab_size: int) -> list[Request]:
         requests = list(opts.requests)
     else:
         requests = make_workload(opts.num_requests, vocab_size, seed=opts.seed, mean_gap=opts.mean_gap,
-                                 tenants=opts.tenants)
+                                 tenants=opts.tenants, **WORKLOADS[opts.model])
     requests += list(opts.extra_requests)
     if opts.bad_requests:
         n = max([r.req_id for r in requests], default=-1) + 1
@@ -79,19 +91,20 @@ def run_rank(tp_rank: int, opts: DemoOptions, group=None) -> RankReport:
 
     from ..metrics import PoolMetrics
     from .engine import Engine
-    from .model import random_llama_weights, tiny_llama_config
+    from .model import demo_config, random_llama_weights
 
-    config = tiny_llama_config()
+    config = demo_config(opts.model)
     weights = random_llama_weights(config, seed=opts.seed)
     metrics = PoolMetrics() if tp_rank == 0 else None
     server = None
     if metrics is not None and opts.metrics_port is not None:
         server, _ = metrics.serve(opts.metrics_port)
     try:
-        engine = Engine(config, weights, pool_bytes=int(opts.kv_mib * 2**20), block_size=opts.block_size,
+        engine = Engine(config, weights, pool_bytes=int(pool_mib(opts) * 2**20), block_size=opts.block_size,
                         tp_rank=tp_rank, tp_size=opts.tp, group=group, device=opts.device,
                         max_batch_tokens=opts.max_batch_tokens, max_running=opts.max_running,
-                        enable_prefix_caching=opts.prefix_caching, metrics=metrics)
+                        enable_prefix_caching=opts.prefix_caching, metrics=metrics,
+                        window_freeing=opts.window_freeing)
         summary = engine.run(build_requests(opts, config["vocab_size"]), progress=opts.progress and tp_rank == 0)
         if opts.device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -102,6 +115,11 @@ def run_rank(tp_rank: int, opts: DemoOptions, group=None) -> RankReport:
     finally:
         if server is not None:
             server.shutdown()
+
+
+def pool_mib(opts: DemoOptions) -> float:
+    """The KV pool of each rank in MiB: ``opts.kv_mib``, else the model's default."""
+    return DEFAULT_KV_MIB[opts.model] if opts.kv_mib is None else opts.kv_mib
 
 
 def _free_port() -> int:
@@ -152,10 +170,10 @@ def run_demo(opts: DemoOptions, timeout_s: float = 300.0) -> list[RankReport]:
     import torch
 
     from .._device_check import checked_device
-    from .model import check_tp_fits, tiny_llama_config
+    from .model import check_tp_fits, demo_config
 
-    # refuse a bad --tp or an absent device before starting any process
-    check_tp_fits(tiny_llama_config(), opts.tp)
+    # refuse an unknown model, a bad --tp or an absent device before starting any process
+    check_tp_fits(demo_config(opts.model), opts.tp)
     checked_device(opts.device)
     if opts.tp == 1:
         if opts.device == "cpu":

@@ -83,6 +83,17 @@ def tiny_hybrid_config(**overrides) -> dict:
     return config
 
 
+# --model NAME of the demo -> its config (both built here, nothing downloaded)
+DEMO_MODELS = {"llama": tiny_llama_config, "hybrid": tiny_hybrid_config}
+
+
+def demo_config(name: str) -> dict:
+    """The config dict of the demo model ``name`` (:data:`DEMO_MODELS`)."""
+    if name not in DEMO_MODELS:
+        raise ConfigError(f"model {name!r} is not one of the demo's models {sorted(DEMO_MODELS)}; pick one of them")
+    return DEMO_MODELS[name]()
+
+
 def random_llama_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     """Full (unsharded) fp32 weights from ``seed``, keyed by ``LlamaForCausalLM``'s state-dict names.
 

@@ -91,6 +91,7 @@ class Scheduler:
         self.tables = tables
         self.block_size = int(tables.block_size)
         self.num_blocks = int(tables.allocator.num_blocks)
+        self.num_groups = int(tables.num_groups)  # KV-cache groups: a new block is one per group
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_batch_tokens = max_batch_tokens
@@ -136,11 +137,15 @@ class Scheduler:
             raise InvalidArgumentError(
                 f"request {request.req_id}: prompt ({len(prompt)}) + max_new_tokens ({request.max_new_tokens}) = "
                 f"{total} tokens exceeds the model's {self.max_model_len} positions; shorten it")
-        # the KV of the last generated token is never written, so total - 1 tokens must fit
-        blocks = -(-(total - 1) // self.block_size)
+        # the KV of the last generated token is never written, so total - 1 tokens must fit; a prefill
+        # (a recompute after preemption: up to total - 1 tokens) holds all its blocks in every group
+        # until mark_computed frees what left a window
+        per_group = -(-(total - 1) // self.block_size)
+        blocks = self.num_groups * per_group
         if blocks > self.num_blocks:
+            need = f"{blocks}" if self.num_groups == 1 else f"{blocks} ({self.num_groups} KV-cache groups x {per_group})"
             raise OutOfBlocksError(
-                f"request {request.req_id}: {total} tokens need {blocks} KV blocks but the whole pool holds "
+                f"request {request.req_id}: {total} tokens need {need} KV blocks but the whole pool holds "
                 f"{self.num_blocks} (block_size {self.block_size}); it can never run: shorten the "
                 f"prompt or max_new_tokens, or start with a larger pool", requested=blocks,
                 available=self.num_blocks)
@@ -233,7 +238,7 @@ class Scheduler:
         while self.running:
             for seq in self.running:  # the token sampled last step is the one not yet in the tables
                 assert len(seq.tokens) == self.tables.num_tokens(seq.seq_id) + 1, "one token per step"
-            need = sum(self.tables.num_tokens(s.seq_id) % bs == 0 for s in self.running)
+            need = self.num_groups * sum(self.tables.num_tokens(s.seq_id) % bs == 0 for s in self.running)
             if need <= free:
                 return
             victim = self.running[-1]
