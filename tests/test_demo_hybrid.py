@@ -221,3 +221,16 @@ def test_window_freeing_runs_the_same_tokens_in_fewer_steps(config, hf):
     assert_matches_hf(hf, requests, type("Report", (), {"summary": keeping}))
     # the windowed group's freed blocks let more sequences run at once in the same pool
     assert freeing.steps < keeping.steps and freeing.preemptions < keeping.preemptions
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (Triton kernels, CUDA pages)")
+def test_cuda_hybrid_matches_transformers(config, hf):
+    from kvpool.demo.requests import make_workload
+
+    requests = make_workload(8, config["vocab_size"], seed=2, mean_gap=0.5, **HYBRID_WORKLOAD)
+    report = serve(requests, num_blocks=24, device="cuda")  # Triton paged_decode with sliding_window=32
+    assert report.summary.preemptions > 0
+    assert_matches_hf(hf, requests, report)
+    assert_window_freeing(report)
+    assert report.num_free_blocks == report.num_blocks
