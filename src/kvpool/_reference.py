@@ -270,6 +270,21 @@ class ReferenceBlockAllocator:
         entry = self._entry.get(b)
         return entry is not None and entry[2:] != (context, tokens)
 
+    def _walk(self, hashes, blocks, context, parent):
+        """The verified chain walk: ``(hits, stamps, collided)`` of the longest prefix held after `parent`."""
+        hit, stamps, collided = [], [], False
+        for h, tokens in zip(hashes, blocks) if self.enable_prefix_caching else []:
+            b = self._block_of.get(h)
+            if b is None:
+                break
+            if not self._holds(b, tokens, context, parent):
+                collided = self._other_content(b, tokens, context)
+                break
+            hit.append(b)
+            parent = self._entry[b][0]
+            stamps.append(parent)
+        return hit, stamps, collided
+
     def allocate_with_prefix(self, n, hashes, token_ids, context=0):
         fn = "allocate_with_prefix()"
         n = as_int(n, "n")
@@ -279,16 +294,8 @@ class ReferenceBlockAllocator:
         if n < 0:
             raise InvalidArgumentError(f"{fn}: n={n} must be >= 0")
         blocks = self._blocks(tokens, len(hashes), fn)
-        hit, parent, collided = [], CHAIN_ROOT, False
-        for h, tokens in list(zip(hashes, blocks))[:n] if self.enable_prefix_caching else []:
-            b = self._block_of.get(h)
-            if b is None:
-                break
-            if not self._holds(b, tokens, context, parent):
-                collided = self._other_content(b, tokens, context)
-                break
-            hit.append(b)
-            parent = self._entry[b][0]
+        hit, stamps, collided = self._walk(hashes[:n], blocks[:n], context, CHAIN_ROOT)
+        parent = stamps[-1] if stamps else CHAIN_ROOT
         self._check_new_references(fn, hit)
         available = len(self._free) - sum(self._refcount[b] == 0 for b in hit)
         if n - len(hit) > available:
@@ -336,6 +343,90 @@ class ReferenceBlockAllocator:
             self._entry[b] = (stamp, chain, context, tokens)
             chain = stamp
         return chain
+
+    # ---- prefix hits across KV-cache groups: look first, take all or nothing after ------------------
+
+    def _lookup_input(self, fn, hashes, token_ids, context):
+        hashes = self._hashes(hashes, fn)
+        tokens = as_exact_array(token_ids, np.int32, fn, "token_ids").tolist()
+        return hashes, self._blocks(tokens, len(hashes), fn), self._u64(context, fn, "context")
+
+    def walk_verified(self, hashes, token_ids, context=0, parent=CHAIN_ROOT):
+        """The verified chain walk of `allocate_with_prefix`, read only: no reference taken, no statistic changed.
+
+        Returns
+        -------
+        (np.ndarray, np.ndarray, bool)
+            ``ids [h] int32`` of the longest prefix of `hashes` whose blocks hold exactly `token_ids`
+            (``[len(hashes) * block_size]``) and `context` after `parent` and after each other, their
+            chain values ``stamps [h] uint64``, and whether the walk stopped at a block of other content.
+        """
+        fn = "walk_verified()"
+        hashes, blocks, context = self._lookup_input(fn, hashes, token_ids, context)
+        hit, stamps, collided = self._walk(hashes, blocks, context, self._u64(parent, fn, "parent"))
+        return np.array(hit, dtype=np.int32), np.array(stamps, dtype=np.uint64), collided
+
+    def find_verified(self, hashes, token_ids, context, parents):
+        """Each block on its own, read only: the block anchored after ``parents[j]`` that holds block j's tokens.
+
+        A windowed KV-cache group anchors block j on another group's chain value before j, so its
+        blocks are looked up one by one rather than walked.
+
+        Returns
+        -------
+        (np.ndarray, np.ndarray, int)
+            ``ids [k] int32`` (-1 where nothing verified is cached), ``stamps [k] uint64`` (their chain
+            values, `CHAIN_BROKEN` at misses), and how many misses found a block of other content.
+        """
+        fn = "find_verified()"
+        hashes, blocks, context = self._lookup_input(fn, hashes, token_ids, context)
+        parents = self._hashes(parents, fn)
+        if len(parents) != len(hashes):
+            raise InvalidArgumentError(f"{fn}: {len(hashes)} hashes but {len(parents)} parents; one per block")
+        ids, stamps, collisions = [], [], 0
+        for h, tokens, parent in zip(hashes, blocks, parents):
+            hit, found, collided = self._walk([h], [tokens], context, parent)
+            ids.append(hit[0] if hit else -1)
+            stamps.append(found[0] if found else CHAIN_BROKEN)
+            collisions += collided
+        return np.array(ids, dtype=np.int32), np.array(stamps, dtype=np.uint64), collisions
+
+    def allocate_with_hits(self, n, hits, query_blocks=0, collisions=0):
+        """Take the verified `hits` (one reference each, cached free ones revived), then `n` fresh blocks.
+
+        All or nothing, like `allocate_with_prefix`, whose bookkeeping it does for lookups made by
+        `walk_verified` / `find_verified`: one prefix query of `query_blocks` blocks, ``len(hits)``
+        hit blocks and `collisions` hash collisions are counted, and only if the call succeeds.
+
+        Returns
+        -------
+        np.ndarray
+            ``[n] int32`` the fresh blocks.
+        """
+        fn = "allocate_with_hits()"
+        n = as_int(n, "n")
+        hits = self._ids(hits, fn)
+        query_blocks, collisions = as_int(query_blocks, "query_blocks"), as_int(collisions, "collisions")
+        if min(n, query_blocks, collisions) < 0:
+            raise InvalidArgumentError(f"{fn}: n={n}, query_blocks={query_blocks} and collisions={collisions} "
+                                       "must be >= 0")
+        for b, times in Counter(hits).items():
+            if times > 1 or b not in self._entry:
+                raise InvalidArgumentError(f"{fn}: block {b} is not a verified cached block (or is listed twice); "
+                                           "pass the ids walk_verified() / find_verified() returned")
+        self._check_new_references(fn, hits)
+        available = len(self._free) - sum(self._refcount[b] == 0 for b in hits)
+        if n > available:
+            raise OutOfBlocksError(f"{fn}: {n} new blocks needed but only {available} are free",
+                                   requested=n, available=available)
+        self._take(hits)
+        fresh = self._pop_free(n)
+        self._stats["prefix_queries"] += 1
+        self._stats["prefix_query_blocks"] += query_blocks
+        self._stats["prefix_hit_blocks"] += len(hits)
+        self._stats["hash_collisions"] += collisions
+        self._note_used()
+        return np.array(fresh, dtype=np.int32)
 
     def stats(self):
         free = len(self._free)
