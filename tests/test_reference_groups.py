@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from kvpool import BlockAllocator, KVPoolError
-from kvpool._reference import CHAIN_ROOT, ReferenceBlockAllocator
+from kvpool._reference import CHAIN_BROKEN, CHAIN_ROOT, ReferenceBlockAllocator
 from kvpool._reference_groups import released_blocks
 from kvpool._reference_tables import ReferenceBlockTables
-from kvpool.errors import InvalidArgumentError, OutOfBlocksError
+from kvpool.errors import BlockIndexError, InvalidArgumentError, OutOfBlocksError
 
 BS = 4
 KEY = 0x0DDBA11_5EED
@@ -51,30 +51,41 @@ def test_chunked_prefill_releases_early_blocks():
         bt.mark_computed(bt.batch(["a"], [chunk]))
         assert bt.blocks("a", 1).tolist() == [-1] * gone + windowed[gone:]
         assert bt.allocator.refcounts(windowed[:gone]).tolist() == [0] * gone  # back in the pool ...
-        assert bt.blocks("a", 0).tolist() == list(range(6))  # the full group keeps everything
+        assert bt.blocks("a", 0).tolist() == list(range(0, 12, 2))  # the full group keeps all (position-major ids)
     assert bt.allocator.num_cached_blocks == 5 + 5  # ... and still cached: 5 full blocks per group
     assert bt.allocator.num_free_blocks == 32 - 12 + 4
 
 
-@pytest.mark.parametrize("chunks, taken, hit, windowed", [
-    # marked in chunks, group 1 frees positions 0, 1, 2, 3 one by one (LRU: 6, 7, 8, 9); 7 taken evicts 6, 7, 8:
-    # the hit is still 20 tokens, since the query at 20 reads tokens 15..19 (blocks 3, 4) in group 1
-    ((12, 4, 4, 1), 7, 20, [-1, -1, -1, 9, 10, 5]),
-    # marked at once, positions 0..3 go in one call (LRU: 9, 8, 7, 6); 5 taken evicts block 9 (position 3):
-    # 20 fails at block 3, so h = 3: the query at 12 reads tokens 7..11 (blocks 1, 2), still cached
-    ((21,), 5, 12, [-1, 7, 8, 5, 4, 3]),
-])
-def test_a_windowed_hit_needs_only_the_window(chunks, taken, hit, windowed):
+def test_a_windowed_hit_needs_only_the_window():
+    """Group 1's blocks at positions 0..2 are evicted, 3..4 still cached: the hit is still 20 tokens."""
     bt = tables(16, (None, 6))
-    other = ReferenceBlockTables(bt.allocator, BS)  # one pool, another user
-    bt.add("a", np.arange(21))  # group 0: blocks 0..5, group 1: 6..11
-    for chunk in chunks:
+    bt.add("a", np.arange(21))  # position-major: group 0 holds 0, 2, .., 10, group 1 holds 1, 3, .., 11
+    for chunk in (12, 4, 4, 1):  # group 1 gives back positions 0, 1, 2, 3 in turn: LRU order 1, 3, 5, 7
         bt.mark_computed(bt.batch(["a"], [chunk]))
-    other.add("x", taken * BS)  # fresh blocks 12..15, then the least recently freed ones
+    other = ReferenceBlockTables(bt.allocator, BS)  # one pool, another user
+    other.add("x", 7 * BS)  # fresh blocks 12..15, then the least recently freed: 1, 3, 5 evicted
     bt.free("a")
-    assert bt.add("b", np.arange(21)) == hit
-    assert bt.blocks("b", 0)[:hit // BS].tolist() == list(range(hit // BS))
-    assert bt.blocks("b", 1).tolist() == windowed
+    assert bt.add("b", np.arange(21)) == 20  # the query at 20 reads tokens 15..19: group 1's blocks 3, 4
+    assert bt.blocks("b", 0).tolist() == [0, 2, 4, 6, 8, 11]
+    assert bt.blocks("b", 1).tolist() == [-1, -1, -1, 7, 9, 10]
+
+
+def test_a_window_miss_caps_the_hit():
+    """Group 1 misses block 3: no hit can cover it, so h = 3, whose window (tokens 7..11) is cached."""
+    bt = tables(16, (None, 6))
+    bt.add("a", np.arange(21))
+    windowed = bt.blocks("a", 1).tolist()
+    bt.mark_computed("a")
+    bt.free("a")
+    group1 = bt._allocator_hashes(bt.allocator.hash_tokens(np.arange(21)).tolist(), 1)
+    for j in (1, 2):  # positions 1 and 2 of group 1 become the most recently freed
+        bt.allocator.free(bt.allocator.match_prefix([group1[j]]))
+    other = ReferenceBlockTables(bt.allocator, BS)
+    other.add("x", 6 * BS)  # 12..15, then blocks 1 and 7: group 1's positions 0 and 3
+    assert other.blocks("x").tolist() == [12, 13, 14, 15, windowed[0], windowed[3]]
+    other.free("x")
+    assert bt.add("b", np.arange(21)) == 12
+    assert bt.blocks("b", 1)[:3].tolist() == [-1, windowed[1], windowed[2]]  # the query at 12 reads from token 7
 
 
 def test_without_a_full_group_a_hit_walks_the_whole_chain():
@@ -124,19 +135,19 @@ def test_outputs_gain_a_group_axis():
     bt = tables(32, (None, 5))
     bt.add("a", np.arange(10))
     bt.add("b", np.arange(20, 25))
-    b = bt.batch(["a", "b"], [8, 5])  # a: group 0 blocks 0..2, group 1 3..5; b: 6, 7 and 8, 9
+    b = bt.batch(["a", "b"], [8, 5])  # position-major: a holds 0, 2, 4 and 1, 3, 5; b 6, 8 and 7, 9
     assert b.block_table.shape == (2, 2, 2) and b.slot_mapping.shape == (2, 13) and b.seq_lens.tolist() == [8, 5]
-    assert b.slot_mapping[1].tolist() == list(range(12, 20)) + list(range(32, 37))
+    assert b.slot_mapping[1].tolist() == [4, 5, 6, 7, 12, 13, 14, 15, 28, 29, 30, 31, 36]
     one = b.group(1)
-    assert one.block_table.tolist() == [[3, 4], [8, 9]] and one.kv_indices.tolist() == [3, 4, 8, 9]
+    assert one.block_table.tolist() == [[1, 3], [7, 9]] and one.kv_indices.tolist() == [1, 3, 7, 9]
     assert one.slot_mapping.tolist() == b.slot_mapping[1].tolist() and one.seq_lens is b.seq_lens
-    bt.mark_computed(b)  # a at 8: group 1 gives back block 3 (tokens 0..3; the query at 8 reads from 4)
-    assert bt.blocks("a", 1).tolist() == [-1, 4, 5]
+    bt.mark_computed(b)  # a at 8: group 1 gives back block 1 (tokens 0..3; the query at 8 reads from 4)
+    assert bt.blocks("a", 1).tolist() == [-1, 3, 5]
     slots = bt.append_batch(["a", "b"], 2)
     assert slots.shape == (2, 4) and slots.dtype == np.int32
     b = bt.batch(["a", "b"])
-    assert b.group(1).block_table[0].tolist() == [0, 4, 5]  # a released position reads as padding 0
-    assert b.group(0).block_table[0].tolist() == [0, 1, 2]
+    assert b.group(1).block_table[0].tolist() == [0, 3, 5]  # a released position reads as padding 0
+    assert b.group(0).block_table[0].tolist() == [0, 2, 4]
     with pytest.raises(InvalidArgumentError, match="group"):
         bt.blocks("a", 2)
 
@@ -148,9 +159,9 @@ def test_fork_copies_each_groups_shared_tail():
     bt.fork("p", "c")
     assert bt.allocator.refcounts(bt.blocks("p", 0).tolist() + bt.blocks("p", 1).tolist()).tolist() == [2] * 4
     bt.append_batch(["p", "c"], 1)  # p copies its tail in both groups; c, the last holder, writes in place
-    assert bt.pending_copies == [(1, 4), (3, 5)]
-    assert bt.blocks("p", 0).tolist() == [0, 4] and bt.blocks("p", 1).tolist() == [2, 5]
-    assert bt.blocks("c", 0).tolist() == [0, 1] and bt.blocks("c", 1).tolist() == [2, 3]
+    assert bt.pending_copies == [(2, 4), (3, 5)]  # p held 0, 2 and 1, 3 (position-major)
+    assert bt.blocks("p", 0).tolist() == [0, 4] and bt.blocks("p", 1).tolist() == [1, 5]
+    assert bt.blocks("c", 0).tolist() == [0, 2] and bt.blocks("c", 1).tolist() == [1, 3]
 
 
 def test_every_call_is_all_or_nothing_across_groups():
@@ -179,28 +190,47 @@ def test_bad_group_windows_are_refused():
 
 
 # --------------------------------------------------------------------------- the allocator's lookups
-def test_lookups_are_read_only_and_taking_is_all_or_nothing():
+def test_probes_take_nothing_and_taking_is_all_or_nothing():
     a = ReferenceBlockAllocator(6, BS, hash_key=KEY)
     tokens = np.arange(12)
     hashes = a.hash_tokens(tokens)
     ids, _, _ = a.allocate_with_prefix(3, hashes, tokens)
-    a.cache_blocks_verified(ids, hashes, tokens)
+    chains = a.cache_blocks_chained(ids, hashes, tokens)
     a.free(ids)
     before = (a.stats(), list(a._free))
-    found, stamps, collided = a.walk_verified(hashes, tokens)
-    assert found.tolist() == [0, 1, 2] and not collided and (a.stats(), list(a._free)) == before
-    anchored, _, _ = a.find_verified(hashes, tokens, 0, [CHAIN_ROOT, stamps[0], 12345])
-    assert anchored.tolist() == [0, 1, -1]  # block 2's entry hangs on stamp 2, not 12345
+    found, stamps, collided = a.probe_chain(hashes, tokens)
+    assert found.tolist() == [0, 1, 2] and stamps.tolist() == chains.tolist() and not collided
+    assert (a.stats(), list(a._free)) == before
+    found, _, _ = a.probe_anchored(hashes, tokens, 0, [CHAIN_ROOT, stamps[0], stamps[1]])
+    assert found.tolist() == [0, 1, 2]
+    found, _, _ = a.probe_anchored(hashes, tokens, 0, [CHAIN_ROOT, 12345, stamps[1]])
+    assert found.tolist() == [2]  # from the last block down: block 1's entry hangs on stamp 1, not 12345
     with pytest.raises(OutOfBlocksError) as err:
-        a.allocate_with_hits(5, [0, 1], query_blocks=3)  # 6 free, 2 of them revived: 4 left
+        a.take_cached([0, 1], stamps[:2], 5, query_blocks=3)  # 6 free, 2 of them revived: 4 left
     assert (err.value.requested, err.value.available) == (5, 4) and (a.stats(), list(a._free)) == before
-    for bad in ([0, 0], [3], [7]):
-        with pytest.raises(KVPoolError):
-            a.allocate_with_hits(1, bad)
-    assert a.allocate_with_hits(4, [0, 1], query_blocks=3).tolist() == [3, 4, 5, 2]  # never used first, then LRU
+    for bad_ids, bad_stamps, error in (([0, 0], stamps[:1].tolist() * 2, InvalidArgumentError),
+                                       ([7], [1], BlockIndexError), ([0], [1, 2], InvalidArgumentError)):
+        with pytest.raises(error):
+            a.take_cached(bad_ids, bad_stamps, 1)
+    assert a.take_cached([3], [stamps[0]], 1) is None  # block 3 holds no such entry: nothing taken
+    assert (a.stats(), list(a._free)) == before
+    assert a.take_cached([0, 1], stamps[:2], 4, query_blocks=3).tolist() == [3, 4, 5, 2]  # never used, then LRU
     stats = a.stats()
     assert (stats["prefix_queries"], stats["prefix_query_blocks"], stats["prefix_hit_blocks"], stats["evictions"]) == \
         (2, 6, 2, 1)  # the allocate_with_prefix above, then this one
+
+
+def test_anchored_entries_hang_on_given_parents():
+    a = ReferenceBlockAllocator(8, BS, hash_key=KEY)
+    tokens = np.arange(8)
+    hashes = a.hash_tokens(tokens)
+    ids = a.allocate(2)
+    a.cache_blocks_anchored(ids, hashes, tokens, 7, [CHAIN_BROKEN, 99])  # broken parent: block 0 skipped
+    assert a.num_cached_blocks == 1
+    assert a.probe_anchored(hashes[1:], tokens[4:], 7, [99])[0].tolist() == [1]
+    assert a.probe_anchored(hashes[1:], tokens[4:], 8, [99])[2]  # other salt: a collision, no hit
+    with pytest.raises(InvalidArgumentError, match="parents"):
+        a.cache_blocks_anchored(ids, hashes, tokens, 7, [1])
 
 
 # --------------------------------------------------------------------------- properties, step by step

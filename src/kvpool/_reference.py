@@ -13,9 +13,10 @@ from itertools import count
 import numpy as np
 
 from ._arrays import as_bool, as_exact_array, as_hash_key, as_int, check_geometry, encode_extra, split_key
+from ._reference_probes import CHAIN_BROKEN, CHAIN_ROOT, GroupProbesMixin
 from .errors import BlockIndexError, InvalidArgumentError, OutOfBlocksError
 
-__all__ = ["ReferenceBlockAllocator", "hash_block_tokens", "encode_extra", "ROOT_HASH", "CHAIN_ROOT"]
+__all__ = ["ReferenceBlockAllocator", "hash_block_tokens", "encode_extra", "ROOT_HASH", "CHAIN_ROOT", "CHAIN_BROKEN"]
 
 # ---- block hash ---------------------------------------------------------------------------
 
@@ -24,8 +25,6 @@ K1 = 0x9E3779B97F4A7C15
 K2 = 0xC2B2AE3D27D4EB4F
 K3 = 0x165667B19E3779F9
 ROOT_HASH = 0x00006B76706F6F6C  # parent of the first block when none is given ("kvpool" in ASCII)
-CHAIN_ROOT = 0  # chain value before a sequence's first block
-CHAIN_BROKEN = MASK  # chain value after a block that could not be cached
 MAX_REFCOUNT = (1 << 31) - 1
 
 
@@ -85,7 +84,7 @@ def hash_block_tokens(token_ids, block_size, parent_hash=None, extra=None, key=N
 # ---- allocator ----------------------------------------------------------------------------
 
 
-class ReferenceBlockAllocator:
+class ReferenceBlockAllocator(GroupProbesMixin):
     """The allocator as plain Python containers (see :class:`kvpool.allocator.BlockAllocator`)."""
 
     def __init__(self, num_blocks, block_size=16, enable_prefix_caching=True, hash_key=None):
@@ -310,123 +309,57 @@ class ReferenceBlockAllocator:
         self._note_used()
         return np.array(hit + fresh, dtype=np.int32), len(hit), parent
 
-    def cache_blocks_verified(self, ids, hashes, token_ids, context=0, parent=CHAIN_ROOT):
-        fn = "cache_blocks_verified()"
+    def _cache_input(self, fn, ids, hashes, token_ids, context):
+        """The converted arguments of the caching calls, in the bindings' order."""
         ids = as_exact_array(ids, np.int32, fn, "ids", BlockIndexError).tolist()
         hashes = self._hashes(hashes, fn)
         tokens = as_exact_array(token_ids, np.int32, fn, "token_ids").tolist()
-        context = self._u64(context, fn, "context")
-        chain = self._u64(parent, fn, "parent")
+        return ids, hashes, tokens, self._u64(context, fn, "context")
+
+    def _cache_checked(self, fn, ids, hashes, tokens):
+        """``(ids, hashes, blocks)`` once ids, hashes and the token count are valid for caching."""
         ids, hashes = self._ids(ids, fn, hashes)
         self._check_cacheable(fn, ids, hashes)
-        blocks = self._blocks(tokens, len(ids), fn)
+        return ids, hashes, self._blocks(tokens, len(ids), fn)
+
+    def _cache_one(self, b, h, tokens, context, chain):
+        """Cache held block b as a verified entry after `chain`; returns the chain value after it."""
+        if chain == CHAIN_BROKEN:
+            return CHAIN_BROKEN  # nothing after a block that could not be cached is cached
+        if b in self._hash_of:  # cached already: a verified hit, or a fork twin's block
+            return self._entry[b][0] if self._holds(b, tokens, context, chain) else CHAIN_BROKEN
+        q = self._block_of.get(h)
+        if q is not None and self._holds(q, tokens, context, chain):
+            return self._entry[q][0]
+        if q is not None:
+            self._stats["hash_collisions"] += self._other_content(q, tokens, context)
+            if self._refcount[q]:
+                return CHAIN_BROKEN  # a held block keeps its hash
+            self._forget(q)  # a free block under our hash holds another prefix: ours replaces it
+        self._cache(b, h)
+        stamp = next(self._stamps)
+        self._entry[b] = (stamp, chain, context, tokens)
+        return stamp
+
+    def cache_blocks_verified(self, ids, hashes, token_ids, context=0, parent=CHAIN_ROOT):
+        return self._cache_chain("cache_blocks_verified()", ids, hashes, token_ids, context, parent)[-1]
+
+    def cache_blocks_chained(self, ids, hashes, token_ids, context=0, parent=CHAIN_ROOT):
+        """`cache_blocks_verified` returning ``[k] uint64``, the chain value after every block (`CHAIN_BROKEN`
+        from where caching stopped): the anchors of a hybrid model's windowed groups."""
+        return np.array(self._cache_chain("cache_blocks_chained()", ids, hashes, token_ids, context, parent)[1:],
+                        dtype=np.uint64)
+
+    def _cache_chain(self, fn, ids, hashes, token_ids, context, parent):
+        """The chain value before and after each block: ``[parent, after ids[0], ...]``."""
+        ids, hashes, tokens, context = self._cache_input(fn, ids, hashes, token_ids, context)
+        chains = [self._u64(parent, fn, "parent")]
+        ids, hashes, blocks = self._cache_checked(fn, ids, hashes, tokens)
         if not self.enable_prefix_caching:
-            return CHAIN_BROKEN
+            return [CHAIN_BROKEN] * (len(ids) + 1)
         for b, h, tokens in zip(ids, hashes, blocks):
-            if chain == CHAIN_BROKEN:
-                break
-            if b in self._hash_of:  # cached already: a verified hit, or a fork twin's block
-                chain = self._entry[b][0] if self._holds(b, tokens, context, chain) else CHAIN_BROKEN
-                continue
-            q = self._block_of.get(h)
-            if q is not None and self._holds(q, tokens, context, chain):
-                chain = self._entry[q][0]
-                continue
-            if q is not None:
-                self._stats["hash_collisions"] += self._other_content(q, tokens, context)
-                if self._refcount[q]:
-                    chain = CHAIN_BROKEN
-                    continue
-                self._forget(q)
-            self._cache(b, h)
-            stamp = next(self._stamps)
-            self._entry[b] = (stamp, chain, context, tokens)
-            chain = stamp
-        return chain
-
-    # ---- prefix hits across KV-cache groups: look first, take all or nothing after ------------------
-
-    def _lookup_input(self, fn, hashes, token_ids, context):
-        hashes = self._hashes(hashes, fn)
-        tokens = as_exact_array(token_ids, np.int32, fn, "token_ids").tolist()
-        return hashes, self._blocks(tokens, len(hashes), fn), self._u64(context, fn, "context")
-
-    def walk_verified(self, hashes, token_ids, context=0, parent=CHAIN_ROOT):
-        """The verified chain walk of `allocate_with_prefix`, read only: no reference taken, no statistic changed.
-
-        Returns
-        -------
-        (np.ndarray, np.ndarray, bool)
-            ``ids [h] int32`` of the longest prefix of `hashes` whose blocks hold exactly `token_ids`
-            (``[len(hashes) * block_size]``) and `context` after `parent` and after each other, their
-            chain values ``stamps [h] uint64``, and whether the walk stopped at a block of other content.
-        """
-        fn = "walk_verified()"
-        hashes, blocks, context = self._lookup_input(fn, hashes, token_ids, context)
-        hit, stamps, collided = self._walk(hashes, blocks, context, self._u64(parent, fn, "parent"))
-        return np.array(hit, dtype=np.int32), np.array(stamps, dtype=np.uint64), collided
-
-    def find_verified(self, hashes, token_ids, context, parents):
-        """Each block on its own, read only: the block anchored after ``parents[j]`` that holds block j's tokens.
-
-        A windowed KV-cache group anchors block j on another group's chain value before j, so its
-        blocks are looked up one by one rather than walked.
-
-        Returns
-        -------
-        (np.ndarray, np.ndarray, int)
-            ``ids [k] int32`` (-1 where nothing verified is cached), ``stamps [k] uint64`` (their chain
-            values, `CHAIN_BROKEN` at misses), and how many misses found a block of other content.
-        """
-        fn = "find_verified()"
-        hashes, blocks, context = self._lookup_input(fn, hashes, token_ids, context)
-        parents = self._hashes(parents, fn)
-        if len(parents) != len(hashes):
-            raise InvalidArgumentError(f"{fn}: {len(hashes)} hashes but {len(parents)} parents; one per block")
-        ids, stamps, collisions = [], [], 0
-        for h, tokens, parent in zip(hashes, blocks, parents):
-            hit, found, collided = self._walk([h], [tokens], context, parent)
-            ids.append(hit[0] if hit else -1)
-            stamps.append(found[0] if found else CHAIN_BROKEN)
-            collisions += collided
-        return np.array(ids, dtype=np.int32), np.array(stamps, dtype=np.uint64), collisions
-
-    def allocate_with_hits(self, n, hits, query_blocks=0, collisions=0):
-        """Take the verified `hits` (one reference each, cached free ones revived), then `n` fresh blocks.
-
-        All or nothing, like `allocate_with_prefix`, whose bookkeeping it does for lookups made by
-        `walk_verified` / `find_verified`: one prefix query of `query_blocks` blocks, ``len(hits)``
-        hit blocks and `collisions` hash collisions are counted, and only if the call succeeds.
-
-        Returns
-        -------
-        np.ndarray
-            ``[n] int32`` the fresh blocks.
-        """
-        fn = "allocate_with_hits()"
-        n = as_int(n, "n")
-        hits = self._ids(hits, fn)
-        query_blocks, collisions = as_int(query_blocks, "query_blocks"), as_int(collisions, "collisions")
-        if min(n, query_blocks, collisions) < 0:
-            raise InvalidArgumentError(f"{fn}: n={n}, query_blocks={query_blocks} and collisions={collisions} "
-                                       "must be >= 0")
-        for b, times in Counter(hits).items():
-            if times > 1 or b not in self._entry:
-                raise InvalidArgumentError(f"{fn}: block {b} is not a verified cached block (or is listed twice); "
-                                           "pass the ids walk_verified() / find_verified() returned")
-        self._check_new_references(fn, hits)
-        available = len(self._free) - sum(self._refcount[b] == 0 for b in hits)
-        if n > available:
-            raise OutOfBlocksError(f"{fn}: {n} new blocks needed but only {available} are free",
-                                   requested=n, available=available)
-        self._take(hits)
-        fresh = self._pop_free(n)
-        self._stats["prefix_queries"] += 1
-        self._stats["prefix_query_blocks"] += query_blocks
-        self._stats["prefix_hit_blocks"] += len(hits)
-        self._stats["hash_collisions"] += collisions
-        self._note_used()
-        return np.array(fresh, dtype=np.int32)
+            chains.append(self._cache_one(b, h, tokens, context, chains[-1]))
+        return chains
 
     def stats(self):
         free = len(self._free)

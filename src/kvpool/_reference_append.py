@@ -5,7 +5,7 @@ copy-on-write as the sequential appends would (an earlier sequence's copy hands 
 shared tail to the copy queue, so a later twin may then write that block in place) and hashes the
 blocks the new known tokens fill. The tables then allocate every new block in one call and apply the
 plans in sequence order, so the block ids are those of ``for s in seq_ids: append(s, n)``. Within one
-sequence the KV-cache groups come in order, each with its copy (if any) before its new blocks.
+sequence the copies come first (group by group), then the new positions, each with one block per group.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class Growth:
     grow : int
         New positions per group (the same in every group).
     num_new_blocks : int
-        Blocks this sequence takes from the batch's allocation (copies included), group after group.
+        Blocks this sequence takes from the batch's allocation: its copies, then ``grow`` positions x groups.
     first_new : int
         Index of its first block in the batch's allocation.
     tokens : list of int or None
@@ -56,22 +56,20 @@ class Growth:
 
     def copy_destinations(self, new_blocks: list) -> list:
         """The copies among this sequence's `new_blocks` (the copy queue takes a reference on each)."""
-        out, at = [], 0
-        for copy in self.copy_tail:
-            if copy:
-                out.append(new_blocks[at])
-            at += copy + self.grow
-        return out
+        return new_blocks[:sum(self.copy_tail)]
 
     def apply(self, tables, new_blocks: list) -> None:
         """Change the sequence (and the copy queue of `tables`) as planned, with its `new_blocks`."""
-        seq, at = self.seq, 0
+        seq, copies = self.seq, iter(new_blocks[:sum(self.copy_tail)])
         for blocks, copy in zip(seq.tables, self.copy_tail):
             if copy:
-                tables._queue_copy(blocks[-1], new_blocks[at])
-                blocks[-1] = new_blocks[at]
-            blocks.extend(new_blocks[at + copy:at + copy + self.grow])
-            at += copy + self.grow
+                dst = next(copies)
+                tables._queue_copy(blocks[-1], dst)
+                blocks[-1] = dst
+        positions = new_blocks[sum(self.copy_tail):]  # position-major: a position's groups together
+        groups = len(seq.tables)
+        for g, blocks in enumerate(seq.tables):
+            blocks.extend(positions[g::groups])
         seq.shared_tail = False  # the tail is now private: copied, no longer shared, or a fresh block
         seq.num_tokens += self.num_tokens
         if self.tokens is not None:

@@ -88,7 +88,8 @@ def _group_arrays(blocks: list, computed, lens, nblk, qsl, block_size: int, widt
     for i, ids in enumerate(blocks):
         row = np.asarray(ids[:nblk[i]], dtype=np.int64)
         table[i, :nblk[i]] = np.where(row < 0, BLOCK_TABLE_PAD, row)
-        pos = np.arange(computed[i], lens[i])  # new tokens: never at a released position
+        pos = np.arange(computed[i], lens[i])
+        assert (row[pos // block_size] >= 0).all(), "a new token at a released position"
         slots[qsl[i]:qsl[i + 1]] = row[pos // block_size] * block_size + pos % block_size
     indices = np.concatenate([table[i, :nblk[i]] for i in range(rows)])
     return table, slots, indices

@@ -21,24 +21,30 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._reference import K1, K2, MASK, _mix64
+from ._arrays import split_key
+from ._reference import K1, K2, K3, MASK, _mix64
 from .errors import InvalidArgumentError
 
-GROUP_TAG = 0x67726F7570  # "group" in ASCII: seeds each group's salt
+def _tag(group: int, k0: int) -> int:
+    return _mix64(K3 ^ (group * K1 & MASK) ^ k0)
 
 
-def _tag(group: int) -> int:
-    return _mix64(GROUP_TAG ^ (group * K1 & MASK))
+def group_hash(block_hash: int, group: int, key: int = 0) -> int:
+    """Group `group`'s hash of a block whose group-0 hash is `block_hash`, under the 128-bit `key`.
+
+    ``mix64(h ^ tag(g) ^ k1)`` with ``tag(g) = mix64(K3 ^ g * K1 ^ k0)``; group 0 keeps `block_hash`.
+    """
+    k0, k1 = split_key(key)
+    return block_hash if group == 0 else _mix64(block_hash ^ _tag(group, k0) ^ k1)
 
 
-def group_context(context: int, group: int) -> int:
-    """The salt digest group `group`'s verified entries carry: `context` itself for group 0."""
-    return context if group == 0 else _mix64(context ^ _tag(group))
+def group_context(context: int, group: int, key: int = 0) -> int:
+    """Group `group`'s salt digest, which its verified entries carry: ``mix64(c * K2 ^ tag(g) ^ k1)``.
 
-
-def group_hash(block_hash: int, group: int) -> int:
-    """Group `group`'s hash of a block whose group-0 hash is `block_hash` (itself for group 0)."""
-    return block_hash if group == 0 else _mix64((block_hash * K2 & MASK) ^ _tag(group))
+    Group 0 keeps `context`; a hit compares the salt digest, so no group's block ever serves another.
+    """
+    k0, k1 = split_key(key)
+    return context if group == 0 else _mix64((context * K2 & MASK) ^ _tag(group, k0) ^ k1)
 
 
 def released_blocks(num_computed: int, window: int | None, block_size: int) -> int:
@@ -98,9 +104,13 @@ class GroupLayout:
         """Group `group`'s entry for block j hangs on the reference group's chain after block j - 1."""
         return self.windows[group] is not None and self.reference is not None
 
-    def walked(self) -> list:
-        """Groups whose hits are walked along their own chain from the first block."""
+    def chained(self) -> list:
+        """Groups whose entries chain on their own blocks (hits walk them from the first block), in order."""
         return [g for g in range(self.num_groups) if not self.anchored(g)]
+
+    def anchors(self) -> list:
+        """Windowed groups anchored on the reference chain, in order."""
+        return [g for g in range(self.num_groups) if self.anchored(g)]
 
     def released(self, group: int, num_computed: int, block_size: int) -> int:
         """Leading positions group `group` does not hold once `num_computed` tokens are computed."""

@@ -67,8 +67,8 @@ class ReferenceSeq:
         return self.chains[0]
 
     def held(self) -> list:
-        """The blocks this sequence holds a reference on, group by group in token order."""
-        return [b for blocks in self.tables for b in blocks if b != RELEASED]
+        """The blocks this sequence holds a reference on, position-major (a position's groups together)."""
+        return [b for position in zip(*self.tables) for b in position if b != RELEASED]
 
     @property
     def knows_all_tokens(self) -> bool:

@@ -14,7 +14,6 @@ and the batch calls also take a 1-D numpy array of ids.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from . import _reference
 from . import allocator as _allocator
@@ -26,11 +25,12 @@ from ._reference_groups import GroupLayout, check_group_windows, group_hash
 from ._reference_ids import batch_ids, no_repeats, norm_id
 from ._reference_prefix import allocate_prompt, offer_to_cache, release_window
 from ._reference_seq import ReferenceSeq
+from ._reference_sharing import SharingMixin
 from .batch_tables import BatchTables
 from .errors import BlockIndexError, InvalidArgumentError, OutOfBlocksError
 
 
-class ReferenceBlockTables(BatchTensorsMixin):
+class ReferenceBlockTables(BatchTensorsMixin, SharingMixin):
     """Block lists of the live sequences of one TP group and the batch tensors built from them.
 
     Parameters
@@ -51,7 +51,7 @@ class ReferenceBlockTables(BatchTensorsMixin):
     group_windows : sequence of (int or None), optional
         One entry per KV-cache group: None (full attention) or its window in tokens (>= 1); default
         ``(None,)``, one full group. With several groups, or a windowed one, and prefix caching, the
-        allocator must be `ReferenceBlockAllocator` (hits across groups use its `walk_verified`).
+        allocator must probe across groups (``probe_chain``, ``probe_anchored``, ``take_cached``).
     _hash_bits : int
         Tests only: keep this many low bits of every hash handed to the allocator (collisions on demand).
     """
@@ -80,11 +80,11 @@ class ReferenceBlockTables(BatchTensorsMixin):
             enable_prefix_caching = bool(getattr(allocator, "enable_prefix_caching", True))
         self.enable_prefix_caching = bool(enable_prefix_caching)
         self.layout = GroupLayout(check_group_windows(group_windows))
-        if self.enable_prefix_caching and not self.layout.single_full and not hasattr(allocator, "walk_verified"):
+        if self.enable_prefix_caching and not self.layout.single_full and not hasattr(allocator, "probe_chain"):
             raise InvalidArgumentError(
-                f"group_windows={self.layout.windows} with prefix caching needs an allocator with verified lookups "
-                f"across groups (walk_verified / find_verified); {type(allocator).__name__} has none: use "
-                "kvpool._reference.ReferenceBlockAllocator, or enable_prefix_caching=False")
+                f"group_windows={self.layout.windows} with prefix caching needs an allocator that probes across "
+                f"groups (probe_chain / probe_anchored / take_cached); {type(allocator).__name__} has none: use "
+                "kvpool.BlockAllocator or kvpool._reference.ReferenceBlockAllocator, or enable_prefix_caching=False")
         bits = as_int(_hash_bits, "_hash_bits")
         if not 0 <= bits <= 64:
             raise InvalidArgumentError(f"_hash_bits={_hash_bits} must lie in [0, 64]")
@@ -154,7 +154,7 @@ class ReferenceBlockTables(BatchTensorsMixin):
 
     def _allocator_hashes(self, hashes: list, group: int) -> list:
         """Group `group`'s hashes of blocks whose group-0 hashes are `hashes`, as the allocator sees them."""
-        return [group_hash(h, group) & self._mask for h in hashes]
+        return [group_hash(h, group, self.allocator.hash_key) & self._mask for h in hashes]
 
     def _hash_continued(self, tokens: list, extra, parent_hash) -> list:
         """Hashes of the full blocks of `tokens`, chained after `parent_hash` (None: the first block)."""
@@ -222,9 +222,9 @@ class ReferenceBlockTables(BatchTensorsMixin):
         return hits * bs
 
     def _allocate_groups(self, n: int, what: str) -> list:
-        """`n` fresh blocks for every group, in one call: group 0's, then group 1's, ..."""
+        """`n` fresh positions in every group, in one call, position-major: a position's groups together."""
         fresh = self._allocate(n * self.num_groups, what)
-        return [fresh[g * n:(g + 1) * n] for g in range(self.num_groups)]
+        return [fresh[g::self.num_groups] for g in range(self.num_groups)]
 
     def _allocate(self, n: int, what: str) -> list:
         if n <= 0:
@@ -318,41 +318,11 @@ class ReferenceBlockTables(BatchTensorsMixin):
         bs = self.block_size
         return [blocks[pos // bs] * bs + pos % bs for pos in range(start, start + n)]
 
-    def _queue_copy(self, src: int, dst: int) -> None:
-        """Queue a copy-on-write; the sequence's reference on src passes to the queue."""
-        self._copies.append((src, dst))
-        self._queued[src] = self._queued.get(src, 0) + 1
-        self._queued[dst] = self._queued.get(dst, 0) + 1
-
-    def fork(self, parent, child) -> None:
-        """Make `child` a copy of `parent` sharing all its blocks (beam search, parallel sampling).
-
-        The parent must have all its tokens computed (`mark_computed`), so no shared block is ever
-        written by two sequences; the first `append` on either side copies a shared partial block.
-        """
-        seq = self._get(parent)
-        child = norm_id(child)
-        if child in self._seqs:
-            raise InvalidArgumentError(f"fork target seq_id {child!r} already exists: pick a new id")
-        if seq.num_computed != seq.num_tokens:
-            raise InvalidArgumentError(
-                f"fork({parent!r}, {child!r}): parent has {seq.num_tokens - seq.num_computed} tokens not yet "
-                "computed; run the forward and mark_computed() first so no shared block is written twice")
-        self.allocator.incref(np.array(seq.held(), dtype=np.int32))
-        twin = seq.clone()
-        seq.shared_tail = twin.shared_tail = seq.num_tokens % self.block_size != 0
-        self._seqs[child] = twin
-
-    def free(self, seq_id) -> None:
-        """Release `seq_id`'s blocks in one call, group by group in sequence order (its prefix stays cached longest)."""
-        seq = self._get(seq_id)
-        self.allocator.free(np.array(seq.held(), dtype=np.int32))
-        del self._seqs[norm_id(seq_id)]
-
     def mark_computed(self, seqs, num_computed=None) -> None:
         """Record that KV has been written; offer newly computed full hashed blocks to the prefix cache.
 
-        Then every windowed group gives back the blocks that left its window (still cached, if they were).
+        Then every windowed group gives back the blocks that left its window (still cached, if they were),
+        in one allocator call for all the sequences.
 
         Parameters
         ----------
@@ -379,30 +349,13 @@ class ReferenceBlockTables(BatchTensorsMixin):
                 raise InvalidArgumentError(
                     f"mark_computed({seq_id!r}, {n}): must lie in [{seq.num_computed}, {seq.num_tokens}] "
                     "(computed so far, tokens in the sequence)")
+        released = []
         for seq, n in zip(found, lens):
             seq.num_computed = seq.num_tokens if n is None else n
-            offer_to_cache(self, seq)
-            release_window(self, seq)
-
-    @property
-    def pending_copies(self) -> list:
-        """Queued copy-on-write ``(src, dst)`` pairs; the queue holds one reference on each block."""
-        return list(self._copies)
-
-    def pop_copies(self):
-        """Take the queued copy-on-write pairs.
-
-        Returns
-        -------
-        (torch.Tensor, torch.Tensor)
-            ``src [n] int64`` and ``dst [n] int64`` block ids on the device, for
-            ``copy_blocks(caches, src, dst)``, which must run before the next forward pass writes.
-        """
-        pairs, self._copies, self._queued = self._copies, [], {}
-        arr = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-        if len(pairs):
-            self.allocator.free(arr.reshape(-1).astype(np.int32))  # drop the queue's references
-        return torch.from_numpy(arr[:, 0].copy()).to(self.device), torch.from_numpy(arr[:, 1].copy()).to(self.device)
+            offer_to_cache(self, seq)  # before the release: a released block stays cached (free, evictable)
+            released += release_window(self, seq)
+        if released:  # one call for the whole batch
+            self.allocator.free(np.array(released, dtype=np.int32))
 
     def __repr__(self) -> str:
         return (f"ReferenceBlockTables(seqs={len(self._seqs)}, block_size={self.block_size}, device={self.device}, "
