@@ -23,9 +23,17 @@ BS = 4
 KEY = 0x0DDBA11_5EED
 
 
-def tables(num_blocks, windows, **kwargs):
-    return ReferenceBlockTables(ReferenceBlockAllocator(num_blocks, BS, hash_key=KEY), BS, max_seqs=8,
-                                group_windows=windows, **kwargs)
+def tables(num_blocks, windows, allocator=ReferenceBlockAllocator, **kwargs):
+    return ReferenceBlockTables(allocator(num_blocks, BS, hash_key=KEY), BS, max_seqs=8, group_windows=windows,
+                                **kwargs)
+
+
+@pytest.fixture(params=["reference", "cpp"])
+def allocator(request):
+    """The twin over either allocator (the C++ one once it probes across groups)."""
+    if request.param == "cpp" and not hasattr(BlockAllocator, "probe_chain"):
+        pytest.skip("BlockAllocator has no probe_chain yet (issue 13's C++ groups)")
+    return ReferenceBlockAllocator if request.param == "reference" else BlockAllocator
 
 
 def state(bt):
@@ -56,9 +64,9 @@ def test_chunked_prefill_releases_early_blocks():
     assert bt.allocator.num_free_blocks == 32 - 12 + 4
 
 
-def test_a_windowed_hit_needs_only_the_window():
+def test_a_windowed_hit_needs_only_the_window(allocator):
     """Group 1's blocks at positions 0..2 are evicted, 3..4 still cached: the hit is still 20 tokens."""
-    bt = tables(16, (None, 6))
+    bt = tables(16, (None, 6), allocator)
     bt.add("a", np.arange(21))  # position-major: group 0 holds 0, 2, .., 10, group 1 holds 1, 3, .., 11
     for chunk in (12, 4, 4, 1):  # group 1 gives back positions 0, 1, 2, 3 in turn: LRU order 1, 3, 5, 7
         bt.mark_computed(bt.batch(["a"], [chunk]))
@@ -70,9 +78,9 @@ def test_a_windowed_hit_needs_only_the_window():
     assert bt.blocks("b", 1).tolist() == [-1, -1, -1, 7, 9, 10]
 
 
-def test_a_window_miss_caps_the_hit():
+def test_a_window_miss_caps_the_hit(allocator):
     """Group 1 misses block 3: no hit can cover it, so h = 3, whose window (tokens 7..11) is cached."""
-    bt = tables(16, (None, 6))
+    bt = tables(16, (None, 6), allocator)
     bt.add("a", np.arange(21))
     windowed = bt.blocks("a", 1).tolist()
     bt.mark_computed("a")
@@ -88,8 +96,8 @@ def test_a_window_miss_caps_the_hit():
     assert bt.blocks("b", 1)[:3].tolist() == [-1, windowed[1], windowed[2]]  # the query at 12 reads from token 7
 
 
-def test_without_a_full_group_a_hit_walks_the_whole_chain():
-    bt = tables(11, (6,))
+def test_without_a_full_group_a_hit_walks_the_whole_chain(allocator):
+    bt = tables(11, (6,), allocator)
     bt.add("a", np.arange(21))
     bt.mark_computed("a")  # positions 0..3 given back (still cached)
     bt.free("a")
@@ -103,9 +111,9 @@ def test_without_a_full_group_a_hit_walks_the_whole_chain():
     assert bt.add("c", np.arange(21)) == 0  # block 0 gone: the chain of block 3 cannot be verified
 
 
-def test_group_hashes_and_salts_keep_groups_apart():
+def test_group_hashes_and_salts_keep_groups_apart(allocator):
     """Every hash is 0 (the test knob): a block of one group never serves another, whatever the hash says."""
-    bt = tables(32, (None, None, 8), _hash_bits=0)
+    bt = tables(32, (None, None, 8), allocator, _hash_bits=0)
     bt.add("a", np.arange(9))
     bt.mark_computed("a")
     assert bt.allocator.num_cached_blocks == 1  # one hash value, so one cached block: group 0's first
@@ -184,9 +192,25 @@ def test_bad_group_windows_are_refused():
     for bad in ((), (0,), (None, -3), (2.5,), (True,), "full", 7):
         with pytest.raises(InvalidArgumentError, match="group_windows"):
             ReferenceBlockTables(alloc, BS, group_windows=bad)
-    with pytest.raises(InvalidArgumentError, match="ReferenceBlockAllocator"):  # no lookups across groups in it
-        ReferenceBlockTables(BlockAllocator(8, BS), BS, group_windows=(None, 4))
-    ReferenceBlockTables(BlockAllocator(8, BS), BS, group_windows=(None, 4), enable_prefix_caching=False)
+
+
+class WithoutProbes:
+    """An allocator from before issue 13: no probes across groups."""
+
+    def __init__(self):
+        self._inner = ReferenceBlockAllocator(8, BS)
+
+    def __getattr__(self, name):
+        if name in ("probe_chain", "probe_anchored", "take_cached"):
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+def test_hits_across_groups_need_an_allocator_with_probes():
+    with pytest.raises(InvalidArgumentError, match="probe"):
+        ReferenceBlockTables(WithoutProbes(), BS, group_windows=(None, 4))
+    ReferenceBlockTables(WithoutProbes(), BS, group_windows=(None, 4), enable_prefix_caching=False)
+    ReferenceBlockTables(WithoutProbes(), BS, group_windows=None)  # one full group: today's calls only
 
 
 # --------------------------------------------------------------------------- the allocator's lookups

@@ -123,9 +123,9 @@ class GroupProbesMixin:
         fn = "cache_blocks_anchored()"
         ids, hashes, tokens, context = self._cache_input(fn, ids, hashes, token_ids, context)
         parents = as_exact_array(parents, np.uint64, fn, "parents").tolist()
-        ids, hashes, blocks = self._cache_checked(fn, ids, hashes, tokens)
-        if len(parents) != len(ids):
+        if len(parents) != len(ids):  # the counts first, then the blocks
             raise InvalidArgumentError(f"{fn}: got {len(ids)} blocks but {len(parents)} parents; pass one per block")
+        ids, hashes, blocks = self._cache_checked(fn, ids, hashes, tokens)
         if not self.enable_prefix_caching:
             return
         for b, h, tokens, parent in zip(ids, hashes, blocks, parents):
