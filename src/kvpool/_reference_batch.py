@@ -65,7 +65,7 @@ def build_batch(seq_ids, tables: list, computed: np.ndarray, new: np.ndarray, bl
                       np.tile(last, groups), qsl, stacked[1].reshape(-1)], device)
     shape = (lambda *dims: dims) if groups > 1 else (lambda *dims: dims[1:])
     nnz = stacked[2].shape[1]
-    return GroupedBatchTables(
+    return BatchTables(
         seq_ids=seq_ids,
         block_table=dev[0].view(*shape(groups, rows, width)),
         seq_lens=dev[1],
@@ -93,24 +93,6 @@ def _group_arrays(blocks: list, computed, lens, nblk, qsl, block_size: int, widt
         slots[qsl[i]:qsl[i + 1]] = row[pos // block_size] * block_size + pos % block_size
     indices = np.concatenate([table[i, :nblk[i]] for i in range(rows)])
     return table, slots, indices
-
-
-class GroupedBatchTables(BatchTables):
-    """A `BatchTables` whose group-indexed tensors lead with a group axis when there are G > 1 groups."""
-
-    __slots__ = ()
-
-    @property
-    def num_groups(self) -> int:
-        return self.block_table.shape[0] if self.block_table.dim() == 3 else 1
-
-    def group(self, g: int) -> BatchTables:
-        """Group `g`'s batch alone, with the single-group shapes (what a layer of group g passes to the kernels)."""
-        if self.num_groups == 1:
-            return self
-        return BatchTables(self.seq_ids, self.block_table[g], self.seq_lens, self.slot_mapping[g],
-                           self.query_start_loc, self.seq_lens_host, self.num_new_tokens, self.max_seq_len,
-                           self.block_size, csr=(self.kv_indptr[g], self.kv_indices[g], self.kv_last_page_len[g]))
 
 
 def _on_device(arrays: list, device: torch.device) -> list:
@@ -154,7 +136,8 @@ class BatchTensorsMixin:
         Returns
         -------
         BatchTables
-            ``block_table`` is ``[b, longest row]``.
+            ``block_table`` is ``[b, longest row]``; with G > 1 KV-cache groups ``[G, b, longest row]`` and
+            ``slot_mapping [G, tokens]`` (``batch.group(g)``: group g's, with the single-group shapes).
         """
         given, ids, seqs = self._lookup_batch(seq_ids, "batch")
         computed = np.array([s.num_computed for s in seqs], dtype=np.int64)
@@ -199,7 +182,8 @@ class BatchTensorsMixin:
         -------
         BatchTables
             ``block_table [rows, W]``, ``seq_lens [rows]``, ``slot_mapping [rows]``,
-            ``query_start_loc [rows + 1]``, CSR rows, all int32; ``num_new_tokens = b``.
+            ``query_start_loc [rows + 1]``, CSR rows, all int32; ``num_new_tokens = b``. With G > 1
+            KV-cache groups ``block_table [G, rows, W]`` and ``slot_mapping [G, rows]``.
         """
         given, ids, seqs = self._lookup_batch(seq_ids, "decode_step")
         for seq_id, seq in zip(ids, seqs):
