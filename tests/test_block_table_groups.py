@@ -547,3 +547,16 @@ def test_random_calls_keep_every_refcount_equal_to_its_holders(windows, ops):
     for s in live:
         tables.free(s)
     assert alloc.num_free_blocks == 48
+
+
+def test_for_cache_takes_the_caches_groups():
+    from kvpool import BlockAllocator, PagedKVCache
+    from kvpool.errors import InvalidArgumentError
+    from kvpool.plan import load_model_spec
+
+    spec = load_model_spec("gemma-2-9b")  # 21 local + 21 global layers: 2 groups sharing 21 slots
+    cache = PagedKVCache.for_shard(spec, 8, 16, 0, 8, "cpu", kv_dtype="fp16")
+    tables = BlockTables.for_cache(BlockAllocator(8, 16), cache, max_seqs=4)
+    assert tables.group_windows == cache.kv_groups.windows == (4096, None) and tables.block_size == 16
+    with pytest.raises(InvalidArgumentError, match="takes the KV-cache groups from the cache"):
+        BlockTables.for_cache(BlockAllocator(8, 16), cache, group_windows=(None,))

@@ -13,9 +13,10 @@ from itertools import count
 import numpy as np
 
 from ._arrays import as_bool, as_exact_array, as_hash_key, as_int, check_geometry, encode_extra, split_key
+from ._reference_probes import CHAIN_BROKEN, CHAIN_ROOT, GroupProbesMixin
 from .errors import BlockIndexError, InvalidArgumentError, OutOfBlocksError
 
-__all__ = ["ReferenceBlockAllocator", "hash_block_tokens", "encode_extra", "ROOT_HASH", "CHAIN_ROOT"]
+__all__ = ["ReferenceBlockAllocator", "hash_block_tokens", "encode_extra", "ROOT_HASH", "CHAIN_ROOT", "CHAIN_BROKEN"]
 
 # ---- block hash ---------------------------------------------------------------------------
 
@@ -24,8 +25,6 @@ K1 = 0x9E3779B97F4A7C15
 K2 = 0xC2B2AE3D27D4EB4F
 K3 = 0x165667B19E3779F9
 ROOT_HASH = 0x00006B76706F6F6C  # parent of the first block when none is given ("kvpool" in ASCII)
-CHAIN_ROOT = 0  # chain value before a sequence's first block
-CHAIN_BROKEN = MASK  # chain value after a block that could not be cached
 MAX_REFCOUNT = (1 << 31) - 1
 
 
@@ -85,7 +84,7 @@ def hash_block_tokens(token_ids, block_size, parent_hash=None, extra=None, key=N
 # ---- allocator ----------------------------------------------------------------------------
 
 
-class ReferenceBlockAllocator:
+class ReferenceBlockAllocator(GroupProbesMixin):
     """The allocator as plain Python containers (see :class:`kvpool.allocator.BlockAllocator`)."""
 
     def __init__(self, num_blocks, block_size=16, enable_prefix_caching=True, hash_key=None):
@@ -270,6 +269,21 @@ class ReferenceBlockAllocator:
         entry = self._entry.get(b)
         return entry is not None and entry[2:] != (context, tokens)
 
+    def _walk(self, hashes, blocks, context, parent):
+        """The verified chain walk: ``(hits, stamps, collided)`` of the longest prefix held after `parent`."""
+        hit, stamps, collided = [], [], False
+        for h, tokens in zip(hashes, blocks) if self.enable_prefix_caching else []:
+            b = self._block_of.get(h)
+            if b is None:
+                break
+            if not self._holds(b, tokens, context, parent):
+                collided = self._other_content(b, tokens, context)
+                break
+            hit.append(b)
+            parent = self._entry[b][0]
+            stamps.append(parent)
+        return hit, stamps, collided
+
     def allocate_with_prefix(self, n, hashes, token_ids, context=0):
         fn = "allocate_with_prefix()"
         n = as_int(n, "n")
@@ -279,16 +293,8 @@ class ReferenceBlockAllocator:
         if n < 0:
             raise InvalidArgumentError(f"{fn}: n={n} must be >= 0")
         blocks = self._blocks(tokens, len(hashes), fn)
-        hit, parent, collided = [], CHAIN_ROOT, False
-        for h, tokens in list(zip(hashes, blocks))[:n] if self.enable_prefix_caching else []:
-            b = self._block_of.get(h)
-            if b is None:
-                break
-            if not self._holds(b, tokens, context, parent):
-                collided = self._other_content(b, tokens, context)
-                break
-            hit.append(b)
-            parent = self._entry[b][0]
+        hit, stamps, collided = self._walk(hashes[:n], blocks[:n], context, CHAIN_ROOT)
+        parent = stamps[-1] if stamps else CHAIN_ROOT
         self._check_new_references(fn, hit)
         available = len(self._free) - sum(self._refcount[b] == 0 for b in hit)
         if n - len(hit) > available:
@@ -303,39 +309,57 @@ class ReferenceBlockAllocator:
         self._note_used()
         return np.array(hit + fresh, dtype=np.int32), len(hit), parent
 
-    def cache_blocks_verified(self, ids, hashes, token_ids, context=0, parent=CHAIN_ROOT):
-        fn = "cache_blocks_verified()"
+    def _cache_input(self, fn, ids, hashes, token_ids, context):
+        """The converted arguments of the caching calls, in the bindings' order."""
         ids = as_exact_array(ids, np.int32, fn, "ids", BlockIndexError).tolist()
         hashes = self._hashes(hashes, fn)
         tokens = as_exact_array(token_ids, np.int32, fn, "token_ids").tolist()
-        context = self._u64(context, fn, "context")
-        chain = self._u64(parent, fn, "parent")
+        return ids, hashes, tokens, self._u64(context, fn, "context")
+
+    def _cache_checked(self, fn, ids, hashes, tokens):
+        """``(ids, hashes, blocks)`` once ids, hashes and the token count are valid for caching."""
         ids, hashes = self._ids(ids, fn, hashes)
         self._check_cacheable(fn, ids, hashes)
-        blocks = self._blocks(tokens, len(ids), fn)
+        return ids, hashes, self._blocks(tokens, len(ids), fn)
+
+    def _cache_one(self, b, h, tokens, context, chain):
+        """Cache held block b as a verified entry after `chain`; returns the chain value after it."""
+        if chain == CHAIN_BROKEN:
+            return CHAIN_BROKEN  # nothing after a block that could not be cached is cached
+        if b in self._hash_of:  # cached already: a verified hit, or a fork twin's block
+            return self._entry[b][0] if self._holds(b, tokens, context, chain) else CHAIN_BROKEN
+        q = self._block_of.get(h)
+        if q is not None and self._holds(q, tokens, context, chain):
+            return self._entry[q][0]
+        if q is not None:
+            self._stats["hash_collisions"] += self._other_content(q, tokens, context)
+            if self._refcount[q]:
+                return CHAIN_BROKEN  # a held block keeps its hash
+            self._forget(q)  # a free block under our hash holds another prefix: ours replaces it
+        self._cache(b, h)
+        stamp = next(self._stamps)
+        self._entry[b] = (stamp, chain, context, tokens)
+        return stamp
+
+    def cache_blocks_verified(self, ids, hashes, token_ids, context=0, parent=CHAIN_ROOT):
+        return self._cache_chain("cache_blocks_verified()", ids, hashes, token_ids, context, parent)[-1]
+
+    def cache_blocks_chained(self, ids, hashes, token_ids, context=0, parent=CHAIN_ROOT):
+        """`cache_blocks_verified` returning ``[k] uint64``, the chain value after every block (`CHAIN_BROKEN`
+        from where caching stopped): the anchors of a hybrid model's windowed groups."""
+        return np.array(self._cache_chain("cache_blocks_chained()", ids, hashes, token_ids, context, parent)[1:],
+                        dtype=np.uint64)
+
+    def _cache_chain(self, fn, ids, hashes, token_ids, context, parent):
+        """The chain value before and after each block: ``[parent, after ids[0], ...]``."""
+        ids, hashes, tokens, context = self._cache_input(fn, ids, hashes, token_ids, context)
+        chains = [self._u64(parent, fn, "parent")]
+        ids, hashes, blocks = self._cache_checked(fn, ids, hashes, tokens)
         if not self.enable_prefix_caching:
-            return CHAIN_BROKEN
+            return [CHAIN_BROKEN] * (len(ids) + 1)
         for b, h, tokens in zip(ids, hashes, blocks):
-            if chain == CHAIN_BROKEN:
-                break
-            if b in self._hash_of:  # cached already: a verified hit, or a fork twin's block
-                chain = self._entry[b][0] if self._holds(b, tokens, context, chain) else CHAIN_BROKEN
-                continue
-            q = self._block_of.get(h)
-            if q is not None and self._holds(q, tokens, context, chain):
-                chain = self._entry[q][0]
-                continue
-            if q is not None:
-                self._stats["hash_collisions"] += self._other_content(q, tokens, context)
-                if self._refcount[q]:
-                    chain = CHAIN_BROKEN
-                    continue
-                self._forget(q)
-            self._cache(b, h)
-            stamp = next(self._stamps)
-            self._entry[b] = (stamp, chain, context, tokens)
-            chain = stamp
-        return chain
+            chains.append(self._cache_one(b, h, tokens, context, chains[-1]))
+        return chains
 
     def stats(self):
         free = len(self._free)

@@ -4,7 +4,8 @@ Planning reads state only: it validates ``token_ids``, checks ``max_blocks_per_s
 copy-on-write as the sequential appends would (an earlier sequence's copy hands its reference on the
 shared tail to the copy queue, so a later twin may then write that block in place) and hashes the
 blocks the new known tokens fill. The tables then allocate every new block in one call and apply the
-plans in sequence order, so the block ids are those of ``for s in seq_ids: append(s, n)``.
+plans in sequence order, so the block ids are those of ``for s in seq_ids: append(s, n)``. Within one
+sequence the copies come first (group by group), then the new positions, each with one block per group.
 """
 from __future__ import annotations
 
@@ -25,10 +26,12 @@ class Growth:
         Tokens before the append (the first new token's position).
     num_tokens : int
         Tokens appended.
-    copy_tail : bool
-        The shared partial last block is copied first: the first new block is its copy.
+    copy_tail : list of bool
+        Per group: the shared partial last block is copied first (the group's first new block is its copy).
+    grow : int
+        New positions per group (the same in every group).
     num_new_blocks : int
-        Blocks this sequence takes from the batch's allocation (its copy included).
+        Blocks this sequence takes from the batch's allocation: its copies, then ``grow`` positions x groups.
     first_new : int
         Index of its first block in the batch's allocation.
     tokens : list of int or None
@@ -37,28 +40,36 @@ class Growth:
         Hashes of the blocks those tokens fill, chained after the sequence's last hash.
     """
 
-    __slots__ = ("seq", "old_tokens", "num_tokens", "copy_tail", "num_new_blocks", "first_new", "tokens",
+    __slots__ = ("seq", "old_tokens", "num_tokens", "copy_tail", "grow", "num_new_blocks", "first_new", "tokens",
                  "hashes")
 
-    def __init__(self, seq, num_tokens: int, copy_tail: bool, num_new_blocks: int, first_new: int,
-                 tokens, hashes):
+    def __init__(self, seq, num_tokens: int, copy_tail: list, grow: int, first_new: int, tokens, hashes):
         self.seq = seq
         self.old_tokens = seq.num_tokens
         self.num_tokens = num_tokens
         self.copy_tail = copy_tail
-        self.num_new_blocks = num_new_blocks
+        self.grow = grow
+        self.num_new_blocks = len(copy_tail) * grow + sum(copy_tail)
         self.first_new = first_new
         self.tokens = tokens
         self.hashes = hashes
 
+    def copy_destinations(self, new_blocks: list) -> list:
+        """The copies among this sequence's `new_blocks` (the copy queue takes a reference on each)."""
+        return new_blocks[:sum(self.copy_tail)]
+
     def apply(self, tables, new_blocks: list) -> None:
         """Change the sequence (and the copy queue of `tables`) as planned, with its `new_blocks`."""
-        seq = self.seq
-        if self.copy_tail:
-            tables._queue_copy(seq.blocks[-1], new_blocks[0])
-            seq.blocks[-1] = new_blocks[0]
-            new_blocks = new_blocks[1:]
-        seq.blocks.extend(new_blocks)
+        seq, copies = self.seq, iter(new_blocks[:sum(self.copy_tail)])
+        for blocks, copy in zip(seq.tables, self.copy_tail):
+            if copy:
+                dst = next(copies)
+                tables._queue_copy(blocks[-1], dst)
+                blocks[-1] = dst
+        positions = new_blocks[sum(self.copy_tail):]  # position-major: a position's groups together
+        groups = len(seq.tables)
+        for g, blocks in enumerate(seq.tables):
+            blocks.extend(positions[g::groups])
         seq.shared_tail = False  # the tail is now private: copied, no longer shared, or a fresh block
         seq.num_tokens += self.num_tokens
         if self.tokens is not None:
@@ -82,11 +93,11 @@ def token_rows(token_ids, b: int, n: int):
     return arr.reshape(b, n).astype(np.int64).tolist()
 
 
-def _copies_tail(tables, seq, queued: dict) -> bool:
-    """Whether appending to `seq` copies its last block; `queued` counts the copy queue's references."""
+def _copies_tail(tables, seq, blocks: list, queued: dict) -> bool:
+    """Whether appending to `seq` copies the last of `blocks` (one group's); `queued` counts the queue's references."""
     if seq.num_tokens % tables.block_size == 0 or not seq.shared_tail:
         return False
-    last = seq.blocks[-1]
+    last = blocks[-1]
     holders = int(tables.allocator.refcounts([last])[0]) - queued.get(last, 0)  # holders other than the queue
     if holders <= 1:
         return False  # every twin already copied away: written in place
@@ -114,8 +125,7 @@ def plan_growth(tables, ids: list, seqs: list, n: int, token_ids) -> list:
     for i, (seq_id, seq) in enumerate(zip(ids, seqs)):
         total = -(-(seq.num_tokens + n) // bs)
         tables._check_width(seq_id, total, f"appending {n} tokens")
-        copy_tail = _copies_tail(tables, seq, queued)
-        num_new = total - len(seq.blocks) + copy_tail
+        copy_tail = [_copies_tail(tables, seq, blocks, queued) for blocks in seq.tables]
         tokens, hashes = None, []
         if rows is not None and seq.knows_all_tokens:
             tokens = rows[i]
@@ -124,6 +134,6 @@ def plan_growth(tables, ids: list, seqs: list, n: int, token_ids) -> list:
             if full:
                 parent = seq.hashes[-1] if seq.hashes else None
                 hashes = tables._hash_continued(pending[:full], seq.extra, parent)
-        plans.append(Growth(seq, n, copy_tail, num_new, first_new, tokens, hashes))
-        first_new += num_new
+        plans.append(Growth(seq, n, copy_tail, total - len(seq.blocks), first_new, tokens, hashes))
+        first_new += plans[-1].num_new_blocks
     return plans

@@ -17,16 +17,16 @@ from .batch_tables import BLOCK_TABLE_PAD, SLOT_PAD, BatchTables
 from .errors import InvalidArgumentError
 
 
-def build_batch(seq_ids, blocks: list, computed: np.ndarray, new: np.ndarray, block_size: int, width: int,
+def build_batch(seq_ids, tables: list, computed: np.ndarray, new: np.ndarray, block_size: int, width: int,
                 rows: int, num_slots: int, device: torch.device) -> BatchTables:
-    """The int32 tensors of one step over ``b = len(blocks)`` sequences.
+    """The int32 tensors of one step over ``b = len(tables)`` sequences, for every KV-cache group.
 
     Parameters
     ----------
     seq_ids : tuple or np.ndarray
         Stored as ``BatchTables.seq_ids`` (the caller's ids, as given).
-    blocks : list of list of int
-        Each sequence's block ids, in token order.
+    tables : list of list of list of int
+        ``tables[i][g]``: sequence i's block ids in group g, in token order (-1: released).
     computed, new : np.ndarray
         ``[b] int64``: tokens already computed and this step's new tokens, per sequence
         (``seq_lens = computed + new``).
@@ -44,38 +44,55 @@ def build_batch(seq_ids, blocks: list, computed: np.ndarray, new: np.ndarray, bl
     Returns
     -------
     BatchTables
-        With its CSR form given explicitly.
+        With its CSR form given explicitly. One group: today's shapes. G > 1 groups: ``block_table
+        [G, rows, width]``, ``slot_mapping [G, num_slots]``, ``kv_indptr [G, rows + 1]``,
+        ``kv_indices [G, nnz]``, ``kv_last_page_len [G, rows]``; ``seq_lens`` and
+        ``query_start_loc`` shared. Released positions read `BLOCK_TABLE_PAD` (0).
     """
-    b = len(blocks)
+    b, groups = len(tables), len(tables[0]) if tables else 1
     lens = np.zeros(rows, dtype=np.int64)
     lens[:b] = computed + new
     nblk = -(-lens // block_size)
-    table = np.full((rows, width), BLOCK_TABLE_PAD, dtype=np.int32)  # int32: [max_seqs, W] can be large
-    slots = np.full(num_slots, SLOT_PAD, dtype=np.int64)
     qsl = np.zeros(rows + 1, dtype=np.int64)
     qsl[1:b + 1] = np.cumsum(new)
     qsl[b + 1:] = qsl[b]
-    for i, ids in enumerate(blocks):
-        row = np.asarray(ids[:nblk[i]], dtype=np.int64)
-        table[i, :nblk[i]] = row
-        pos = np.arange(computed[i], lens[i])
-        slots[qsl[i]:qsl[i + 1]] = row[pos // block_size] * block_size + pos % block_size
+    parts = [_group_arrays([t[g] for t in tables], computed, lens, nblk, qsl, block_size, width, num_slots)
+             for g in range(groups)]
     indptr = np.concatenate([[0], np.cumsum(nblk)])
-    indices = np.concatenate([table[i, :nblk[i]] for i in range(rows)])
     last = np.where(lens > 0, lens - block_size * (nblk - 1), 0)
-    parts = _on_device([table.reshape(-1), lens, indptr, indices, last, qsl, slots], device)
+    stacked = [np.stack([p[k] for p in parts]) for k in range(3)]  # table, slots, indices: [G, ...]
+    dev = _on_device([stacked[0].reshape(-1), lens, np.tile(indptr, groups), stacked[2].reshape(-1),
+                      np.tile(last, groups), qsl, stacked[1].reshape(-1)], device)
+    shape = (lambda *dims: dims) if groups > 1 else (lambda *dims: dims[1:])
+    nnz = stacked[2].shape[1]
     return BatchTables(
         seq_ids=seq_ids,
-        block_table=parts[0].view(rows, width),
-        seq_lens=parts[1],
-        slot_mapping=parts[6],
-        query_start_loc=parts[5],
+        block_table=dev[0].view(*shape(groups, rows, width)),
+        seq_lens=dev[1],
+        slot_mapping=dev[6].view(*shape(groups, num_slots)),
+        query_start_loc=dev[5],
         seq_lens_host=lens.astype(np.int32),
         num_new_tokens=int(new.sum()),
         max_seq_len=int(lens.max()),
         block_size=block_size,
-        csr=(parts[2], parts[3], parts[4]),
+        csr=(dev[2].view(*shape(groups, rows + 1)), dev[3].view(*shape(groups, nnz)),
+             dev[4].view(*shape(groups, rows))),
     )
+
+
+def _group_arrays(blocks: list, computed, lens, nblk, qsl, block_size: int, width: int, num_slots: int) -> tuple:
+    """One group's ``(table [rows, width], slots [num_slots], indices [nnz])``, released positions as padding."""
+    rows = len(lens)
+    table = np.full((rows, width), BLOCK_TABLE_PAD, dtype=np.int32)  # int32: [max_seqs, W] can be large
+    slots = np.full(num_slots, SLOT_PAD, dtype=np.int64)
+    for i, ids in enumerate(blocks):
+        row = np.asarray(ids[:nblk[i]], dtype=np.int64)
+        table[i, :nblk[i]] = np.where(row < 0, BLOCK_TABLE_PAD, row)
+        pos = np.arange(computed[i], lens[i])
+        assert (row[pos // block_size] >= 0).all(), "a new token at a released position"
+        slots[qsl[i]:qsl[i + 1]] = row[pos // block_size] * block_size + pos % block_size
+    indices = np.concatenate([table[i, :nblk[i]] for i in range(rows)])
+    return table, slots, indices
 
 
 def _on_device(arrays: list, device: torch.device) -> list:
@@ -119,7 +136,8 @@ class BatchTensorsMixin:
         Returns
         -------
         BatchTables
-            ``block_table`` is ``[b, longest row]``.
+            ``block_table`` is ``[b, longest row]``; with G > 1 KV-cache groups ``[G, b, longest row]`` and
+            ``slot_mapping [G, tokens]`` (``batch.group(g)``: group g's, with the single-group shapes).
         """
         given, ids, seqs = self._lookup_batch(seq_ids, "batch")
         computed = np.array([s.num_computed for s in seqs], dtype=np.int64)
@@ -141,7 +159,7 @@ class BatchTensorsMixin:
         if num_slots < t:
             raise InvalidArgumentError(f"pad_slots_to={pad_slots_to} is below the {t} new tokens of this batch")
         width = int((-(-lens // self.block_size)).max())
-        return build_batch(given, [s.blocks for s in seqs], computed, new, self.block_size, width, len(ids),
+        return build_batch(given, [s.tables for s in seqs], computed, new, self.block_size, width, len(ids),
                            num_slots, self.device)
 
     def decode_step(self, seq_ids, token_ids=None, pad_batch_to: int | None = None) -> BatchTables:
@@ -164,7 +182,8 @@ class BatchTensorsMixin:
         -------
         BatchTables
             ``block_table [rows, W]``, ``seq_lens [rows]``, ``slot_mapping [rows]``,
-            ``query_start_loc [rows + 1]``, CSR rows, all int32; ``num_new_tokens = b``.
+            ``query_start_loc [rows + 1]``, CSR rows, all int32; ``num_new_tokens = b``. With G > 1
+            KV-cache groups ``block_table [G, rows, W]`` and ``slot_mapping [G, rows]``.
         """
         given, ids, seqs = self._lookup_batch(seq_ids, "decode_step")
         for seq_id, seq in zip(ids, seqs):
@@ -178,5 +197,5 @@ class BatchTensorsMixin:
                                        f"max_seqs={self.max_seqs}] (the batch size .. the largest batch)")
         self.append_batch(ids, 1, token_ids)
         computed = np.array([s.num_computed for s in seqs], dtype=np.int64)
-        return build_batch(given, [s.blocks for s in seqs], computed, np.ones(len(ids), dtype=np.int64),
+        return build_batch(given, [s.tables for s in seqs], computed, np.ones(len(ids), dtype=np.int64),
                            self.block_size, self.max_blocks_per_seq, rows, rows, self.device)

@@ -1,10 +1,12 @@
 """`ReferenceBlockTables`: the pure-Python twin and oracle of `kvpool.block_table.BlockTables`.
 
-Same contract (docs/page_table.md; issue 10), written for clarity: per-sequence Python lists
-(`ReferenceSeq`), appends planned before they are applied (`_reference_append`), batch tensors built
-row by row (`_reference_batch`). Every method validates and computes first and changes state last, so
-an error leaves every sequence and the allocator unchanged. Works with either allocator (``kvpool.BlockAllocator`` or
-``kvpool._reference.ReferenceBlockAllocator``).
+Same contract (docs/page_table.md; issues 10 and 13), written for clarity: per-sequence Python lists
+(`ReferenceSeq`, one block list per KV-cache group), appends planned before they are applied
+(`_reference_append`), batch tensors built row by row (`_reference_batch`), the window rule and prefix
+hits across groups apart (`_reference_groups`, `_reference_prefix`). Every method validates and computes
+first and changes state last, so an error leaves every sequence and the allocator unchanged. Works with
+either allocator (``kvpool.BlockAllocator`` or ``kvpool._reference.ReferenceBlockAllocator``); prefix
+hits across several groups need the latter's read-only lookups.
 
 Sequence ids are any hashables; numpy integers are the equal Python ints (``np.int64(5)`` is ``5``),
 and the batch calls also take a 1-D numpy array of ids.
@@ -12,7 +14,6 @@ and the batch calls also take a 1-D numpy array of ids.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from . import _reference
 from . import allocator as _allocator
@@ -20,13 +21,16 @@ from ._arrays import as_int, as_prompt, check_geometry
 from ._device_check import checked_device
 from ._reference_append import plan_growth
 from ._reference_batch import BatchTensorsMixin
+from ._reference_groups import GroupLayout, check_group_windows, group_hash
 from ._reference_ids import batch_ids, no_repeats, norm_id
+from ._reference_prefix import allocate_prompt, offer_to_cache, release_window
 from ._reference_seq import ReferenceSeq
+from ._reference_sharing import SharingMixin
 from .batch_tables import BatchTables
 from .errors import BlockIndexError, InvalidArgumentError, OutOfBlocksError
 
 
-class ReferenceBlockTables(BatchTensorsMixin):
+class ReferenceBlockTables(BatchTensorsMixin, SharingMixin):
     """Block lists of the live sequences of one TP group and the batch tensors built from them.
 
     Parameters
@@ -42,12 +46,19 @@ class ReferenceBlockTables(BatchTensorsMixin):
     enable_prefix_caching : bool, optional
         Hash full blocks and reuse cached ones; defaults to the allocator's setting.
     max_blocks_per_seq : int, optional
-        Most blocks one sequence may hold (``W``, the width of `decode_step`'s table); defaults to
+        Most blocks one sequence may hold (the width of `decode_step`'s table); defaults to
         ``allocator.num_blocks``.
+    group_windows : sequence of (int or None), optional
+        One entry per KV-cache group: None (full attention) or its window in tokens (>= 1); default
+        ``(None,)``, one full group. With several groups, or a windowed one, and prefix caching, the
+        allocator must probe across groups (``probe_chain``, ``probe_anchored``, ``take_cached``).
+    _hash_bits : int
+        Tests only: keep this many low bits of every hash handed to the allocator (collisions on demand).
     """
 
     def __init__(self, allocator, block_size: int, device="cpu", max_seqs: int = 256,
-                 enable_prefix_caching: bool | None = None, max_blocks_per_seq: int | None = None):
+                 enable_prefix_caching: bool | None = None, max_blocks_per_seq: int | None = None,
+                 group_windows=None, _hash_bits: int = 64):
         if int(block_size) != int(allocator.block_size):
             raise InvalidArgumentError(
                 f"block_size={block_size} differs from the allocator's block_size={allocator.block_size}; "
@@ -68,6 +79,16 @@ class ReferenceBlockTables(BatchTensorsMixin):
         if enable_prefix_caching is None:
             enable_prefix_caching = bool(getattr(allocator, "enable_prefix_caching", True))
         self.enable_prefix_caching = bool(enable_prefix_caching)
+        self.layout = GroupLayout(check_group_windows(group_windows))
+        if self.enable_prefix_caching and not self.layout.single_full and not hasattr(allocator, "probe_chain"):
+            raise InvalidArgumentError(
+                f"group_windows={self.layout.windows} with prefix caching needs an allocator that probes across "
+                f"groups (probe_chain / probe_anchored / take_cached); {type(allocator).__name__} has none: use "
+                "kvpool.BlockAllocator or kvpool._reference.ReferenceBlockAllocator, or enable_prefix_caching=False")
+        bits = as_int(_hash_bits, "_hash_bits")
+        if not 0 <= bits <= 64:
+            raise InvalidArgumentError(f"_hash_bits={_hash_bits} must lie in [0, 64]")
+        self._mask = (1 << bits) - 1
         reference = isinstance(allocator, _reference.ReferenceBlockAllocator)
         self._hash_fn = _reference.hash_block_tokens if reference else _allocator.hash_block_tokens
         self._seqs: dict = {}
@@ -87,9 +108,28 @@ class ReferenceBlockTables(BatchTensorsMixin):
             raise BlockIndexError(f"unknown seq_id {seq_id!r}: add() it first (or it was already freed)")
         return seq
 
-    def blocks(self, seq_id) -> np.ndarray:
-        """``[n_blocks] int32`` copy of the block ids of `seq_id`, in token order."""
-        return np.array(self._get(seq_id).blocks, dtype=np.int32)
+    @property
+    def num_groups(self) -> int:
+        """KV-cache groups (1 for a single-attention-kind model)."""
+        return self.layout.num_groups
+
+    @property
+    def group_windows(self) -> tuple:
+        """Each group's window in tokens (None: full attention)."""
+        return self.layout.windows
+
+    def blocks(self, seq_id, group: int = 0) -> np.ndarray:
+        """``[n_blocks] int32`` copy of group `group`'s block ids of `seq_id`, in token order.
+
+        ``n_blocks = ceil(num_tokens / block_size)`` in every group; a windowed group has -1 at the
+        positions it gave back (or never took: they lay wholly before the window).
+        """
+        seq = self._get(seq_id)
+        if isinstance(group, (bool, np.bool_)) or not isinstance(group, (int, np.integer)) or \
+                not 0 <= group < self.num_groups:
+            raise InvalidArgumentError(f"blocks({seq_id!r}, group={group!r}): group must be an int in "
+                                       f"[0, {self.num_groups}) (the tables have {self.num_groups} KV-cache groups)")
+        return np.array(seq.tables[int(group)], dtype=np.int32)
 
     def num_tokens(self, seq_id) -> int:
         """Tokens in `seq_id` (prompt plus appended)."""
@@ -111,6 +151,10 @@ class ReferenceBlockTables(BatchTensorsMixin):
     def _hash(self, tokens: np.ndarray, extra) -> np.ndarray:
         """``[n // block_size] uint64`` prompt block hashes under the allocator's key (tests weaken them here)."""
         return self.allocator.hash_tokens(tokens, extra)
+
+    def _allocator_hashes(self, hashes: list, group: int) -> list:
+        """Group `group`'s hashes of blocks whose group-0 hashes are `hashes`, as the allocator sees them."""
+        return [group_hash(h, group, self.allocator.hash_key) & self._mask for h in hashes]
 
     def _hash_continued(self, tokens: list, extra, parent_hash) -> list:
         """Hashes of the full blocks of `tokens`, chained after `parent_hash` (None: the first block)."""
@@ -145,30 +189,42 @@ class ReferenceBlockTables(BatchTensorsMixin):
         if seq_id in self._seqs:
             raise InvalidArgumentError(f"seq_id {seq_id!r} already exists: free() it or use a new id")
         tokens, n = as_prompt(seq_id, prompt_tokens)
-        bs = self.block_size
+        bs, groups = self.block_size, self.num_groups
         total = -(-n // bs)
         self._check_width(seq_id, total, f"add() of a {n}-token prompt")
+        what = f"add({seq_id!r}) of a {n}-token prompt"
+        chains = [_reference.CHAIN_ROOT] * groups
         if not self.enable_prefix_caching or tokens is None:  # nothing is hashed, nothing kept
-            self._seqs[seq_id] = ReferenceSeq(self._allocate(total, f"add({seq_id!r}) of a {n}-token prompt"), n)
+            self._seqs[seq_id] = ReferenceSeq(self._allocate_groups(total, what), n, chains=chains)
             return 0
         context = self.allocator.extra_key(extra)
         if n < bs:  # no full block to match: a plain allocation; the tokens are kept for later blocks
-            blocks = self._allocate(total, f"add({seq_id!r}) of a {n}-token prompt")
-            self._seqs[seq_id] = ReferenceSeq(blocks, n, tokens=tokens.tolist(), extra=extra, context=context)
+            self._seqs[seq_id] = ReferenceSeq(self._allocate_groups(total, what), n, tokens=tokens.tolist(),
+                                              extra=extra, context=context, chains=chains)
             return 0
         hashes = np.asarray(self._hash(tokens, extra), dtype=np.uint64)
+        if not self.layout.single_full:  # hits across groups: every group must serve them
+            seq = allocate_prompt(self, seq_id, tokens, hashes.tolist(), total, extra, context)
+            self._seqs[seq_id] = seq
+            return seq.num_computed
         matchable = (n - 1) // bs  # only blocks entirely before the last token: it is recomputed for its logits
         try:  # one all-or-nothing call: every hit's tokens compared, then the fresh blocks
             blocks, hits, chain = self.allocator.allocate_with_prefix(
-                total, hashes[:matchable], tokens[:matchable * bs], context)
+                total, np.array(self._allocator_hashes(hashes[:matchable].tolist(), 0), dtype=np.uint64),
+                tokens[:matchable * bs], context)
         except OutOfBlocksError as err:
             raise OutOfBlocksError(
                 f"add({seq_id!r}) of a {n}-token prompt needs {err.requested} new blocks but {err.available} are "
                 "free; free or preempt sequences, or size the pool larger", requested=err.requested,
                 available=err.available) from err
-        self._seqs[seq_id] = ReferenceSeq(blocks.tolist(), n, hits * bs, tokens.tolist(), hashes.tolist(), hits,
-                                          extra, context, chain)
+        self._seqs[seq_id] = ReferenceSeq([blocks.tolist()], n, hits * bs, tokens.tolist(), hashes.tolist(), hits,
+                                          extra, context, [chain])
         return hits * bs
+
+    def _allocate_groups(self, n: int, what: str) -> list:
+        """`n` fresh positions in every group, in one call, position-major: a position's groups together."""
+        fresh = self._allocate(n * self.num_groups, what)
+        return [fresh[g::self.num_groups] for g in range(self.num_groups)]
 
     def _allocate(self, n: int, what: str) -> list:
         if n <= 0:
@@ -198,7 +254,8 @@ class ReferenceBlockTables(BatchTensorsMixin):
         Returns
         -------
         np.ndarray
-            ``[n_tokens] int32`` slots (``block_id * block_size + offset``) of the new tokens.
+            ``[n_tokens] int32`` slots (``block_id * block_size + offset``) of the new tokens;
+            ``[G, n_tokens]`` (one row per KV-cache group) with G > 1 groups.
 
         Raises
         ------
@@ -223,7 +280,8 @@ class ReferenceBlockTables(BatchTensorsMixin):
         Returns
         -------
         np.ndarray
-            ``[b * n_tokens] int32`` slots of the new tokens, seq-major.
+            ``[b * n_tokens] int32`` slots of the new tokens, seq-major; ``[G, b * n_tokens]`` (group-major:
+            one row per KV-cache group) with G > 1 groups.
 
         Raises
         ------
@@ -245,54 +303,26 @@ class ReferenceBlockTables(BatchTensorsMixin):
         need = sum(p.num_new_blocks for p in plans)
         what = f"append({ids[0]!r}, {n})" if len(ids) == 1 else f"append_batch of {len(ids)} sequences x {n} tokens"
         fresh = self._allocate(need, what)  # ONE call: the same ids, in the same order, as sequential appends
-        dsts = [fresh[p.first_new] for p in plans if p.copy_tail]
+        shares = [fresh[p.first_new:p.first_new + p.num_new_blocks] for p in plans]
+        dsts = [b for p, share in zip(plans, shares) for b in p.copy_destinations(share)]
         if dsts:  # the copy queue's reference on each destination
             self.allocator.incref(dsts)
-        for p in plans:
-            p.apply(self, fresh[p.first_new:p.first_new + p.num_new_blocks])
-        slots = [self._slots(p.seq, p.old_tokens, n) for p in plans]
-        return np.concatenate(slots).astype(np.int32) if slots else np.empty(0, dtype=np.int32)
+        for p, share in zip(plans, shares):
+            p.apply(self, share)
+        slots = np.array([[s for p in plans for s in self._slots(p.seq.tables[g], p.old_tokens, n)]
+                          for g in range(self.num_groups)], dtype=np.int32).reshape(self.num_groups, -1)
+        return slots[0] if self.num_groups == 1 else slots
 
-    def _slots(self, seq: ReferenceSeq, start: int, n: int) -> np.ndarray:
-        """``[n] int64`` slots of tokens ``start .. start + n`` of `seq` (reads only their blocks)."""
-        bs, first = self.block_size, start // self.block_size
-        pos = np.arange(start, start + n)
-        blocks = np.asarray(seq.blocks[first:(start + n - 1) // bs + 1], dtype=np.int64)
-        return blocks[pos // bs - first] * bs + pos % bs
-
-    def _queue_copy(self, src: int, dst: int) -> None:
-        """Queue a copy-on-write; the sequence's reference on src passes to the queue."""
-        self._copies.append((src, dst))
-        self._queued[src] = self._queued.get(src, 0) + 1
-        self._queued[dst] = self._queued.get(dst, 0) + 1
-
-    def fork(self, parent, child) -> None:
-        """Make `child` a copy of `parent` sharing all its blocks (beam search, parallel sampling).
-
-        The parent must have all its tokens computed (`mark_computed`), so no shared block is ever
-        written by two sequences; the first `append` on either side copies a shared partial block.
-        """
-        seq = self._get(parent)
-        child = norm_id(child)
-        if child in self._seqs:
-            raise InvalidArgumentError(f"fork target seq_id {child!r} already exists: pick a new id")
-        if seq.num_computed != seq.num_tokens:
-            raise InvalidArgumentError(
-                f"fork({parent!r}, {child!r}): parent has {seq.num_tokens - seq.num_computed} tokens not yet "
-                "computed; run the forward and mark_computed() first so no shared block is written twice")
-        self.allocator.incref(seq.blocks)
-        twin = seq.clone()
-        seq.shared_tail = twin.shared_tail = seq.num_tokens % self.block_size != 0
-        self._seqs[child] = twin
-
-    def free(self, seq_id) -> None:
-        """Release `seq_id`'s blocks, in sequence order so that its prefix stays cached longest."""
-        seq = self._get(seq_id)
-        self.allocator.free(np.array(seq.blocks, dtype=np.int32))
-        del self._seqs[norm_id(seq_id)]
+    def _slots(self, blocks: list, start: int, n: int) -> list:
+        """Slots of tokens ``start .. start + n`` in one group's `blocks` (new tokens: never a released position)."""
+        bs = self.block_size
+        return [blocks[pos // bs] * bs + pos % bs for pos in range(start, start + n)]
 
     def mark_computed(self, seqs, num_computed=None) -> None:
         """Record that KV has been written; offer newly computed full hashed blocks to the prefix cache.
+
+        Then every windowed group gives back the blocks that left its window (still cached, if they were),
+        in one allocator call for all the sequences.
 
         Parameters
         ----------
@@ -319,40 +349,13 @@ class ReferenceBlockTables(BatchTensorsMixin):
                 raise InvalidArgumentError(
                     f"mark_computed({seq_id!r}, {n}): must lie in [{seq.num_computed}, {seq.num_tokens}] "
                     "(computed so far, tokens in the sequence)")
+        released = []
         for seq, n in zip(found, lens):
             seq.num_computed = seq.num_tokens if n is None else n
-            self._offer_to_cache(seq)
-
-    def _offer_to_cache(self, seq: ReferenceSeq) -> None:
-        """Offer the computed full blocks with a hash (prompt and decoded) not offered yet."""
-        bs = self.block_size
-        first, full = seq.num_cached, min(seq.num_computed // bs, len(seq.hashes))
-        if not self.enable_prefix_caching or full <= first:
-            return
-        seq.chain = self.allocator.cache_blocks_verified(
-            np.array(seq.blocks[first:full], dtype=np.int32), np.array(seq.hashes[first:full], dtype=np.uint64),
-            np.array(seq.tokens[first * bs:full * bs], dtype=np.int32), seq.context, seq.chain)
-        seq.num_cached = full
-
-    @property
-    def pending_copies(self) -> list:
-        """Queued copy-on-write ``(src, dst)`` pairs; the queue holds one reference on each block."""
-        return list(self._copies)
-
-    def pop_copies(self):
-        """Take the queued copy-on-write pairs.
-
-        Returns
-        -------
-        (torch.Tensor, torch.Tensor)
-            ``src [n] int64`` and ``dst [n] int64`` block ids on the device, for
-            ``copy_blocks(caches, src, dst)``, which must run before the next forward pass writes.
-        """
-        pairs, self._copies, self._queued = self._copies, [], {}
-        arr = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-        if len(pairs):
-            self.allocator.free(arr.reshape(-1).astype(np.int32))  # drop the queue's references
-        return torch.from_numpy(arr[:, 0].copy()).to(self.device), torch.from_numpy(arr[:, 1].copy()).to(self.device)
+            offer_to_cache(self, seq)  # before the release: a released block stays cached (free, evictable)
+            released += release_window(self, seq)
+        if released:  # one call for the whole batch
+            self.allocator.free(np.array(released, dtype=np.int32))
 
     def __repr__(self) -> str:
         return (f"ReferenceBlockTables(seqs={len(self._seqs)}, block_size={self.block_size}, device={self.device}, "

@@ -126,6 +126,19 @@ class BlockTables:
             raise self._ids.named(err) from None
 
     # ----------------------------------------------------------------- introspection
+    @classmethod
+    def for_cache(cls, allocator, cache, **kwargs) -> "BlockTables":
+        """Tables for ``cache`` (a `kvpool.PagedKVCache`): its block size, device and KV-cache groups.
+
+        Use it for a hybrid model: its layers of different groups share slot tensors, so one table for
+        every layer (``group_windows`` left out) would write one layer's KV over another's.
+
+        >>> # tables = BlockTables.for_cache(BlockAllocator(n, 16), cache, max_seqs=256)
+        """
+        if "group_windows" in kwargs:
+            raise InvalidArgumentError("for_cache takes the KV-cache groups from the cache; do not pass group_windows")
+        return cls(allocator, cache.block_size, cache.device, group_windows=cache.kv_groups.windows, **kwargs)
+
     def __contains__(self, seq_id) -> bool:
         try:
             return self._ids.handle(seq_id) in self._core
