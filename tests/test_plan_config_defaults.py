@@ -161,3 +161,18 @@ def test_current_preset_stripped_of_defaulted_fields_counts_as_transformers(name
     if name == "deepseek-v2-lite":  # its remote code's config fields, as transformers' DeepseekV2Config reads them
         stripped.update(num_hidden_layers=3, first_k_dense_replace=1)
     assert load_model_spec(stripped).num_parameters == _hf_count(stripped)
+
+
+@pytest.mark.parametrize("use_sliding_window, windows", [(False, (None,) * 4), (True, (32, None, 32, None))])
+def test_qwen2_layer_types_slide_only_when_the_window_is_enabled(use_sliding_window, windows):
+    """transformers' Qwen2Config drops sliding_window unless use_sliding_window, so listed sliding layers
+    then attend to everything; the planner (and the pages it sizes) must read the file the same way."""
+    from transformers import Qwen2Config
+
+    layer_types = ["sliding_attention", "full_attention"] * 2
+    cfg = dict(model_type="qwen2", num_hidden_layers=4, hidden_size=64, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=100, intermediate_size=128, sliding_window=32,
+               use_sliding_window=use_sliding_window, layer_types=layer_types)
+    hf = Qwen2Config(**{k: v for k, v in cfg.items() if k != "model_type"})
+    assert tuple(hf.sliding_window if t == "sliding_attention" else None for t in hf.layer_types) == windows
+    assert spec_from_config(cfg).layer_sliding_windows == windows

@@ -74,6 +74,11 @@ def _sliding_windows(cfg: Mapping, num_layers: int) -> tuple:
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
         raise ConfigError(f"model config field 'sliding_window' must be a positive integer or null, got {window!r}")
     layer_types = cfg.get("layer_types")
+    disabled = "use_sliding_window" in cfg and not cfg.get("use_sliding_window")
+    if disabled:
+        # Qwen2/Qwen3: transformers sets sliding_window = None unless use_sliding_window, so a layer listed
+        # as "sliding_attention" then attends to everything (vLLM reads the config the same way)
+        window = None
     if layer_types is not None:
         if not isinstance(layer_types, list) or len(layer_types) != num_layers:
             raise ConfigError(
@@ -82,7 +87,7 @@ def _sliding_windows(cfg: Mapping, num_layers: int) -> tuple:
         out = []
         for i, kind in enumerate(layer_types):
             if kind == "sliding_attention":
-                if window is None:
+                if window is None and not disabled:
                     raise ConfigError(f"layer {i} is 'sliding_attention' but 'sliding_window' is not set")
                 out.append(window)
             elif kind == "full_attention":
