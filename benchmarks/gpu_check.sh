@@ -69,7 +69,8 @@ lim=$(limit 80 185)
 if (( lim >= 5 )); then
   log "tests_kernels_gpu: start (limit ${lim}s, 3 processes)"
   PYT=("$PY" -m pytest -m gpu -q -rfE -p no:cacheprovider)
-  timeout --kill-after=5 "$lim" "${PYT[@]}" tests/test_kernels_decode.py > "$OUT/tests_kernels_decode_gpu.log" 2>&1 &
+  timeout --kill-after=5 "$lim" "${PYT[@]}" tests/test_kernels_decode.py tests/test_kernels_sinks.py \
+    > "$OUT/tests_kernels_decode_gpu.log" 2>&1 &
   timeout --kill-after=5 "$lim" "${PYT[@]}" tests/test_kernels_write.py tests/test_kernels_gather.py \
     > "$OUT/tests_kernels_write_gather_gpu.log" 2>&1 &
   timeout --kill-after=5 "$lim" "${PYT[@]}" tests/test_kernels_copy.py tests/test_kernels_backend.py \
