@@ -18,7 +18,7 @@ import sys
 from .._optional_deps import require
 from ..errors import KVPoolError
 from .launch import DEFAULT_KV_MIB, DemoOptions, run_demo
-from .model import DEMO_MODELS
+from .configs import DEMO_MODELS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
