@@ -11,5 +11,6 @@ forces one, ``KVPOOL_DEBUG=1`` range-checks block ids and slots (see :mod:`kvpoo
 """
 from .api import copy_blocks, gather_kv, paged_decode, write_kv
 from .prefill import prefill_attention
+from .workspace import DecodeWorkspace
 
-__all__ = ["write_kv", "gather_kv", "copy_blocks", "paged_decode", "prefill_attention"]
+__all__ = ["write_kv", "gather_kv", "copy_blocks", "paged_decode", "prefill_attention", "DecodeWorkspace"]

@@ -12,8 +12,10 @@ import torch
 
 from ..errors import KernelError
 from . import backend as _b
+from . import proof_cache as _pc
 from . import reference as _ref
 from .ids import as_block_ids, check_copy_pairs, exact_int, is_bool
+from .workspace import DecodeWorkspace
 
 
 def _check_new_tokens(key, value, k_cache, slot_mapping) -> None:
@@ -259,7 +261,7 @@ def copy_blocks(caches: Sequence[torch.Tensor], src, dst) -> None:
 
 
 def paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window=None, logit_soft_cap=None,
-                 k_scale=None, v_scale=None, *, sinks=None, out=None):
+                 k_scale=None, v_scale=None, *, sinks=None, out=None, workspace=None):
     """Decode attention: one query token per sequence against its paged K and V.
 
     Parameters
@@ -291,12 +293,67 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_wind
         ``-inf`` is no sink.
     out : torch.Tensor, optional
         Preallocated output ``[batch, q_heads, head_dim]`` ``q.dtype`` (``head_dim`` contiguous).
+    workspace : DecodeWorkspace, optional
+        Scratch for the split-K partials and their log-sum-exps (:mod:`kvpool.kernels.workspace`), reused
+        and grown as needed; default one cached per (device, CUDA stream).
 
     Returns
     -------
     torch.Tensor
         ``[batch, q_heads, head_dim]`` in ``q.dtype`` (``out`` when given).
+
+    Notes
+    -----
+    The checks' verdict and the launch plan are remembered per (pointers, shapes, strides, dtypes,
+    devices, scalars, environment) (:mod:`kvpool.kernels.proof_cache`; calls with CPU sinks, whose
+    values are checked, are not cached): a decode loop passing the same tensors again skips them.
     """
+    args = (q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, sinks)
+    key = _decode_key(*args, scale, sliding_window, logit_soft_cap, out, workspace) if _pc.cacheable() else None
+    proof = _DECODE_PROOFS.get(key) if key is not None else None
+    if proof is None:
+        proof = _check_paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window,
+                                    logit_soft_cap, k_scale, v_scale, sinks, out, workspace)
+        if key is not None:
+            _DECODE_PROOFS.put(key, proof)
+    plan, scale, sliding_window, logit_soft_cap = proof
+    if plan is not None:
+        from .decode import launch_decode
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        return launch_decode(plan, q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, sinks, out,
+                             workspace)
+    result = _ref.paged_decode_reference(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window,
+                                         logit_soft_cap, k_scale, v_scale, sinks=sinks)
+    return result if out is None else out.copy_(result)
+
+
+_DECODE_PROOFS = _pc.ProofCache()
+
+
+def _decode_key(q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, sinks, scale, sliding_window,
+                logit_soft_cap, out, workspace) -> tuple | None:
+    """The proof-cache key of a decode call, or ``None`` (not cacheable: an argument of an unexpected type)."""
+    if not (isinstance(q, torch.Tensor) and isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)
+            and isinstance(block_table, torch.Tensor) and isinstance(seq_lens, torch.Tensor)):
+        return None
+    for t in (k_scale, v_scale, sinks, out):
+        if t is not None and not isinstance(t, torch.Tensor):
+            return None
+    if sinks is not None and sinks.device.type == "cpu":  # its values are checked: a new tensor at the same
+        return None                                       # address and version could hold a NaN
+    for x in (scale, sliding_window, logit_soft_cap):  # the type too: 2 == 2.0 == True as dict keys
+        if x is not None and type(x) not in (int, float):
+            return None
+    tk = _pc.tensor_key
+    return (tk(q), tk(k_cache), tk(v_cache), tk(block_table), tk(seq_lens), tk(k_scale), tk(v_scale),
+            tk(sinks), tk(out), type(scale), scale, type(sliding_window), sliding_window,
+            type(logit_soft_cap), logit_soft_cap, None if workspace is None else workspace.device, _pc.env_key())
+
+
+def _check_paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window, logit_soft_cap,
+                        k_scale, v_scale, sinks, out, workspace) -> tuple:
+    """Every check of :func:`paged_decode`; returns ``(plan or None for the torch path, scale, window, cap)``."""
     _b.check_cache_pair(k_cache, v_cache)
     _b.check_scales(k_cache, k_scale, v_scale)
     num_blocks, block_size, kv_heads, head_dim = k_cache.shape
@@ -322,13 +379,17 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_wind
         raise KernelError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, head_dim contiguous")
     if out is not None:
         _check_writable("out", out)
+    if workspace is not None:
+        if not isinstance(workspace, DecodeWorkspace):
+            raise KernelError(f"workspace must be a kvpool.kernels.DecodeWorkspace or None, got "
+                              f"{type(workspace).__name__}")
+        workspace.check_device(q.device)
+    plan = None
     if _b.use_triton(q, k_cache):
-        from .decode import paged_decode_triton
-        return paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window,
-                                   logit_soft_cap, k_scale, v_scale, out=out, sinks=sinks)
-    result = _ref.paged_decode_reference(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window,
-                                         logit_soft_cap, k_scale, v_scale, sinks=sinks)
-    return result if out is None else out.copy_(result)
+        from .decode import plan_decode
+        plan = plan_decode(q, k_cache, v_cache, block_table, scale, sliding_window, logit_soft_cap, k_scale,
+                           v_scale, sinks)
+    return plan, scale, sliding_window, logit_soft_cap
 
 
 def _attention_scalars(scale, sliding_window, logit_soft_cap) -> tuple:

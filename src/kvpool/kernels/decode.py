@@ -21,6 +21,7 @@ sink is counted once.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 import triton
@@ -29,6 +30,7 @@ from triton.runtime.errors import OutOfResources
 
 from .backend import interpreting, scale_launch_args
 from .interpreter_fixes import round_bits, round_mantissa
+from .workspace import cached_workspace
 
 @triton.jit
 def _tanh(x):
@@ -242,18 +244,22 @@ def choose_num_splits(batch: int, kv_heads: int, max_tokens: int, block_n: int, 
     return max(1, min(triton.cdiv(4 * num_sms, programs), triton.cdiv(max_tiles, 2)))
 
 
-def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window=None,
-                        logit_soft_cap=None, k_scale=None, v_scale=None, num_splits=None, out=None, sinks=None):
-    """Launch the decode kernel (+ merge); arguments as :func:`kvpool.kernels.paged_decode`.
+class DecodePlan(NamedTuple):
+    """Everything of a decode launch that depends only on shapes, strides, dtypes and the options."""
+    num_splits: int
+    num_stages: int
+    config_key: tuple
+    static_args: tuple                   # scalars and strides between ``num_splits`` and the dest strides
+    constexprs: dict
+    merge_constexprs: dict
 
-    ``num_splits`` overrides the heuristic (tests use it to cover both paths on CPU).
-    """
+
+def plan_decode(q, k_cache, v_cache, block_table, scale, sliding_window, logit_soft_cap, k_scale, v_scale,
+                sinks, num_splits=None) -> DecodePlan:
+    """The launch configuration of one decode call (no allocation, no launch); cacheable by its inputs'
+    metadata. ``num_splits`` overrides the heuristic."""
     batch, q_heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
-    if out is None:
-        out = torch.empty((batch, q_heads, head_dim), dtype=q.dtype, device=q.device)
-    if batch == 0:
-        return out
     group = q_heads // kv_heads
     block_n, num_warps, num_stages = _tile_config(head_dim, k_cache.element_size())
     if num_splits is None:
@@ -263,44 +269,71 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale, slidi
         num_sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
             if q.is_cuda else 4
         num_splits = choose_num_splits(batch, kv_heads, max_tokens, block_n, num_sms)
-    scale_mode, k_scale, v_scale, scale_strides = scale_launch_args(k_cache, v_cache, k_scale, v_scale)
+    scale_mode, _, _, scale_strides = scale_launch_args(k_cache, v_cache, k_scale, v_scale)
     # triton 3.6's interpreter computes bf16 tl.dot wrongly (triton-lang/triton#11584): use fp32 there.
     dot_fp32 = q.dtype == torch.float32 or interpreting()
     split = num_splits > 1
-    if split:
-        part = torch.empty((batch, q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-        lse = torch.empty((batch, q_heads, num_splits), dtype=torch.float32, device=q.device)
+    has_sinks = sinks is not None
+    static_args = (float(scale), float(logit_soft_cap or 0.0), int(sliding_window or 0), num_splits,
+                   sinks.stride(0) if has_sinks else 0,
+                   q.stride(0), q.stride(1), block_table.stride(0),
+                   k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides)
+    round_to = round_bits(q.dtype, interpreting())
+    constexprs = dict(
+        KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, SCALE_MODE=scale_mode,
+        HAS_WINDOW=bool(sliding_window), HAS_SOFT_CAP=bool(logit_soft_cap), SPLIT=split,
+        HAS_SINKS=has_sinks and not split, DOT_FP32=dot_fp32, ROUND_BITS=round_to,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=num_warps)
+    merge_constexprs = dict(Q_HEADS=q_heads, HEAD_DIM=head_dim, ROUND_BITS=round_to, HAS_SINKS=has_sinks,
+                            BLOCK_S=triton.next_power_of_2(num_splits),
+                            BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4)
+    config_key = (q.dtype, k_cache.dtype, head_dim, group, scale_mode, split, has_sinks)
+    return DecodePlan(num_splits, num_stages, config_key, static_args, constexprs, merge_constexprs)
+
+
+def launch_decode(plan: DecodePlan, q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, sinks, out,
+                  workspace=None):
+    """Run a planned decode into ``out [batch, q_heads, head_dim]``: one launch without splits, else the
+    split kernel into ``workspace``'s scratch (the cached one when ``None``) and the merge."""
+    batch, q_heads, head_dim = q.shape
+    if batch == 0:
+        return out
+    kv_heads = k_cache.shape[2]
+    if k_scale is None:  # not fp8: the caches stand in for the unread scale pointers
+        k_scale, v_scale = k_cache, v_cache
+    sinks_arg = q if sinks is None else sinks  # q: an unread stand-in
+    num_splits = plan.num_splits
+    if num_splits > 1:
+        if workspace is None:
+            workspace = cached_workspace(q.device)
+        part, lse = workspace.split_buffers(batch, q_heads, num_splits, head_dim)
         dest, dest_strides = part, part.stride()[:3]
     else:
         lse, dest, dest_strides = out, out, (out.stride(0), out.stride(1), 0)
-    has_sinks = sinks is not None
-    sinks_arg, stride_sinks = (sinks, sinks.stride(0)) if has_sinks else (q, 0)  # q: an unread stand-in
-    config_key = (q.dtype, k_cache.dtype, head_dim, group, scale_mode, split, has_sinks)
     _launch_with_stage_fallback(
-        _paged_decode_kernel, (batch * kv_heads, num_splits), config_key, num_stages,
+        _paged_decode_kernel, (batch * kv_heads, num_splits), plan.config_key, plan.num_stages,
         q, k_cache, v_cache, k_scale, v_scale, sinks_arg, block_table, seq_lens, dest, lse,
-        float(scale), float(logit_soft_cap or 0.0), int(sliding_window or 0), num_splits,
-        stride_sinks,
-        q.stride(0), q.stride(1),
-        block_table.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        *scale_strides,
-        *dest_strides,
-        KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, SCALE_MODE=scale_mode,
-        HAS_WINDOW=bool(sliding_window), HAS_SOFT_CAP=bool(logit_soft_cap), SPLIT=split,
-        HAS_SINKS=has_sinks and not split, DOT_FP32=dot_fp32,
-        ROUND_BITS=round_bits(q.dtype, interpreting()),
-        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=num_warps,
-    )
-    if split:
+        *plan.static_args, *dest_strides, **plan.constexprs)
+    if num_splits > 1:
         _merge_splits_kernel[(batch * q_heads,)](
-            part, lse, sinks_arg, out, num_splits, stride_sinks, out.stride(0), out.stride(1),
-            Q_HEADS=q_heads, HEAD_DIM=head_dim, ROUND_BITS=round_bits(q.dtype, interpreting()), HAS_SINKS=has_sinks,
-            BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4,
-        )
+            part, lse, sinks_arg, out, num_splits, plan.static_args[4], out.stride(0), out.stride(1),
+            **plan.merge_constexprs)
     return out
 
 
-__all__ = ["paged_decode_triton", "choose_num_splits"]
+def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window=None,
+                        logit_soft_cap=None, k_scale=None, v_scale=None, num_splits=None, out=None, sinks=None,
+                        workspace=None):
+    """Plan and launch the decode kernel (+ merge); arguments as :func:`kvpool.kernels.paged_decode`.
+
+    ``num_splits`` overrides the heuristic (tests use it to cover both paths on CPU).
+    """
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    plan = plan_decode(q, k_cache, v_cache, block_table, scale, sliding_window, logit_soft_cap, k_scale, v_scale,
+                       sinks, num_splits)
+    return launch_decode(plan, q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, sinks, out, workspace)
+
+
+__all__ = ["paged_decode_triton", "choose_num_splits", "plan_decode", "launch_decode", "DecodePlan"]
