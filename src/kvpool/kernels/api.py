@@ -309,7 +309,8 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_wind
     values are checked, are not cached): a decode loop passing the same tensors again skips them.
     """
     args = (q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, sinks)
-    key = _decode_key(*args, scale, sliding_window, logit_soft_cap, out, workspace) if _pc.cacheable() else None
+    env = _pc.cacheable_env()
+    key = None if env is None else _decode_key(*args, scale, sliding_window, logit_soft_cap, out, workspace, env)
     proof = _DECODE_PROOFS.get(key) if key is not None else None
     if proof is None:
         proof = _check_paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window,
@@ -332,7 +333,7 @@ _DECODE_PROOFS = _pc.ProofCache()
 
 
 def _decode_key(q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, sinks, scale, sliding_window,
-                logit_soft_cap, out, workspace) -> tuple | None:
+                logit_soft_cap, out, workspace, env) -> tuple | None:
     """The proof-cache key of a decode call, or ``None`` (not cacheable: an argument of an unexpected type)."""
     if not (isinstance(q, torch.Tensor) and isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)
             and isinstance(block_table, torch.Tensor) and isinstance(seq_lens, torch.Tensor)):
@@ -348,7 +349,7 @@ def _decode_key(q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, si
     tk = _pc.tensor_key
     return (tk(q), tk(k_cache), tk(v_cache), tk(block_table), tk(seq_lens), tk(k_scale), tk(v_scale),
             tk(sinks), tk(out), type(scale), scale, type(sliding_window), sliding_window,
-            type(logit_soft_cap), logit_soft_cap, None if workspace is None else workspace.device, _pc.env_key())
+            type(logit_soft_cap), logit_soft_cap, None if workspace is None else workspace.device, env)
 
 
 def _check_paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window, logit_soft_cap,

@@ -39,6 +39,7 @@ class DecodeWorkspace:
     def __init__(self, device, numel: int = 0) -> None:
         self.device = torch.device(device)
         self._buffer = torch.empty(max(0, int(numel)), dtype=torch.float32, device=self.device)
+        self._views: dict = {}  # (batch, q_heads, num_splits, head_dim) -> (part, lse) of the current buffer
 
     @property
     def numel(self) -> int:
@@ -49,12 +50,20 @@ class DecodeWorkspace:
         """Contiguous ``part [batch, q_heads, num_splits, head_dim]`` and ``lse [batch, q_heads, num_splits]``
         float32 views of the scratch, growing it first when it is too small (the old contents are dropped:
         scratch holds nothing between calls)."""
+        shape = (batch, q_heads, num_splits, head_dim)
+        views = self._views.get(shape)
+        if views is not None:
+            return views
         rows = batch * q_heads * num_splits
         need = rows * (head_dim + 1)
         if self._buffer.numel() < need:
             self._buffer = torch.empty(need, dtype=torch.float32, device=self.device)
+            self._views.clear()  # views of the old buffer would keep it alive
         part = self._buffer[:rows * head_dim].view(batch, q_heads, num_splits, head_dim)
         lse = self._buffer[rows * head_dim:need].view(batch, q_heads, num_splits)
+        if len(self._views) >= 64:
+            self._views.clear()
+        self._views[shape] = (part, lse)
         return part, lse
 
     def check_device(self, device: torch.device) -> None:
