@@ -16,6 +16,7 @@ from . import proof_cache as _pc
 from . import reference as _ref
 from .ids import as_block_ids, check_copy_pairs, exact_int, is_bool
 from .workspace import DecodeWorkspace
+from . import ops as _ops  # noqa: F401  (registers torch.ops.kvpool.*)
 
 
 def _check_new_tokens(key, value, k_cache, slot_mapping) -> None:
@@ -64,6 +65,9 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=N
         ``[num_blocks, block_size, kv_heads]``: per token and head, ``amax(|x|) / 448`` is computed
         and stored here for every written token.
     """
+    if torch.compiler.is_compiling():  # one custom op in the graph; it runs this function (checks) eagerly
+        torch.ops.kvpool.write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        return
     _b.check_cache_pair(k_cache, v_cache)
     _check_new_tokens(key, value, k_cache, slot_mapping)
     _b.check_scales(k_cache, k_scale, v_scale)
@@ -111,6 +115,8 @@ def gather_kv(k_cache, v_cache, block_table, seq_lens, k_scale=None, v_scale=Non
     cu_seqlens : torch.Tensor
         ``[batch + 1]`` int32, starting at 0.
     """
+    if torch.compiler.is_compiling():
+        return _gather_kv_op(k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, out_dtype, total_tokens, out)
     _b.check_cache_pair(k_cache, v_cache)
     _b.check_scales(k_cache, k_scale, v_scale)
     num_blocks, block_size, kv_heads, head_dim = k_cache.shape
@@ -145,6 +151,17 @@ def gather_kv(k_cache, v_cache, block_table, seq_lens, k_scale=None, v_scale=Non
     # the kernel drops rows past k's end, so a wrong count unchecked on CUDA never writes out of bounds
     gather_kv_triton(k_cache, v_cache, block_table, seq_lens, cu_seqlens, k, v, k_scale, v_scale)
     return k, v, cu_seqlens
+
+
+def _gather_kv_op(k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, out_dtype, total_tokens, out):
+    """``gather_kv`` while ``torch.compile`` traces: the ``kvpool::gather_kv(_out)`` custom ops."""
+    if out is not None:
+        cu = torch.ops.kvpool.gather_kv_out(k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, out[0], out[1])
+        return out[0], out[1], cu
+    if out_dtype is None:
+        out_dtype = torch.bfloat16 if k_cache.dtype == _b.FP8_DTYPE else k_cache.dtype
+    rows = -1 if total_tokens is None else _int_at_least("total_tokens", total_tokens, 0, "a non-negative int")
+    return torch.ops.kvpool.gather_kv(k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, out_dtype, rows)
 
 
 def _rows_source(total_tokens, out) -> str:
@@ -229,6 +246,10 @@ def copy_blocks(caches: Sequence[torch.Tensor], src, dst) -> None:
     """
     if isinstance(caches, torch.Tensor) or not caches:
         raise KernelError("caches must be a non-empty list of tensors (e.g. every layer's K and V pages)")
+    if torch.compiler.is_compiling():
+        src, dst = (ids if isinstance(ids, torch.Tensor) else torch.tensor(ids, dtype=torch.int64) for ids in (src, dst))
+        torch.ops.kvpool.copy_blocks(list(caches), src, dst)
+        return
     first = caches[0]
     for i, t in enumerate(caches):
         if not isinstance(t, torch.Tensor) or t.dim() < 1:
@@ -309,6 +330,12 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_wind
     values are checked, are not cached): a decode loop passing the same tensors again skips them.
     """
     args = (q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, sinks)
+    if torch.compiler.is_compiling():
+        scale, sliding_window, logit_soft_cap = _attention_scalars(scale, sliding_window, logit_soft_cap)
+        if out is None:
+            return torch.ops.kvpool.paged_decode(*args[:5], scale, sliding_window, logit_soft_cap, *args[5:])
+        torch.ops.kvpool.paged_decode_out(*args[:5], scale, sliding_window, logit_soft_cap, *args[5:], out)
+        return out
     env = _pc.cacheable_env()
     key = None if env is None else _decode_key(*args, scale, sliding_window, logit_soft_cap, out, workspace, env)
     proof = _DECODE_PROOFS.get(key) if key is not None else None
@@ -319,11 +346,10 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_wind
             _DECODE_PROOFS.put(key, proof)
     plan, scale, sliding_window, logit_soft_cap = proof
     if plan is not None:
-        from .decode import launch_decode
-        if out is None:
-            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        return launch_decode(plan, q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, sinks, out,
-                             workspace)
+        from .decode import paged_decode_triton
+        return paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window,
+                                   logit_soft_cap, k_scale, v_scale, out=out, sinks=sinks, workspace=workspace,
+                                   plan=plan)
     result = _ref.paged_decode_reference(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window,
                                          logit_soft_cap, k_scale, v_scale, sinks=sinks)
     return result if out is None else out.copy_(result)

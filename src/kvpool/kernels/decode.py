@@ -324,15 +324,17 @@ def launch_decode(plan: DecodePlan, q, k_cache, v_cache, block_table, seq_lens, 
 
 def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window=None,
                         logit_soft_cap=None, k_scale=None, v_scale=None, num_splits=None, out=None, sinks=None,
-                        workspace=None):
+                        workspace=None, plan=None):
     """Plan and launch the decode kernel (+ merge); arguments as :func:`kvpool.kernels.paged_decode`.
 
-    ``num_splits`` overrides the heuristic (tests use it to cover both paths on CPU).
+    ``num_splits`` overrides the heuristic (tests use it to cover both paths on CPU); ``plan``, the
+    :func:`plan_decode` of these arguments (remembered by the public wrapper), skips the planning.
     """
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    plan = plan_decode(q, k_cache, v_cache, block_table, scale, sliding_window, logit_soft_cap, k_scale, v_scale,
-                       sinks, num_splits)
+    if plan is None:
+        plan = plan_decode(q, k_cache, v_cache, block_table, scale, sliding_window, logit_soft_cap, k_scale,
+                           v_scale, sinks, num_splits)
     return launch_decode(plan, q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, sinks, out, workspace)
 
 

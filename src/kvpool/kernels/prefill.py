@@ -94,6 +94,10 @@ def prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, sliding_window
     torch.Tensor
         ``[total_q, q_heads, head_dim]`` in ``q.dtype``.
     """
+    if torch.compiler.is_compiling():  # the kvpool::prefill_attention custom op runs this function eagerly
+        scale, sliding_window, logit_soft_cap = _attention_scalars(scale, sliding_window, logit_soft_cap)
+        return torch.ops.kvpool.prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, sliding_window,
+                                                  logit_soft_cap, sinks)
     _check_packed(q, k, v)
     _b.same_device({"q": q, "k": k, "v": v, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k})
     _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
