@@ -1,4 +1,4 @@
-"""Host overhead of the eager paged_decode wrapper on CPU, the kernel launches stubbed (issue 15 item 3).
+"""Host overhead of the eager paged_decode (and write_kv) wrapper on CPU, the kernel launches stubbed (issue 15 item 3).
 
 The Triton kernels are replaced by no-op stand-ins, so what is timed is kvpool's Python: checks, launch
 planning, output/scratch allocation. Target: <= 10 us per call above the kernel (the stub costs ~0.1 us).
@@ -31,6 +31,7 @@ import torch  # noqa: E402
 # name -> (batch, q_heads, kv_heads): CPU plans assume 4 SMs, so 8 programs or more is one pass
 CASES = {"one-pass b8 32/8": (8, 32, 8), "split b1 8/1": (1, 8, 1)}
 HEAD_DIM, BLOCK, BLOCKS_PER_SEQ = 128, 16, 64
+WRITE_CASE = "write_kv b8 kv8"
 
 
 class _StubKernel:
@@ -47,9 +48,10 @@ class _StubKernel:
 
 
 def stub_launches():
-    """Replace the decode and merge kernels by stubs; returns them."""
-    from kvpool.kernels import decode
+    """Replace the decode, merge and write kernels by stubs; returns the first two."""
+    from kvpool.kernels import decode, write
     decode._paged_decode_kernel, decode._merge_splits_kernel = _StubKernel(), _StubKernel()
+    write._write_kv_kernel = _StubKernel()
     return decode._paged_decode_kernel, decode._merge_splits_kernel
 
 
@@ -76,11 +78,17 @@ def measure(cache_on: bool) -> dict:
     proofs = getattr(api, "_DECODE_PROOFS", None)
     if proofs is not None:
         proofs.enabled = cache_on
+    write_proofs = getattr(api, "_WRITE_PROOFS", None)
+    if write_proofs is not None:
+        write_proofs.enabled = cache_on
     results = {}
     for name, shape in CASES.items():
         q, k, v, table, lens = decode_args(*shape)
         out = torch.empty_like(q)
         results[name] = time_us(lambda: paged_decode(q, k, v, table, lens, 0.088, out=out))
+    q, k, v, table, lens = decode_args(8, 32, 8)
+    new, slots = torch.randn(8, 8, HEAD_DIM, dtype=torch.bfloat16), table[:, 0].to(torch.int64) * BLOCK
+    results[WRITE_CASE] = time_us(lambda: api.write_kv(new, new, k, v, slots))
     return results
 
 
@@ -103,7 +111,7 @@ def main() -> None:
     print(f"paged_decode host time per call, launches stubbed (stub {stub:.2f} us), Python "
           f"{sys.version.split()[0]}, torch {torch.__version__}")
     print(f"{'case':<20}" + "".join(f"{c:>10}" for c in columns) + "   (us)")
-    for name in CASES:
+    for name in [*CASES, WRITE_CASE]:
         print(f"{name:<20}" + "".join(f"{col[name]:>10.2f}" for col in columns.values()))
 
 

@@ -148,3 +148,21 @@ def test_split_decode_through_a_poisoned_small_workspace(triton_backend, device)
         out = paged_decode_triton(q, k, v, table, lens, 0.125, num_splits=3, workspace=ws)
         torch.testing.assert_close(out.double(), expected.double(), atol=2e-5, rtol=2e-5)
     assert ws.numel == 2 * 2 * 3 * 33
+
+
+def test_write_kv_remembers_its_checks_and_rechecks_a_changed_tensor(monkeypatch):
+    monkeypatch.setenv("KVPOOL_KERNELS", "torch")
+    monkeypatch.delenv("KVPOOL_DEBUG", raising=False)
+    proofs = kernel_api._WRITE_PROOFS
+    proofs.clear()
+    _, k, v, _, _ = _setup()
+    new = torch.randn(3, 2, 64)
+    slots = torch.tensor([0, 9, 17])
+    kernel_api.write_kv(new[:2], new[:2], k, v, slots[:2])
+    kernel_api.write_kv(new[:2], new[:2], k, v, slots[:2])
+    assert (proofs.hits, proofs.misses) == (1, 1)
+    with pytest.raises(KernelError, match="slot_mapping has 2 slots for 3 tokens"):
+        kernel_api.write_kv(new, new, k, v, slots[:2])  # same pointers, one more token
+    with pytest.raises(KernelError, match="stride 0"):
+        kernel_api.write_kv(new[:1], new[:1], k[:1].expand(8, -1, -1, -1), v[:1].expand(8, -1, -1, -1), slots[:1])
+    proofs.clear()

@@ -68,6 +68,28 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=N
     if torch.compiler.is_compiling():  # one custom op in the graph; it runs this function (checks) eagerly
         torch.ops.kvpool.write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
         return
+    args = (key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    env = _pc.cacheable_env()
+    proof_key = None
+    if env is not None and all(t is None or isinstance(t, torch.Tensor) for t in args):
+        proof_key = (*map(_pc.tensor_key, args), env)
+    on_triton = _WRITE_PROOFS.get(proof_key) if proof_key is not None else None
+    if on_triton is None:
+        on_triton = _check_write_kv(*args)
+        if proof_key is not None:
+            _WRITE_PROOFS.put(proof_key, on_triton)
+    if on_triton:
+        from .write import write_kv_triton
+        write_kv_triton(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    else:
+        _ref.write_kv_reference(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+
+_WRITE_PROOFS = _pc.ProofCache()
+
+
+def _check_write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> bool:
+    """Every check of :func:`write_kv`; returns whether the Triton kernel runs (else the torch reference)."""
     _b.check_cache_pair(k_cache, v_cache)
     _check_new_tokens(key, value, k_cache, slot_mapping)
     _b.check_scales(k_cache, k_scale, v_scale)
@@ -76,11 +98,7 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=N
     _check_writable("k_cache", k_cache)  # v_cache shares its strides
     if k_scale is not None and k_scale.dim() == 3:  # per-token scales are computed and stored
         _check_writable("k_scale", k_scale)
-    if _b.use_triton(key, k_cache):
-        from .write import write_kv_triton
-        write_kv_triton(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-    else:
-        _ref.write_kv_reference(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return _b.use_triton(key, k_cache)
 
 
 def gather_kv(k_cache, v_cache, block_table, seq_lens, k_scale=None, v_scale=None, *, out_dtype=None,

@@ -18,6 +18,7 @@ import os
 import torch
 
 from ..errors import BlockIndexError, KernelError
+from .proof_cache import env_value
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
@@ -28,12 +29,12 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 def interpreting() -> bool:
     """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return env_value("TRITON_INTERPRET") == "1"
 
 
 def debug_checks() -> bool:
     """True when ``KVPOOL_DEBUG=1``: range-check ids and slots before launching."""
-    return os.environ.get("KVPOOL_DEBUG", "0") not in ("", "0")
+    return (env_value("KVPOOL_DEBUG") or "0") not in ("", "0")
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

