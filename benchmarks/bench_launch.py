@@ -25,8 +25,8 @@ os.environ["KVPOOL_KERNELS"] = "triton"    # the Triton path on CPU tensors ...
 os.environ["TRITON_INTERPRET"] = "1"       # ... which needs the interpreter flag (nothing is launched)
 os.environ.pop("KVPOOL_DEBUG", None)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # name -> (batch, q_heads, kv_heads): CPU plans assume 4 SMs, so 8 programs or more is one pass
 CASES = {"one-pass b8 32/8": (8, 32, 8), "split b1 8/1": (1, 8, 1)}
@@ -85,7 +85,8 @@ def measure(cache_on: bool) -> dict:
     for name, shape in CASES.items():
         q, k, v, table, lens = decode_args(*shape)
         out = torch.empty_like(q)
-        results[name] = time_us(lambda: paged_decode(q, k, v, table, lens, 0.088, out=out))
+        results[name] = time_us(lambda q=q, k=k, v=v, table=table, lens=lens, out=out:
+                                paged_decode(q, k, v, table, lens, 0.088, out=out))
     q, k, v, table, lens = decode_args(8, 32, 8)
     new, slots = torch.randn(8, 8, HEAD_DIM, dtype=torch.bfloat16), table[:, 0].to(torch.int64) * BLOCK
     results[WRITE_CASE] = time_us(lambda: api.write_kv(new, new, k, v, slots))

@@ -6,8 +6,12 @@ fail (or at least run again): a cache that trusted the old proof would let the b
 """
 import pytest
 import torch
-from kernels_util import DEVICES, new_cache, random_tables
-from kernels_util import triton_backend  # noqa: F401  (fixture)
+from kernels_util import (
+    DEVICES,
+    new_cache,
+    random_tables,
+    triton_backend,  # noqa: F401  (fixture)
+)
 
 from kvpool.errors import BlockIndexError, KernelError
 from kvpool.kernels import DecodeWorkspace, paged_decode, reference
@@ -60,7 +64,7 @@ def test_shape_change_at_the_same_pointer_is_rejected(proofs):
 
 
 def test_stride_change_at_the_same_pointer_and_shape_is_rejected(proofs):
-    q, k, v, table, lens = _setup()
+    _, k, v, table, lens = _setup()
     storage = torch.randn(2, 64, 4)
     paged_decode(storage.view(2, 4, 64), k, v, table, lens, 0.125)
     with pytest.raises(KernelError, match="contiguous along head_dim"):

@@ -13,4 +13,4 @@ from .api import copy_blocks, gather_kv, paged_decode, write_kv
 from .prefill import prefill_attention
 from .workspace import DecodeWorkspace
 
-__all__ = ["write_kv", "gather_kv", "copy_blocks", "paged_decode", "prefill_attention", "DecodeWorkspace"]
+__all__ = ["DecodeWorkspace", "copy_blocks", "gather_kv", "paged_decode", "prefill_attention", "write_kv"]

@@ -12,11 +12,11 @@ import torch
 
 from ..errors import KernelError
 from . import backend as _b
+from . import ops as _ops  # noqa: F401  (registers torch.ops.kvpool.*)
 from . import proof_cache as _pc
 from . import reference as _ref
 from .ids import as_block_ids, check_copy_pairs, exact_int, is_bool
 from .workspace import DecodeWorkspace
-from . import ops as _ops  # noqa: F401  (registers torch.ops.kvpool.*)
 
 
 def _check_new_tokens(key, value, k_cache, slot_mapping) -> None:

@@ -32,6 +32,7 @@ from .backend import interpreting, scale_launch_args
 from .interpreter_fixes import round_bits, round_mantissa
 from .workspace import cached_workspace
 
+
 @triton.jit
 def _tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
@@ -338,4 +339,4 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale, slidi
     return launch_decode(plan, q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, sinks, out, workspace)
 
 
-__all__ = ["paged_decode_triton", "choose_num_splits", "plan_decode", "launch_decode", "DecodePlan"]
+__all__ = ["DecodePlan", "choose_num_splits", "launch_decode", "paged_decode_triton", "plan_decode"]

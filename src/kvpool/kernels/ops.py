@@ -120,5 +120,12 @@ def _prefill_attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, sliding_
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-__all__ = ["write_kv_op", "gather_kv_op", "gather_kv_out_op", "copy_blocks_op", "paged_decode_op",
-           "paged_decode_out_op", "prefill_attention_op"]
+__all__ = [
+    "copy_blocks_op",
+    "gather_kv_op",
+    "gather_kv_out_op",
+    "paged_decode_op",
+    "paged_decode_out_op",
+    "prefill_attention_op",
+    "write_kv_op",
+]
