@@ -101,10 +101,12 @@ std::vector<SeqTable::Seq*> SeqTable::lookup(const char* fn, const int64_t* ids,
 }
 
 void SeqTable::check_width(const char* fn, const Seq& s, int64_t tokens) const {
-  // A width of the whole pool or more is no limit: more blocks than that is the allocator's
-  // OutOfBlocks, as without a width.
+  // A width of the whole pool or more is no limit when a full-attention group holds a block at every
+  // position (more than that is the allocator's OutOfBlocks). Windowed groups alone release what leaves
+  // the window, so positions may outgrow the pool: the decode table's width then always binds.
   const int64_t blocks = cdiv(tokens, block_size_);
-  if (blocks > max_blocks_ && max_blocks_ < allocator_->num_blocks()) {
+  const bool pool_bounds = reference_ >= 0 && max_blocks_ >= allocator_->num_blocks();
+  if (blocks > max_blocks_ && !pool_bounds) {
     throw InvalidArgument(std::string(fn) + ": seq_id " + id_text(s.id) + " would hold " + to_string(tokens) +
                           " tokens = " + to_string(cdiv(tokens, block_size_)) + " blocks, more than "
                           "max_blocks_per_seq=" + to_string(max_blocks_) + "; build BlockTables with "

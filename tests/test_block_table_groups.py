@@ -560,3 +560,32 @@ def test_for_cache_takes_the_caches_groups():
     assert tables.group_windows == cache.kv_groups.windows == (4096, None) and tables.block_size == 16
     with pytest.raises(InvalidArgumentError, match="takes the KV-cache groups from the cache"):
         BlockTables.for_cache(BlockAllocator(8, 16), cache, group_windows=(None,))
+
+
+@pytest.mark.parametrize("twin", [False, True])
+def test_a_window_only_sequence_cannot_outgrow_the_decode_tables_width(twin):
+    """Windowed groups release what leaves the window, so a sequence's positions can outgrow the pool; the decode
+    table (width = the pool by default) must then refuse it, not drop its newest block from the row (a kernel
+    would read past the row). Regression: the C++ table silently truncated the row at 7 positions of 6."""
+    from kvpool._reference import ReferenceBlockAllocator
+    from kvpool._reference_tables import ReferenceBlockTables
+
+    if twin:
+        bt = ReferenceBlockTables(ReferenceBlockAllocator(6, 4, False), 4, max_seqs=4, group_windows=(6,))
+    else:
+        bt = BlockTables(BlockAllocator(6, 4, enable_prefix_caching=False), 4, max_seqs=4, group_windows=(6,))
+    bt.add(0, 24)
+    bt.mark_computed([0])
+    assert bt.blocks(0, 0).tolist() == [-1, -1, -1, -1, 4, 5]  # 6 positions, 2 blocks held
+    for call in (lambda: bt.decode_step([0], [1]), lambda: bt.append_batch([0], 1)):
+        with pytest.raises(InvalidArgumentError, match="more than max_blocks_per_seq=6"):
+            call()
+    assert bt.num_tokens(0) == 24 and bt.blocks(0, 0).tolist() == [-1, -1, -1, -1, 4, 5]
+    wide = BlockTables(BlockAllocator(6, 4, enable_prefix_caching=False), 4, max_seqs=4, group_windows=(6,),
+                       max_blocks_per_seq=64) if not twin else None
+    if wide is not None:  # a width that covers the positions: the sequence goes on holding 2-3 blocks
+        wide.add(0, 24)
+        wide.mark_computed([0])
+        for step in range(12):
+            wide.mark_computed(wide.decode_step([0], [1]))
+        assert wide.num_tokens(0) == 36 and (wide.blocks(0, 0) >= 0).sum() <= 3

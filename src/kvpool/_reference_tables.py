@@ -140,8 +140,11 @@ class ReferenceBlockTables(BatchTensorsMixin, SharingMixin):
         return self._get(seq_id).num_computed
 
     def _check_width(self, seq_id, num_blocks: int, what: str) -> None:
-        # With W >= the pool, more than W blocks can never be free: the allocator's OutOfBlocksError says so.
-        if num_blocks > self.max_blocks_per_seq and self.max_blocks_per_seq < self.allocator.num_blocks:
+        # With W >= the pool and a full-attention group (a block at every position), more than W blocks can
+        # never be free: the allocator's OutOfBlocksError says so. Windowed groups alone release what leaves
+        # their window, so positions may outgrow the pool and the width always binds.
+        pool_bounds = None in self.group_windows and self.max_blocks_per_seq >= self.allocator.num_blocks
+        if num_blocks > self.max_blocks_per_seq and not pool_bounds:
             raise InvalidArgumentError(
                 f"{what} would give seq_id {seq_id!r} {num_blocks} blocks, more than max_blocks_per_seq="
                 f"{self.max_blocks_per_seq}; pass max_blocks_per_seq=ceil(max_model_len / block_size) when "
