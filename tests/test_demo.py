@@ -6,10 +6,11 @@ import random
 import pytest
 import torch
 
-from kvpool.demo.hf_reference import build_hf_model, hf_greedy, hf_logits
+from demo_util import hf, one_thread, weights  # noqa: F401 (fixtures)
+
+from kvpool.demo.hf_reference import hf_greedy, hf_logits
 from kvpool.demo.launch import DemoOptions, run_rank
-from kvpool.demo.model import (TinyLlama, check_tp_fits, dense_causal_attention, random_llama_weights,
-                               tiny_llama_config)
+from kvpool.demo.model import TinyLlama, check_tp_fits, dense_causal_attention, tiny_llama_config
 from kvpool.demo.requests import Request, make_workload
 from kvpool.errors import ConfigError, InvalidArgumentError
 
@@ -17,27 +18,9 @@ SEED = 0
 BYTES_PER_BLOCK_TP1 = 4 * 2 * (32 + 32) * 4 * 16  # layers x kv heads x (K + V dims) x fp32 x block_size
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model's matmuls only slow down with more on this shared CPU
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def config():
     return tiny_llama_config()
-
-
-@pytest.fixture(scope="module")
-def weights(config):
-    return random_llama_weights(config, seed=SEED)
-
-
-@pytest.fixture(scope="module")
-def hf(config, weights):
-    return build_hf_model(config, weights)
 
 
 def kv_mib(num_blocks: int) -> float:

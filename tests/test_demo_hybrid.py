@@ -3,6 +3,8 @@ layers): kvpool's plain-torch model equals transformers' ``Qwen2ForCausalLM`` lo
 import pytest
 import torch
 
+from demo_util import hf, one_thread, weights  # noqa: F401 (fixtures)
+
 from kvpool.demo.hf_reference import build_hf_model, hf_logits
 from kvpool.demo.model import (
     TinyLlama,
@@ -19,27 +21,9 @@ SEED = 0
 WINDOW = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def config():
     return tiny_hybrid_config()
-
-
-@pytest.fixture(scope="module")
-def weights(config):
-    return random_llama_weights(config, seed=SEED)
-
-
-@pytest.fixture(scope="module")
-def hf(config, weights):
-    return build_hf_model(config, weights)
 
 
 def dense_logits(model, prompt, windows):
