@@ -6,7 +6,7 @@ that module's fixtures, ``one_thread`` automatically.
 import pytest
 import torch
 
-from kvpool.demo.hf_reference import build_hf_model
+from kvpool.demo.hf_reference import build_hf_model, hf_greedy
 from kvpool.demo.model import random_llama_weights
 
 SEED = 0
@@ -28,3 +28,11 @@ def weights(config):
 @pytest.fixture(scope="module")
 def hf(config, weights):
     return build_hf_model(config, weights)
+
+
+def assert_matches_hf(hf, requests, report) -> None:
+    """Every request finished without error and its tokens equal transformers' greedy ones."""
+    for r in requests:
+        result = report.summary.results[r.req_id]
+        assert result.error is None, result.error
+        assert result.output == hf_greedy(hf, r.prompt, r.max_new_tokens), f"request {r.req_id}"

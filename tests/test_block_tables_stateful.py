@@ -7,10 +7,8 @@ every step both must agree on everything observable: every returned batch tensor
 error class, every sequence's blocks and counts, and the allocators' refcounts and statistics. The
 twin runs on the pure-Python allocator, so the C++ allocator is checked against its twin too.
 """
-import inspect
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -39,6 +37,17 @@ def plain(out):
     if isinstance(out, (np.ndarray, torch.Tensor)):
         return out.tolist()
     return out
+
+
+def _shared_state_agrees(fast, twin, live) -> None:
+    """What both tables hold beyond each sequence: sequence count, the copy queue, every refcount, the stats."""
+    assert len(fast) == len(twin) == len(live)
+    assert fast.pending_copies == twin.pending_copies
+    a, r = fast.allocator, twin.allocator
+    everything = np.arange(a.num_blocks, dtype=np.int32)
+    assert a.refcounts(everything).tolist() == r.refcounts(everything).tolist()
+    assert a.stats() == r.stats()
+    a.check_invariants()
 
 
 class TablesVsTwin(RuleBasedStateMachine):
@@ -186,13 +195,7 @@ class TablesVsTwin(RuleBasedStateMachine):
         for seq in self.live:
             for method in ("blocks", "num_tokens", "num_computed"):
                 assert plain(getattr(self.fast, method)(seq)) == plain(getattr(self.twin, method)(seq)), (method, seq)
-        assert len(self.fast) == len(self.twin) == len(self.live)
-        assert self.fast.pending_copies == self.twin.pending_copies
-        a, r = self.fast.allocator, self.twin.allocator
-        everything = np.arange(a.num_blocks, dtype=np.int32)
-        assert a.refcounts(everything).tolist() == r.refcounts(everything).tolist()
-        assert a.stats() == r.stats()
-        a.check_invariants()
+        _shared_state_agrees(self.fast, self.twin, self.live)
 
 
 TablesVsTwin.TestCase.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
@@ -200,7 +203,6 @@ TestTablesVsTwin = TablesVsTwin.TestCase
 
 
 # --------------------------------------------------------------------------- KV-cache groups (issue 13)
-GROUPS_READY = "group_windows" in inspect.signature(BlockTables).parameters
 LAYOUTS = [(None, 3), (None, 5), (6, None), (None, None, 2), (4, None, 7), (None,), (5,)]
 COMMON = [2, 0, 1, 1, 0, 2, 2, 1, 0, 0, 1, 2, 1, 1, 2, 0, 0, 2, 1, 0]  # a shared prompt: prefixes repeat
 
@@ -277,16 +279,8 @@ class GroupTablesVsTwin(TablesVsTwin):
                 assert self.fast.blocks(seq, g).tolist() == self.twin.blocks(seq, g).tolist(), (seq, g)
             assert self.fast.num_tokens(seq) == self.twin.num_tokens(seq)
             assert self.fast.num_computed(seq) == self.twin.num_computed(seq)
-        assert len(self.fast) == len(self.twin) == len(self.live)
-        assert self.fast.pending_copies == self.twin.pending_copies
-        a, r = self.fast.allocator, self.twin.allocator
-        everything = np.arange(a.num_blocks, dtype=np.int32)
-        assert a.refcounts(everything).tolist() == r.refcounts(everything).tolist()
-        assert a.stats() == r.stats()
-        a.check_invariants()
+        _shared_state_agrees(self.fast, self.twin, self.live)
 
 
 GroupTablesVsTwin.TestCase.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
-TestGroupTablesVsTwin = pytest.mark.skipif(
-    not GROUPS_READY, reason="BlockTables has no group_windows yet: the C++ KV-cache groups (issue 13, branch "
-    "i13-tables) have not landed on main")(GroupTablesVsTwin.TestCase)
+TestGroupTablesVsTwin = GroupTablesVsTwin.TestCase

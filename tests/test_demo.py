@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from demo_util import hf, one_thread, weights  # noqa: F401 (fixtures)
+from demo_util import assert_matches_hf, hf, one_thread, weights  # noqa: F401 (fixtures)
 
-from kvpool.demo.hf_reference import hf_greedy, hf_logits
+from kvpool.demo.hf_reference import hf_logits
 from kvpool.demo.launch import DemoOptions, run_rank
 from kvpool.demo.model import TinyLlama, check_tp_fits, dense_causal_attention, tiny_llama_config
 from kvpool.demo.requests import Request, make_workload
@@ -33,12 +33,6 @@ def serve(requests, num_blocks=64, **kw):
     assert report.num_blocks == num_blocks
     return report
 
-
-def assert_matches_hf(hf, requests, report):
-    for r in requests:
-        result = report.summary.results[r.req_id]
-        assert result.error is None, result.error
-        assert result.output == hf_greedy(hf, r.prompt, r.max_new_tokens), f"request {r.req_id}"
 
 
 def test_model_logits_equal_transformers_on_a_dense_cache(config, weights, hf):

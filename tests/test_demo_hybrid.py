@@ -3,7 +3,7 @@ layers): kvpool's plain-torch model equals transformers' ``Qwen2ForCausalLM`` lo
 import pytest
 import torch
 
-from demo_util import hf, one_thread, weights  # noqa: F401 (fixtures)
+from demo_util import assert_matches_hf, hf, one_thread, weights  # noqa: F401 (fixtures)
 
 from kvpool.demo.hf_reference import build_hf_model, hf_logits
 from kvpool.demo.model import (
@@ -116,15 +116,6 @@ def serve(requests, num_blocks, **kw):
     report = run_rank(0, opts)
     assert report.num_blocks == num_blocks
     return report
-
-
-def assert_matches_hf(hf, requests, report):
-    from kvpool.demo.hf_reference import hf_greedy
-
-    for r in requests:
-        result = report.summary.results[r.req_id]
-        assert result.error is None, result.error
-        assert result.output == hf_greedy(hf, r.prompt, r.max_new_tokens), f"request {r.req_id}"
 
 
 def assert_window_freeing(report):
