@@ -73,6 +73,30 @@ def _copy_blocks_fake(caches, src, dst) -> None:
     return None
 
 
+@custom_op("kvpool::stage_blocks", mutates_args=("staging",))
+def stage_blocks_op(tensors: list[Tensor], block_ids: Tensor, staging: Tensor) -> None:
+    """``kvpool.kernels.stage_blocks``: blocks of every block tensor into block-major staging rows."""
+    from .block_stage import stage_blocks
+    stage_blocks(tensors, block_ids, staging)
+
+
+@stage_blocks_op.register_fake
+def _stage_blocks_fake(tensors, block_ids, staging) -> None:
+    return None
+
+
+@custom_op("kvpool::unstage_blocks", mutates_args=("tensors",))
+def unstage_blocks_op(staging: Tensor, tensors: list[Tensor], block_ids: Tensor) -> None:
+    """``kvpool.kernels.unstage_blocks``: staged blocks back into every block tensor."""
+    from .block_stage import unstage_blocks
+    unstage_blocks(staging, tensors, block_ids)
+
+
+@unstage_blocks_op.register_fake
+def _unstage_blocks_fake(staging, tensors, block_ids) -> None:
+    return None
+
+
 @custom_op("kvpool::paged_decode", mutates_args=())
 def paged_decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
                     scale: float, sliding_window: int | None, logit_soft_cap: float | None, k_scale: Tensor | None,
@@ -127,5 +151,7 @@ __all__ = [
     "paged_decode_op",
     "paged_decode_out_op",
     "prefill_attention_op",
+    "stage_blocks_op",
+    "unstage_blocks_op",
     "write_kv_op",
 ]

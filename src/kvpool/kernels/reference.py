@@ -194,3 +194,28 @@ def prefill_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, slid
         rows = torch.einsum("hgqk,khd->qhgd", probs, v[k0:k1].to(compute_dtype))
         out[q0:q1] = rows.reshape(n_q, q_heads, head_dim)
     return out.to(q.dtype)
+
+
+def _staged_columns(tensors):
+    """``(tensor, first byte, last byte)`` of each tensor's row inside a staged block, ``tensors`` order."""
+    cols, start = [], 0
+    for t in tensors:
+        width = t[0].numel() * t.element_size()
+        cols.append((t, start, start + width))
+        start += width
+    return cols
+
+
+def stage_blocks_reference(tensors, block_ids, staging) -> None:
+    """``staging[j]`` = the bytes of ``t[block_ids[j]]`` of every tensor, back to back (``tensors`` order)."""
+    ids = block_ids.to(device=staging.device, dtype=torch.int64)
+    for t, lo, hi in _staged_columns(tensors):
+        staging[:ids.numel(), lo:hi] = t[ids].reshape(ids.numel(), -1).view(torch.uint8)
+
+
+def unstage_blocks_reference(staging, tensors, block_ids) -> None:
+    """``t[block_ids[j]]`` = its bytes in ``staging[j]`` for every tensor (the inverse of the gather)."""
+    ids = block_ids.to(device=staging.device, dtype=torch.int64)
+    for t, lo, hi in _staged_columns(tensors):
+        rows = staging[:ids.numel(), lo:hi].contiguous().view(t.dtype)
+        t[ids] = rows.view(ids.numel(), *t.shape[1:])
