@@ -19,6 +19,7 @@
 #include "block_hash.h"
 #include "errors.h"
 #include "seq_table.h"
+#include "vmm.h"
 
 namespace py = pybind11;
 using kvpool::BlockAllocator;
@@ -140,6 +141,10 @@ void translate_exception(std::exception_ptr p) {
     raise_kvpool_error("BlockIndexError", e.what());
   } catch (const kvpool::InvalidArgument& e) {
     raise_kvpool_error("InvalidArgumentError", e.what());
+  } catch (const kvpool::DriverUnavailable& e) {
+    raise_kvpool_error("ElasticUnavailableError", e.what());
+  } catch (const kvpool::VirtualMemoryFailure& e) {
+    raise_kvpool_error("VirtualMemoryError", e.what());
   } catch (const kvpool::InvariantBroken& e) {
     PyErr_SetString(PyExc_AssertionError, e.what());
   }
@@ -338,6 +343,72 @@ constexpr const char* kCacheBlocksAnchoredDoc = R"doc(Cache blocks each on its o
 Block ``ids[j]`` (held) becomes a verified entry of its ``token_ids`` under ``context`` whose parent is
 ``parents[j]`` (``[k] uint64``; ``2**64 - 1`` skips the block). Same entry cached already: not cached
 twice; other content under the hash: a counted collision, a free block replaced, a held one kept.)doc";
+
+constexpr const char* kVirtualRangeDoc = R"doc(A reserved virtual address range, physical memory mapped in chunks.
+
+``VirtualRange(nbytes, backend="host", device=0)`` reserves ``round_up(nbytes, granularity)`` bytes of
+address space and maps nothing. ``backend="cuda"``: CUDA virtual memory on ``device`` (the driver is
+loaded with dlopen at first use; ElasticUnavailableError without it). ``backend="host"``: mmap,
+same semantics, 2 MiB granularity, for CPU tests. The address never changes while the range lives;
+everything is unmapped and the reservation freed when it is destroyed.)doc";
+
+constexpr const char* kMapDoc = R"doc(Map zero-filled physical memory at ``[offset, offset + nbytes)``.
+
+Both must be multiples of ``granularity`` and lie inside the range; every chunk there must be
+unmapped. All or nothing: on any error (InvalidArgumentError for bad input, VirtualMemoryError when
+the device is out of memory) nothing is mapped. Chunks made by prepare() are used first.)doc";
+
+constexpr const char* kUnmapDoc = R"doc(Unmap ``[offset, offset + nbytes)`` and free its physical memory.
+
+Aligned and inside the range as for map(); every chunk there must be mapped (else InvalidArgumentError
+and nothing changes). The contents are dropped; on CUDA it first waits for the device's pending work.)doc";
+
+constexpr const char* kPrepareDoc = R"doc(Create physical chunks for the next ``nbytes`` of map() ahead of time.
+
+Moves the physical allocation off the grow path (map() then only maps). Prepared memory is held on
+the device (``prepared_bytes``) until mapped, drop_prepared() or release_all(). ``nbytes`` is rounded
+up to chunks and may not exceed the unmapped part of the range.)doc";
+
+constexpr const char* kReleaseAllDoc = R"doc(Sleep: unmap every chunk and free all physical memory (prepared too).
+
+Contents are dropped; the reservation and ``ptr`` stay. map()/unmap() are refused until
+remap_all(). InvalidArgumentError if already asleep.)doc";
+
+constexpr const char* kRemapAllDoc = R"doc(Wake: map again the chunks that were mapped at release_all(), at the same addresses.
+
+Their contents are zero-filled on the host backend and undefined on CUDA (rewrite before reading).
+All or nothing: on failure the range stays asleep. InvalidArgumentError if awake.)doc";
+
+// VirtualRange: every call releases the GIL (mapping a GiB takes milliseconds); its own mutex
+// serializes calls on one range.
+void bind_virtual_range(py::module_& m) {
+  using kvpool::VirtualRange;
+  using release = py::call_guard<py::gil_scoped_release>;
+  py::class_<VirtualRange>(m, "VirtualRange", kVirtualRangeDoc)
+      .def(py::init([](int64_t nbytes, const std::string& backend, int device) {
+             py::gil_scoped_release unlocked;
+             return new VirtualRange(nbytes, backend, device);
+           }),
+           py::arg("nbytes"), py::arg("backend") = "host", py::arg("device") = 0)
+      .def_property_readonly("ptr", &VirtualRange::ptr, "Base address (int), granularity-aligned, fixed for life.")
+      .def_property_readonly("reserved_bytes", &VirtualRange::reserved_bytes,
+                             "``round_up(nbytes, granularity)``: the address space reserved.")
+      .def_property_readonly("granularity", &VirtualRange::granularity,
+                             "Bytes of one chunk, the unit of map/unmap (2 MiB on the host backend).")
+      .def_property_readonly("backend", [](const VirtualRange& r) { return std::string(r.backend()); })
+      .def_property_readonly("mapped_bytes", &VirtualRange::mapped_bytes, "Bytes mapped now (0 while asleep).")
+      .def_property_readonly("prepared_bytes", &VirtualRange::prepared_bytes,
+                             "Physical memory created ahead by prepare(), not mapped yet.")
+      .def_property_readonly("asleep", &VirtualRange::asleep, "True between release_all() and remap_all().")
+      .def("is_mapped", &VirtualRange::is_mapped, py::arg("offset"), release(),
+           "Whether the chunk holding byte ``offset`` (any offset inside the range) is mapped.")
+      .def("map", &VirtualRange::map, py::arg("offset"), py::arg("nbytes"), release(), kMapDoc)
+      .def("unmap", &VirtualRange::unmap, py::arg("offset"), py::arg("nbytes"), release(), kUnmapDoc)
+      .def("prepare", &VirtualRange::prepare, py::arg("nbytes"), release(), kPrepareDoc)
+      .def("drop_prepared", &VirtualRange::drop_prepared, release(), "Release what prepare() created.")
+      .def("release_all", &VirtualRange::release_all, release(), kReleaseAllDoc)
+      .def("remap_all", &VirtualRange::remap_all, release(), kRemapAllDoc);
+}
 
 }  // namespace
 
@@ -762,4 +833,6 @@ PYBIND11_MODULE(_C, m) {
                                py::array_t<int32_t>(static_cast<py::ssize_t>(val.size()), val.data()));
       });
   m.attr("SeqTable").attr("MAX_GROUPS") = py::int_(SeqTable::kMaxGroups);
+
+  bind_virtual_range(m);
 }

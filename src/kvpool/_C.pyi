@@ -135,3 +135,45 @@ class SeqTable:
         """``[(G + 2) * max_seqs + 1]`` view: seq_lens [rows] | slot_mapping [G, rows] | query_start_loc [rows + 1]."""
     def step_deltas(self) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
         """(flat index into the ``[G, max_seqs, W]`` table, block id) of the entries the last decode_step changed."""
+
+class VirtualRange:
+    """A reserved virtual address range whose physical memory is mapped in ``granularity`` chunks.
+
+    ``backend="cuda"``: CUDA VMM on ``device`` (libcuda loaded at first use; ElasticUnavailableError
+    without it). ``backend="host"``: mmap with the same semantics and a 2 MiB granularity (CPU tests).
+    ``ptr`` never changes; every call releases the GIL.
+    """
+    def __init__(self, nbytes: int, backend: str = "host", device: int = 0) -> None: ...
+    @property
+    def ptr(self) -> int:
+        """Base address, granularity-aligned, fixed for the range's life."""
+    @property
+    def reserved_bytes(self) -> int:
+        """``round_up(nbytes, granularity)``."""
+    @property
+    def granularity(self) -> int:
+        """Bytes of one chunk: offsets and sizes of map/unmap are multiples of it."""
+    @property
+    def backend(self) -> str: ...
+    @property
+    def mapped_bytes(self) -> int:
+        """Bytes mapped now (0 while asleep)."""
+    @property
+    def prepared_bytes(self) -> int:
+        """Physical memory created ahead by prepare() and not mapped yet."""
+    @property
+    def asleep(self) -> bool:
+        """True between release_all() and remap_all()."""
+    def is_mapped(self, offset: int) -> bool:
+        """Whether the chunk holding byte ``offset`` is mapped."""
+    def map(self, offset: int, nbytes: int) -> None:
+        """Map zero-filled memory at ``[offset, offset + nbytes)`` (aligned, all unmapped); all or nothing."""
+    def unmap(self, offset: int, nbytes: int) -> None:
+        """Unmap ``[offset, offset + nbytes)`` (aligned, all mapped) and free it; contents dropped."""
+    def prepare(self, nbytes: int) -> None:
+        """Create physical chunks for the next ``nbytes`` of map() ahead of time."""
+    def drop_prepared(self) -> None: ...
+    def release_all(self) -> None:
+        """Sleep: unmap everything (prepared chunks too), keep the reservation."""
+    def remap_all(self) -> None:
+        """Wake: map again the chunks mapped at release_all(), at the same addresses."""

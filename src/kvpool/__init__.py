@@ -18,6 +18,8 @@ from .errors import (
     PlanError,
     ProfileError,
     RankMismatchError,
+    ElasticUnavailableError,
+    VirtualMemoryError,
 )
 
 __version__ = "0.1.0"
@@ -72,5 +74,7 @@ __all__ = [
     "RankMismatchError",
     "ProfileError",
     "MissingDependencyError",
+    "VirtualMemoryError",
+    "ElasticUnavailableError",
     *_LAZY,
 ]

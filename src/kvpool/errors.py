@@ -64,6 +64,21 @@ class MissingDependencyError(KVPoolError, ImportError):
     """
 
 
+class VirtualMemoryError(KVPoolError, RuntimeError):
+    """A virtual-memory call of an elastic pool failed (out of device memory, a driver or mmap error).
+
+    The message names the call and the driver's or the operating system's reason; the range is
+    left as it was before the call.
+    """
+
+
+class ElasticUnavailableError(VirtualMemoryError):
+    """Elastic pools on CUDA need the CUDA driver (``libcuda.so.1``) and a device, and there is none.
+
+    Use ``backend="host"`` for CPU tests, or a static :class:`kvpool.PagedKVCache`.
+    """
+
+
 __all__ = [
     "KVPoolError",
     "InvalidArgumentError",
@@ -75,4 +90,6 @@ __all__ = [
     "RankMismatchError",
     "ProfileError",
     "MissingDependencyError",
+    "VirtualMemoryError",
+    "ElasticUnavailableError",
 ]
