@@ -18,11 +18,13 @@
 #include "block_allocator.h"
 #include "block_hash.h"
 #include "errors.h"
+#include "host_tier.h"
 #include "seq_table.h"
 #include "vmm.h"
 
 namespace py = pybind11;
 using kvpool::BlockAllocator;
+using kvpool::HostTier;
 using kvpool::SeqTable;
 
 namespace {
@@ -408,6 +410,40 @@ void bind_virtual_range(py::module_& m) {
       .def("drop_prepared", &VirtualRange::drop_prepared, release(), "Release what prepare() created.")
       .def("release_all", &VirtualRange::release_all, release(), kReleaseAllDoc)
       .def("remap_all", &VirtualRange::remap_all, release(), kRemapAllDoc);
+}
+
+// The host tier's bookkeeping (host_tier.h): built and driven by kvpool.tier.HostKVTier and BlockTables.
+void bind_host_tier(py::module_& m) {
+  py::class_<HostTier>(m, "HostTier")
+      .def(py::init<BlockAllocator*, BlockAllocator*>(), py::arg("gpu_allocator"), py::arg("host_allocator"),
+           py::keep_alive<1, 2>(), py::keep_alive<1, 3>())
+      .def_property_readonly("pending_reloads", &HostTier::pending_reloads)
+      .def_property_readonly("pending_offloads", &HostTier::pending_offloads)
+      .def("complete", &HostTier::complete, py::arg("batch"), py::arg("reloads"))
+      .def("readable",
+           [](const HostTier& t, int32_t b) {
+             if (b < 0 || b >= t.host()->num_blocks()) {
+               throw kvpool::BlockIndexOutOfRange("readable(): host block " + std::to_string(b) + " is out of range [0, " +
+                                                  std::to_string(t.host()->num_blocks()) + ")");
+             }
+             return t.readable(b);
+           })
+      .def("stats", [](const HostTier& t) {
+        const kvpool::HostTierStats s = t.stats();
+        py::dict d;
+        d["host_queries"] = s.host_queries;
+        d["host_hit_blocks"] = s.host_hit_blocks;
+        d["offloaded_blocks"] = s.offloaded_blocks;
+        d["skipped_blocks"] = s.skipped_blocks;
+        d["dropped_blocks"] = s.dropped_blocks;
+        d["completed_reloads"] = s.completed_reloads;
+        d["completed_offloads"] = s.completed_offloads;
+        d["pending_reloads"] = s.pending_reloads;
+        d["pending_offloads"] = s.pending_offloads;
+        d["in_flight_reloads"] = s.in_flight_reloads;
+        d["in_flight_offloads"] = s.in_flight_offloads;
+        return d;
+      });
 }
 
 }  // namespace
@@ -826,6 +862,15 @@ PYBIND11_MODULE(_C, m) {
         return py::array_t<int32_t>(static_cast<py::ssize_t>(t.step_io_size()), t.step_io(), self);
       })
       .def("mark_step_computed", &SeqTable::mark_step_computed)
+      .def("attach_host_tier", &SeqTable::attach_host_tier, py::keep_alive<1, 2>())
+      .def("pop_transfers", [](SeqTable& t) {  // (batch, reload_host, reload_gpu, offload_gpu, offload_host)
+        HostTier* h = t.host_tier();
+        if (h == nullptr) throw kvpool::InvalidArgument("pop_transfers(): these tables have no host tier");
+        py::array_t<int32_t> rh(h->pending_reloads()), rg(h->pending_reloads());
+        py::array_t<int32_t> og(h->pending_offloads()), oh(h->pending_offloads());
+        const int64_t batch = t.pop_transfers(rh.mutable_data(), rg.mutable_data(), og.mutable_data(), oh.mutable_data());
+        return py::make_tuple(batch, rh, rg, og, oh);
+      })
       .def("step_deltas", [](const SeqTable& t) {  // copies: (flat index, value) of the changed entries
         const auto& idx = t.step_delta_index();
         const auto& val = t.step_delta_value();
@@ -835,4 +880,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("SeqTable").attr("MAX_GROUPS") = py::int_(SeqTable::kMaxGroups);
 
   bind_virtual_range(m);
+  bind_host_tier(m);
 }

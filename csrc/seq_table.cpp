@@ -178,6 +178,7 @@ int64_t SeqTable::add(int64_t id, const int32_t* tokens, int64_t n, uint64_t con
       hits = allocator_->allocate_with_prefix(total, allocator_hashes(s, 0, matchable), matchable, tokens,
                                               matchable * block_size_, context, s.blocks.data(), &s.chain);
       s.num_cached = hits;
+      if (host_ != nullptr) hits = continue_on_host(s, tokens, matchable, hits);
     } else {
       hits = add_across_groups(s, tokens, n);
     }
@@ -365,6 +366,7 @@ void SeqTable::offer_to_cache(Seq& s, int64_t old_computed, int64_t full) {
     if (first < full) cache_anchored(s, g, first, full);
   }
   s.num_cached = full;
+  if (host_ != nullptr) offload_to_host(s, full);
 }
 
 // Windowed groups give back the blocks that left their window as num_computed advanced from

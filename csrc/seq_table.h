@@ -32,6 +32,7 @@
 
 #include "block_allocator.h"
 #include "block_slot.h"
+#include "host_tier.h"
 
 namespace kvpool {
 
@@ -116,6 +117,14 @@ class SeqTable {
   const std::vector<int32_t>& step_delta_index() const { return delta_index_; }
   const std::vector<int32_t>& step_delta_value() const { return delta_value_; }
 
+  // ---- host tier (host_tier.h; seq_table_host.cpp) -----------------------------------------------
+  // Extends the prefix cache to the tier's host blocks: add() continues a GPU hit on the host (queued
+  // reloads), offered blocks are offloaded. One full-attention group only; attach before any add().
+  void attach_host_tier(HostTier* tier);
+  HostTier* host_tier() const { return host_; }
+  // HostTier::pop() of the queued transfers; the sequences waiting for a reload may then be batched.
+  int64_t pop_transfers(int32_t* reload_host, int32_t* reload_gpu, int32_t* offload_gpu, int32_t* offload_host);
+
  private:
   // Per group, a sequence keeps only its block list: a group of window W has released exactly the
   // positions below released_before(g, num_computed), and every group has offered the same leading
@@ -137,6 +146,8 @@ class SeqTable {
     uint32_t mark = 0;               // per-call scratch: listed twice in one batch?
     std::vector<uint64_t> anchors;   // reference group's chain value after each cached block (anchored groups)
     std::vector<uint64_t> chains;    // [G - 1]: the chain values of groups 1.. (chained groups)
+    HostCursor host;                 // its place in the host tier's chain (host tier only)
+    bool awaiting_reload = false;    // reloads of its prefix are queued, not yet popped: no batch reads it
   };
   struct Grow {                      // one sequence's share of an append, planned before any change
     Seq* seq;
@@ -189,6 +200,9 @@ class SeqTable {
   void write_step_row(int64_t row, const Seq* s);
   void write_step_groups(int64_t row, const Seq* s, int32_t n, bool same, int32_t from);
   void set_entry(int32_t* entries, int64_t base, int32_t j, int32_t block);
+  // seq_table_host.cpp
+  int64_t continue_on_host(Seq& s, const int32_t* tokens, int64_t matchable, int64_t gpu_hits);
+  void offload_to_host(Seq& s, int64_t full);
   // seq_table_prefix.cpp
   int64_t add_across_groups(Seq& s, const int32_t* tokens, int64_t n);
   void probe_chained(HitSearch& hs, const Seq& s, const int32_t* tokens);
@@ -223,6 +237,8 @@ class SeqTable {
   std::vector<int32_t> fresh_;
   std::vector<std::pair<int32_t, int32_t>> copies_;
   std::unordered_map<int32_t, int32_t> queued_;  // block -> references the copy queue holds
+  HostTier* host_ = nullptr;         // the host tier, if any (not owned)
+  std::vector<int64_t> awaiting_reload_;  // ids of the sequences whose reloads are queued
 
   // decode-step buffers, allocated once: their addresses never change
   std::vector<int32_t> step_table_;

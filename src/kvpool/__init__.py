@@ -43,6 +43,8 @@ _LAZY = {
     "copy_blocks": "kvpool.kernels",
     "paged_decode": "kvpool.kernels",
     "prefill_attention": "kvpool.kernels",
+    # host-memory tier of the prefix cache
+    "HostKVTier": "kvpool.tier",
     # start-up sizing (torch.distributed)
     "size_kv_pool": "kvpool.runtime",
     "PoolSize": "kvpool.runtime",

@@ -23,6 +23,10 @@ Lifecycle of one sequence (the server calls these):
    (copy-on-write): run ``copy_blocks(caches, *pop_copies())`` before the next forward.
 5. ``free(seq_id)``.
 
+Host tier (``host_tier=HostKVTier(cache, n)``, docs/host_tier.md): full blocks offered to the prefix cache are
+also copied to host blocks, and ``add()`` continues a GPU hit over the host's verified chain (reloads). Before
+every forward the server runs ``tier.run(tables.pop_transfers())``.
+
 Hybrid models (sliding-window and full-attention layers): ``group_windows`` gives each KV-cache group's
 window (`kvpool.plan.kv_groups`); every group keeps its own block list per sequence, all drawn from the one
 allocator, and a windowed group gives back the blocks that leave its window as tokens are computed
@@ -69,6 +73,10 @@ class BlockTables:
         ``kv_groups(spec.layer_sliding_windows).windows``. Default ``(None,)``: one full-attention group, the
         single table of every layer. With ``G > 1`` groups the per-group outputs gain a leading group axis
         (``append`` slots ``[G, n]``, `BatchTables` tables ``[G, ...]``; ``batch.group(g)`` is group g's).
+    host_tier : kvpool.HostKVTier, optional
+        The host-memory tier of the prefix cache (one per BlockTables). Needs prefix caching and ONE
+        full-attention KV-cache group (a hybrid model is refused). Then run ``tier.run(tables.pop_transfers())``
+        before every forward.
 
     Notes
     -----
@@ -80,7 +88,7 @@ class BlockTables:
 
     def __init__(self, allocator, block_size: int, device="cpu", max_seqs: int = 256,
                  enable_prefix_caching: bool | None = None, max_blocks_per_seq: int | None = None,
-                 group_windows=None, _mirror: bool = False, _hash_bits: int = 64):
+                 group_windows=None, host_tier=None, _mirror: bool = False, _hash_bits: int = 64):
         if not isinstance(allocator, _C.BlockAllocator):
             raise InvalidArgumentError(
                 f"BlockTables needs kvpool.BlockAllocator (the C++ allocator), got {type(allocator).__name__}; "
@@ -111,12 +119,46 @@ class BlockTables:
         # _hash_bits < 64 (tests only) keeps that many bits of each block hash: collisions on demand
         self._core = _C.SeqTable(allocator, max_seqs, width, self.enable_prefix_caching, (1 << _hash_bits) - 1,
                                  [0 if w is None else w for w in self.group_windows])
+        self.host_tier = None
+        if host_tier is not None:
+            self._attach(host_tier)
         self._step = StepBuffers(self._core, self.device, mirror=_mirror)
         self._last_step: BatchTables | None = None
         self._ids = SeqIds()
         self._pin = self.device.type == "cuda"
         self._host = None  # pinned staging buffer of batch(); grows
         self._copy_done = None  # CUDA event of the last copy out of self._host
+
+    def _attach(self, tier) -> None:
+        """Extends the prefix cache to `tier` (checked here first, so a refused tier stays unbound)."""
+        from .tier import HostKVTier  # noqa: PLC0415 (the tier package loads only when used)
+        if not isinstance(tier, HostKVTier):
+            raise InvalidArgumentError(f"host_tier must be a kvpool.HostKVTier, got {type(tier).__name__}")
+        if self.group_windows != (None,):
+            raise InvalidArgumentError(
+                f"host_tier: group_windows={self.group_windows}; the host tier supports one full-attention KV-cache "
+                "group only (a hybrid model's windowed groups are not offloaded): build BlockTables without host_tier")
+        if not self.enable_prefix_caching:
+            raise InvalidArgumentError("host_tier needs prefix caching (the host tier extends the prefix cache): "
+                                       "build the allocator and BlockTables with enable_prefix_caching=True")
+        self._core.attach_host_tier(tier._bind(self.allocator))
+        self.host_tier = tier
+
+    def pop_transfers(self):
+        """Take the copies between the tiers queued since the last call (``host_tier`` only).
+
+        Returns
+        -------
+        kvpool.tier.Transfers
+            The reloads (``add()``'s host hits) and offloads (blocks offered to the prefix cache) of this step;
+            run them with ``tier.run(transfers)`` before the forward that reads the reloaded blocks. Their
+            blocks stay held until the tier completes the copies.
+        """
+        if self.host_tier is None:
+            raise InvalidArgumentError("pop_transfers(): these BlockTables have no host tier; pass "
+                                       "BlockTables(..., host_tier=kvpool.HostKVTier(cache, num_host_blocks))")
+        from .tier import Transfers  # noqa: PLC0415
+        return Transfers(*self._core.pop_transfers())
 
     def _call(self, method, *args):
         """``self._core.<method>(*args)``, its errors naming non-integer ids as the caller wrote them."""
