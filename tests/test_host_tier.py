@@ -265,3 +265,35 @@ def test_blocks_filled_by_decode_steps_are_offloaded_too():
     assert s.tier.stats()["offloaded_blocks"] == 2
     transfers = s.run_transfers()
     assert transfers.offload_gpu.tolist() == s.tables.blocks("a")[:2].tolist()
+
+
+def test_the_default_copier_moves_a_real_caches_blocks_through_the_host():
+    """HostKVTier(cache, n) with its own HostPages and BlockCopier (CPU tensors: the same code, plain copies)."""
+    import torch
+    from kvpool import PagedKVCache
+    from test_cache import MQA_CONFIG
+    cache = PagedKVCache.for_shard(MQA_CONFIG, 8, 2, 0, 1, "cpu", kv_dtype="fp32")
+    tier = HostKVTier(cache, 16)
+    tables = BlockTables.for_cache(BlockAllocator(8, 2, hash_key=KEY), cache, host_tier=tier)
+    torch.manual_seed(0)
+    tables.add("a", np.array(A, np.int32))
+    tier.run(tables.pop_transfers())
+    for t in cache.block_tensors():  # "the forward": every block of A gets its KV
+        t[tables.blocks("a")] = torch.randn_like(t[tables.blocks("a")])
+    written = [t[tables.blocks("a")[:6]].clone() for t in cache.block_tensors()]
+    tables.mark_computed("a")
+    tables.free("a")
+    tier.run(tables.pop_transfers())  # the offloads (done at once on CPU; published at the next call)
+    tier.poll()
+    tables.add("b", np.array(B, np.int32))  # evicts A's blocks but the first on the GPU
+    for t in cache.block_tensors():
+        t[tables.blocks("b")] = 0.0
+    tables.mark_computed("b")
+    tables.free("b")
+    tier.run(tables.pop_transfers())
+    assert tables.add("a2", np.array(A, np.int32)) == 12
+    tier.run(tables.pop_transfers())  # the reloads, before the forward would read them
+    for before, t in zip(written, cache.block_tensors()):
+        assert torch.equal(t[tables.blocks("a2")[:6]], before)
+    tier.synchronize()
+    assert tier.stats()["completed_reloads"] == 5

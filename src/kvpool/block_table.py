@@ -226,7 +226,9 @@ class BlockTables:
             the blocks, the server computes only the rest. Never the whole prompt: the last token is
             always recomputed, since its logits are needed. Every hit is verified: the cached blocks
             hold exactly these tokens after exactly this prefix, under the same salt, whatever the
-            hashes say (a collision is a counted miss, ``allocator.stats()["hash_collisions"]``).
+            hashes say (a collision is a counted miss, ``allocator.stats()["hash_collisions"]``). With a host
+            tier the hit goes on over the host's blocks (reloads queued for `pop_transfers`; the sequence
+            cannot be batched before they are popped), after completing the copies that are done.
 
         Raises
         ------
@@ -238,6 +240,8 @@ class BlockTables:
             raise InvalidArgumentError(f"seq_id {seq_id!r} already exists: free() it or use a new id")
         tokens, n = as_prompt(seq_id, prompt_tokens)
         context = self.allocator.extra_key(extra) if extra is not None else 0
+        if self.host_tier is not None:
+            self.host_tier.poll()  # blocks whose copies are done are free (and host blocks readable) for this add
         try:
             hit = self._core.add(handle, tokens, n, context)
         except InvalidArgumentError as err:
