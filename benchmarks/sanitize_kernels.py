@@ -65,7 +65,8 @@ def run_kernels() -> None:
             ref = reference.paged_decode_reference(q, k, v, table, seq_lens, d ** -0.5, window, cap, ks, vs)
             checks.append(("decode", kv_dtype, bool(torch.allclose(out.float(), ref.float(), atol=2e-2, rtol=2e-2))))
         caches = [k, v] + ([ks, vs] if scales == "token_head" else [])
-        copy_blocks(caches, table[3, :2], torch.tensor([num_blocks - 1, num_blocks - 2], device=dev))
+        spare = perm[at:at + 2].to(dev)  # the two blocks no table holds: copy-on-write targets never alias a source
+        copy_blocks(caches, table[3, :2], spare)
     # the split + merge path: one long sequence, few programs
     from kvpool.kernels.decode import paged_decode_triton
     out = paged_decode_triton(q, k, v, table, seq_lens, 0.1, k_scale=ks, v_scale=vs, num_splits=5)
