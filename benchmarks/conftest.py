@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("KVPOOL_BENCH_SMOKE") == "1":  # CPU smoke of the attention benchmarks: before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("KVPOOL_KERNELS", "triton")
+
 ROWS = Path(os.environ.get("KVPOOL_BENCH_ROWS", Path(__file__).parent / "out" / "rows.jsonl"))
 
 
@@ -21,7 +25,9 @@ def record(benchmark, request):
     import torch
 
     def _record(row: dict, target) -> None:
-        row = {"test": request.node.name, "device": torch.cuda.get_device_name(), **row}
+        cuda = torch.cuda.is_available()
+        device = torch.cuda.get_device_name() if cuda else "cpu (KVPOOL_BENCH_SMOKE: interpreter, not figures)"
+        row = {"test": request.node.name, "device": device, **row}
         benchmark.extra_info.update(row)
         ROWS.parent.mkdir(parents=True, exist_ok=True)
         with ROWS.open("a") as f:
@@ -30,8 +36,9 @@ def record(benchmark, request):
 
         def run():
             target()
-            torch.cuda.synchronize()
-        benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+            if cuda:
+                torch.cuda.synchronize()
+        benchmark.pedantic(run, rounds=3 if cuda else 1, iterations=1, warmup_rounds=1 if cuda else 0)
     return _record
 
 

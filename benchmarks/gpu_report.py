@@ -14,6 +14,8 @@ import json
 import re
 from pathlib import Path
 
+from report_issue15 import issue15_tables
+
 
 def load_rows(bench_jsons, rows_file) -> list[dict]:
     rows: dict[str, dict] = {}
@@ -83,6 +85,7 @@ def build_table(rows, sanitizer, tests) -> str:
                        f"{_f(r.get('sdpa_ms'), '{:.4f}')} | {_f(r.get('speedup_vs_sdpa'), '{:.2f}x')} |")
             notes.update(r[k] for k in ("vllm_note", "sdpa_note") if r.get(k))
         out += [f"- {n}" for n in sorted(notes)]
+    out += issue15_tables(rows)
     if sanitizer:
         out += ["", "compute-sanitizer memcheck: " + sanitizer.get("summary", "?")]
     if not rows:
