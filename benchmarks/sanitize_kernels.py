@@ -20,6 +20,32 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# new tokens per sequence of the attention cases (seq_lens [1, 16, 17, 300, 0]): a whole prompt, chunks not
+# aligned to blocks, an empty row; the mixed call also takes decode rows (one new token)
+PREFILL_Q_LENS, MIXED_Q_LENS = [1, 16, 9, 40, 0], [1, 1, 9, 1, 0]
+
+
+def _attention_checks(k, v, table, seq_lens, ks, vs) -> list:
+    """paged_prefill and paged_attention (issue 15) against the gather + causal-attention reference."""
+    import torch
+
+    import kvpool
+    from kvpool.kernels import reference
+    checks = []
+    kf, vf, cu_k = reference.gather_kv_reference(k, v, table, seq_lens, ks, vs, out_dtype=torch.float32)
+    for name, q_lens in (("paged_prefill", PREFILL_Q_LENS), ("paged_attention", MIXED_Q_LENS)):
+        fn = getattr(kvpool, name, None)
+        if fn is None:
+            checks.append((f"{name} (not on this tree: skipped)", k.dtype, True))
+            continue
+        qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(k.device)
+        q = torch.randn(sum(q_lens), k.shape[2] * 4, k.shape[3], device=k.device, dtype=torch.bfloat16)
+        for window, cap in ((None, None), (40, 30.0)):
+            out = fn(q, k, v, table, qsl, seq_lens, 0.1, sliding_window=window, logit_soft_cap=cap,
+                     k_scale=ks, v_scale=vs)
+            ref = reference.prefill_attention_reference(q.float(), kf, vf, qsl, cu_k, 0.1, window, cap)
+            checks.append((name, k.dtype, bool(torch.allclose(out.float(), ref, atol=2e-2, rtol=2e-2))))
+    return checks
 
 
 def run_kernels() -> None:
@@ -64,6 +90,7 @@ def run_kernels() -> None:
             out = paged_decode(q, k, v, table, seq_lens, d ** -0.5, window, cap, ks, vs)
             ref = reference.paged_decode_reference(q, k, v, table, seq_lens, d ** -0.5, window, cap, ks, vs)
             checks.append(("decode", kv_dtype, bool(torch.allclose(out.float(), ref.float(), atol=2e-2, rtol=2e-2))))
+        checks += _attention_checks(k, v, table, seq_lens, ks, vs)
         caches = [k, v] + ([ks, vs] if scales == "token_head" else [])
         spare = perm[at:at + 2].to(dev)  # the two blocks no table holds: copy-on-write targets never alias a source
         copy_blocks(caches, table[3, :2], spare)

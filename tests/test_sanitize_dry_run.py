@@ -20,6 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_sanitize_kernels_runs_on_cpu():
     env = dict(os.environ, KVPOOL_SANITIZE_DEVICE="cpu", TRITON_INTERPRET="1", KVPOOL_KERNELS="triton")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sanitize_kernels.py"), "--run"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "0 wrong" in proc.stdout
