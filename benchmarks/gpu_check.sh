@@ -7,11 +7,17 @@
 #   1. pip install --no-build-isolation --no-deps -e .   (falls back to PYTHONPATH=src)
 #   2. GPU tests: the kernel tests on CUDA (bf16, fp8, poisoned outputs, fresh data), then `pytest tests -m gpu`
 #   3. benchmarks: copy ceiling, gather_kv / write_kv / copy_blocks, paged_decode sweep (pytest-benchmark)
+#   3b. issue 15: paged_prefill (8 x (4096+1024), 1 x 16K) and the mixed batch vs vLLM's unified attention and
+#       SDPA-flash; the eager decode table is bench_decode's batch 1-8 rows, judged in the report
 #   4. compute-sanitizer --tool memcheck on a small case of every kernel
 #   5. benchmarks/gpu_validate.py: plan and start-up sizing vs the live GPU (KVPOOL_SKIP_VALIDATE=1 skips it)
 #   6. benchmarks/gpu_report.py: JSON + Markdown table, printed last
 # Results are written as they come (benchmark rows as JSON lines), so a stage that times out still
-# leaves its data. Budget: KVPOOL_GPU_BUDGET_S (default 265 s) for the whole script.
+# leaves its data. Budget: KVPOOL_GPU_BUDGET_S (default 400 s) for the whole script.
+#
+# The vLLM peers are fetched beforehand where the registry is reachable (the GPU machine has no network, and
+# ../shared does not travel with the repository), from the repository root, then `.peers` is carried along:
+#   for p in vllm_triton_decode vllm_unified_attention; do python ../shared/peers/$p.py fetch && cp ../shared/peers/$p.py .peers/; done
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out}"
@@ -21,7 +27,7 @@ export KVPOOL_BENCH_ROWS="$OUT/rows.jsonl"
 : > "$KVPOOL_BENCH_ROWS"
 rm -f "$OUT"/bench_*.json "$OUT/sanitizer.json" "$OUT"/tests_*.log  # no stale results from an earlier run
 START=$(date +%s)
-BUDGET="${KVPOOL_GPU_BUDGET_S:-265}"
+BUDGET="${KVPOOL_GPU_BUDGET_S:-400}"
 PY="${PYTHON:-python}"
 
 log() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*"; }
@@ -49,6 +55,10 @@ stage() {
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1 || true
 log "GPU: $(cat "$OUT/gpu.txt")"
+for f in vllm_triton_decode_attention.py vllm_triton_unified_attention.py vllm_triton_attention_helpers.py \
+         vllm_unified_attention.py; do
+  [[ -f ".peers/$f" ]] || log "peer missing: .peers/$f (its baseline is skipped; see the fetch line at the top)"
+done
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
   | tee "$OUT/versions.txt"
 
@@ -86,10 +96,16 @@ stage bench_memory 30 150 "$PY" -m pytest benchmarks/bench_memory.py -q -p no:ca
 stage bench_decode 90 90 "$PY" -m pytest benchmarks/bench_decode.py -q -p no:cacheprovider \
   --benchmark-json="$OUT/bench_decode.json" -s
 
+# 3b. issue 15: paged_prefill and the mixed batch, each output checked against the reference before timing
+stage bench_prefill 60 110 "$PY" -m pytest benchmarks/bench_prefill.py -q -rs -p no:cacheprovider \
+  --benchmark-json="$OUT/bench_prefill.json" -s
+stage bench_mixed 45 65 "$PY" -m pytest benchmarks/bench_mixed.py -q -rs -p no:cacheprovider \
+  --benchmark-json="$OUT/bench_mixed.json" -s
+
 # 4. memcheck on a small case of every kernel
 # (the driver gets the stage's limit minus 3 s, so it writes its JSON even when memcheck runs long)
-san=$(limit 50 62)
-stage sanitizer 50 62 "$PY" benchmarks/sanitize_kernels.py --out "$OUT/sanitizer.json" --timeout $(( san > 8 ? san - 3 : 5 ))
+san=$(limit 80 62)
+stage sanitizer 80 62 "$PY" benchmarks/sanitize_kernels.py --out "$OUT/sanitizer.json" --timeout $(( san > 8 ? san - 3 : 5 ))
 
 # 5. planner and size_kv_pool against the live GPU (Llama-3.1-8B shape, random weights)
 if [[ -f benchmarks/gpu_validate.py && "${KVPOOL_SKIP_VALIDATE:-0}" != 1 ]]; then
@@ -103,7 +119,8 @@ stage demo_tp2_one_gpu 40 40 "$PY" -m kvpool.demo --tp 2 --device cuda --backend
 # 7. report: JSON + table, the table printed last
 log "report"
 "$PY" benchmarks/gpu_report.py --out-dir "$OUT" --rows "$KVPOOL_BENCH_ROWS" \
-  --bench-json "$OUT/bench_memory.json" "$OUT/bench_decode.json" --sanitizer "$OUT/sanitizer.json" \
+  --bench-json "$OUT/bench_memory.json" "$OUT/bench_decode.json" "$OUT/bench_prefill.json" "$OUT/bench_mixed.json" \
+  --sanitizer "$OUT/sanitizer.json" \
   --tests-log "$OUT"/tests_kernels_*_gpu.log "$OUT/tests_gpu.log" > "$OUT/table.txt" 2>&1
 if [[ -f "$OUT/gpu_validate.log" ]]; then
   echo "---- gpu_validate.py (last 40 lines) ----"; tail -n 40 "$OUT/gpu_validate.log"
