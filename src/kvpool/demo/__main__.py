@@ -9,6 +9,7 @@ python -m kvpool.demo --bad-requests       # plus three bad requests, refused on
 python -m kvpool.demo --check-hf           # compare every request with transformers' greedy generate
 python -m kvpool.demo --metrics-port 9400  # Prometheus metrics on 127.0.0.1:9400/metrics during the run
 python -m kvpool.demo --model hybrid       # a Qwen2 with sliding-window layers: blocks held per KV-cache group
+python -m kvpool.demo --host-kv-mib 2      # a host tier: prefixes evicted from the GPU pool come back from host memory
 """
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tenants", type=int, default=0,
                    help="split requests between N tenants, each with its own prefix-cache salt (0: no salt); "
                         "the same prompts then share cached blocks only within a tenant")
+    p.add_argument("--host-kv-mib", type=float, default=0.0,
+                   help="host memory of the prefix cache's host tier per rank, MiB (0: none): blocks evicted from "
+                        "the GPU pool are kept there and copied back on a hit")
     p.add_argument("--bad-requests", action="store_true",
                    help="add an empty prompt, an out-of-vocabulary token and a too-long request")
     p.add_argument("--check-hf", action="store_true",
@@ -75,6 +79,11 @@ def format_summary(report, opts: DemoOptions) -> str:
         f"  prefix cache  {100 * s.prefix_hit_rate:.1f}% of prompt tokens hit",
         f"  preemptions   {s.preemptions}",
     ]
+    if s.host_tier is not None:
+        t = s.host_tier
+        lines.append(f"  host tier     {t['blocks']} blocks: {t['host_hit_blocks']} blocks hit on the host and reloaded "
+                     f"({t['host_hit_blocks'] * s.block_size} prompt tokens not recomputed), {t['offloaded_blocks']} "
+                     f"offloaded, {t['skipped_blocks']} already there, {t['host_evictions']} evicted")
     if len(s.group_usage) > 1:  # a hybrid model: what window freeing saved, group by group
         lines += [f"  KV group {g}    {usage.describe()}" for g, usage in enumerate(s.group_usage)]
     if opts.tenants > 0:
@@ -110,9 +119,11 @@ def main(argv=None) -> int:
                        prefix_caching=not args.no_prefix_caching, device=args.device,
                        metrics_port=args.metrics_port, progress=not args.no_progress,
                        bad_requests=args.bad_requests, mean_gap=args.mean_gap, threads=args.threads,
-                       tenants=args.tenants, backend=args.backend)
+                       tenants=args.tenants, backend=args.backend, host_kv_mib=args.host_kv_mib)
     if args.threads < 1:
         raise SystemExit(f"--threads {args.threads}: need at least 1")
+    if args.host_kv_mib < 0:
+        raise SystemExit(f"--host-kv-mib {args.host_kv_mib}: need 0 (no host tier) or more")
     if args.tenants < 0:
         raise SystemExit(f"--tenants {args.tenants}: need 0 (no cache salt) or more")
     try:

@@ -58,6 +58,7 @@ class RunSummary:
     max_batch_seqs: int = 0
     block_digests: list[int] = field(default_factory=list)
     group_usage: list[GroupUsage] = field(default_factory=list)  # one per KV-cache group
+    host_tier: dict | None = None  # HostKVTier.stats() plus "blocks", when the host tier is on
 
     @property
     def finished(self) -> int:
@@ -82,6 +83,9 @@ class Engine:
         :func:`kvpool.demo.model.tiny_hybrid_config`).
     weights : dict[str, torch.Tensor]
         Full fp32 weights (each rank slices its shard).
+    host_kv_bytes : int
+        Pinned host memory of the host tier of the prefix cache on each rank (0: no host tier); its block
+        count is ``host_kv_bytes // bytes_per_block`` (the same on every rank).
     pool_bytes : int
         Device memory given to the KV pool on each rank (``device_memory_bytes`` of ``size_kv_pool``).
     block_size : int
@@ -101,7 +105,7 @@ class Engine:
     def __init__(self, model_config: dict, weights: dict, *, pool_bytes: int, block_size: int = 16,
                  tp_rank: int = 0, tp_size: int = 1, group=None, device="cpu", max_batch_tokens: int = 256,
                  max_running: int = 16, enable_prefix_caching: bool = True, metrics=None,
-                 window_freeing: bool = True):
+                 window_freeing: bool = True, host_kv_bytes: int = 0):
         from ..allocator import BlockAllocator
         from ..block_table import BlockTables
         from ..cache import PagedKVCache
@@ -142,8 +146,9 @@ class Engine:
                     f"layer {i} attends to window {self.model.layer_windows[i]} but its KV-cache group {g} has "
                     f"window {groups.groups[g].window}; the model and the pages must read one config")
         table_windows = groups.windows if window_freeing else (None,) * len(groups.groups)
+        self.tier = self._host_tier(host_kv_bytes, table_windows, enable_prefix_caching)
         self.tables = BlockTables(self.allocator, self.block_size, self.device, max_seqs=max_running,
-                                  group_windows=table_windows)
+                                  group_windows=table_windows, host_tier=self.tier)
         self.group_usage = group_usages(groups, self.block_size)
         self.metrics = metrics
         self.scheduler = Scheduler(self.tables, self.model.vocab_size,
@@ -155,10 +160,30 @@ class Engine:
         self.block_digests: list[int] = []
         self.computed_prompt_tokens = 0
 
+    def _host_tier(self, host_kv_bytes: int, windows, prefix_caching: bool):
+        """A `HostKVTier` of ``host_kv_bytes`` on this rank, or None."""
+        if host_kv_bytes <= 0:
+            return None
+        if windows != (None,) or not prefix_caching:
+            raise ConfigError("--host-kv-mib needs prefix caching and one full-attention KV-cache group (the "
+                              "host tier refuses hybrid models): use --model llama without --no-prefix-caching")
+        from ..tier import HostKVTier
+
+        per_block = self.cache.memory_bytes() // self.num_blocks
+        blocks = host_kv_bytes // per_block
+        if blocks < 1:
+            raise ConfigError(f"--host-kv-mib gives {host_kv_bytes} bytes, less than one block of {per_block}: "
+                              "give the host tier at least one block")
+        return HostKVTier(self.cache, blocks)
+
     # ----------------------------------------------------------------- one step
     def step(self, step: int) -> tuple[StepPlan, list[int]]:
         """Schedule and run one step; return the plan and the ids of the requests it finished."""
+        if self.tier is not None:
+            self.tier.poll()  # copies done since the last step give their blocks back before scheduling
         plan = self.scheduler.schedule(step)
+        if self.tier is not None:  # host hits are copied back (and blocks offloaded) before the forward
+            self.tier.run(self.tables.pop_transfers())
         self._observe_pool()
         if not plan.entries:
             return plan, []
@@ -244,6 +269,9 @@ class Engine:
             nxt = self.scheduler.next_arrival()
             idle = not plan.entries and not self.scheduler.waiting and not self.scheduler.running
             step = max(step + 1, nxt) if idle and nxt is not None else step + 1
+        if self.tier is not None:  # the last step's offloads: enqueue them and wait, so every block is free
+            self.tier.run(self.tables.pop_transfers())
+            self.tier.synchronize()
         wall = time.perf_counter() - start
         if bar is not None:
             bar.close()
@@ -255,7 +283,8 @@ class Engine:
             peak_used_blocks=self.peak_used_blocks,
             prefix_hit_rate=s.prompt_tokens_cached / s.prompt_tokens_seen if s.prompt_tokens_seen else 0.0,
             preemptions=s.num_preemptions, mixed_steps=self.mixed_steps, max_batch_seqs=self.max_batch_seqs,
-            block_digests=list(self.block_digests), group_usage=self.group_usage)
+            block_digests=list(self.block_digests), group_usage=self.group_usage,
+            host_tier=None if self.tier is None else dict(self.tier.stats(), blocks=self.tier.num_host_blocks))
 
     # ----------------------------------------------------------------- helpers
     def _observe_pool(self) -> None:

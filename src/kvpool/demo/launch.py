@@ -48,6 +48,7 @@ class DemoOptions:
     bad_requests: bool = False
     mean_gap: float = 1.5
     tenants: int = 0  # > 0: requests alternate between tenants, each with its own cache salt
+    host_kv_mib: float = 0.0  # > 0: the host tier of the prefix cache, MiB of host memory per rank
     backend: str | None = None  # torch.distributed backend for --tp > 1; None: see process_group_backend
     threads: int = 1  # torch CPU threads per rank: the tiny model's matmuls only lose from more
     requests: list[Request] | None = None  # explicit requests instead of the seeded workload
@@ -104,7 +105,7 @@ def run_rank(tp_rank: int, opts: DemoOptions, group=None) -> RankReport:
                         tp_rank=tp_rank, tp_size=opts.tp, group=group, device=opts.device,
                         max_batch_tokens=opts.max_batch_tokens, max_running=opts.max_running,
                         enable_prefix_caching=opts.prefix_caching, metrics=metrics,
-                        window_freeing=opts.window_freeing)
+                        window_freeing=opts.window_freeing, host_kv_bytes=int(opts.host_kv_mib * 2**20))
         summary = engine.run(build_requests(opts, config["vocab_size"]), progress=opts.progress and tp_rank == 0)
         if opts.device.startswith("cuda"):
             torch.cuda.synchronize()

@@ -131,6 +131,7 @@ class HostKVTier:
         if len(transfers.offload_gpu):
             self._in_flight.append((transfers.batch, False,
                                     self.copier.offload(transfers.offload_gpu, transfers.offload_host)))
+        self.poll()  # copies that finished at once (CPU tensors) release their blocks now, not a step later
 
     def poll(self) -> int:
         """Complete every enqueued copy that is done (never waits); returns how many batches it completed."""
