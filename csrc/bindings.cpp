@@ -9,6 +9,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -164,9 +165,9 @@ py::dict stats_dict(const kvpool::AllocatorStats& s, const BlockAllocator& a) {
   d["evictions"] = s.evictions;
   d["hash_collisions"] = s.hash_collisions;
   d["high_water_mark"] = s.high_water_mark;
-  d["num_blocks"] = a.num_blocks();
+  d["num_blocks"] = s.num_blocks;
   d["free_blocks"] = s.free_blocks;
-  d["used_blocks"] = a.num_blocks() - s.free_blocks;
+  d["used_blocks"] = s.num_blocks - s.free_blocks;
   d["cached_blocks"] = s.cached_blocks;
   d["prefix_entry_bytes"] = a.entry_bytes();
   return d;
@@ -446,6 +447,27 @@ void bind_host_tier(py::module_& m) {
       });
 }
 
+constexpr const char* kGrowDoc = R"doc(Add ids ``[num_blocks, num_blocks + n)`` to the pool, free.
+
+They join the free list's tail: the free ids already there (all lower) are handed out first, so the
+top stays free for a later shrink(). ``num_blocks + n`` may not exceed ``max_num_blocks``
+(InvalidArgumentError, nothing changed). The caller maps their memory first.)doc";
+
+constexpr const char* kShrinkDoc = R"doc(Remove the top ``n`` ids ``[num_blocks - n, num_blocks)``; all must be free.
+
+Cached ones are evicted (counted in ``stats()["evictions"]``). Held ones: OutOfBlocksError with
+``.requested = n`` and ``.available`` = free_top_blocks (the most that can be released now), nothing
+changed; relocate_top(n) moves them down first. The caller unmaps their memory after.)doc";
+
+constexpr const char* kRelocateTopDoc = R"doc(Move every held block among the top ``n`` ids to a free id below them.
+
+Returns ``(src, dst)``, ``[m] int64`` each, ascending by ``src``: block ``src[i]``'s references, hash
+and verified cache entry now belong to ``dst[i]`` (taken in free-list order; a cached one is evicted)
+and ``src[i]`` is free. The caller must copy each block's contents src -> dst (copy_blocks) before
+anything reads ``dst`` and must rewrite every table naming a ``src`` id; BlockTables.relocate_top does
+the tables. OutOfBlocksError (``.available``: how many could move), nothing changed, when fewer
+free ids lie below ``num_blocks - n`` than blocks to move.)doc";
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -507,12 +529,41 @@ PYBIND11_MODULE(_C, m) {
       "KV-cache group ``group``'s salt digest for a sequence whose salt digest is ``context`` (identity for group 0).");
 
   py::class_<BlockAllocator>(m, "BlockAllocator")
-      .def(py::init([](int64_t num_blocks, int64_t block_size, bool enable_prefix_caching, uint64_t k0, uint64_t k1) {
+      .def(py::init([](int64_t num_blocks, int64_t block_size, bool enable_prefix_caching, uint64_t k0, uint64_t k1,
+                       int64_t max_num_blocks) {
              py::gil_scoped_release release;
-             return new BlockAllocator(num_blocks, block_size, enable_prefix_caching, kvpool::HashKey{k0, k1});
+             return new BlockAllocator(num_blocks, block_size, enable_prefix_caching, kvpool::HashKey{k0, k1},
+                                       max_num_blocks);
            }),
-           py::arg("num_blocks"), py::arg("block_size"), py::arg("enable_prefix_caching"), py::arg("k0"), py::arg("k1"))
+           py::arg("num_blocks"), py::arg("block_size"), py::arg("enable_prefix_caching"), py::arg("k0"), py::arg("k1"),
+           py::arg("max_num_blocks") = -1)
       .def_property_readonly("num_blocks", &BlockAllocator::num_blocks)
+      .def_property_readonly("max_num_blocks", &BlockAllocator::max_num_blocks,
+                             "The capacity grow() may reach (ids below it; arrays sized for it once).")
+      .def_property_readonly("free_top_blocks", &BlockAllocator::free_top_blocks,
+                             "Free ids in a run at the top of the pool: the most shrink() can release now.")
+      .def(
+          "grow", [](BlockAllocator& a, py::handle n) { a.grow(as_int64(n, "grow()", "n")); }, py::arg("n"),
+          kGrowDoc)
+      .def(
+          "shrink", [](BlockAllocator& a, py::handle n) { a.shrink(as_int64(n, "shrink()", "n")); }, py::arg("n"),
+          kShrinkDoc)
+      .def(
+          "held_in_top", [](const BlockAllocator& a, py::handle n) { return a.held_in_top(as_int64(n, "held_in_top()", "n")); },
+          py::arg("n"), "How many of the top ``n`` ids ``[num_blocks - n, num_blocks)`` are held (refcount > 0).")
+      .def(
+          "relocate_top",
+          [](BlockAllocator& a, py::handle n_obj) {
+            const int64_t n = as_int64(n_obj, "relocate_top()", "n");
+            std::vector<int32_t> src(static_cast<size_t>(n > 0 && n <= a.max_num_blocks() ? n : 0));
+            std::vector<int32_t> dst(src.size());
+            const int64_t m = a.relocate_top(n, src.data(), dst.data());
+            py::array_t<int64_t> s(static_cast<py::ssize_t>(m)), d(static_cast<py::ssize_t>(m));
+            std::copy(src.begin(), src.begin() + m, s.mutable_data());
+            std::copy(dst.begin(), dst.begin() + m, d.mutable_data());
+            return std::make_tuple(s, d);
+          },
+          py::arg("n"), kRelocateTopDoc)
       .def_property_readonly("block_size", &BlockAllocator::block_size)
       .def_property_readonly("enable_prefix_caching", &BlockAllocator::prefix_caching)
       .def_property_readonly(
@@ -532,7 +583,7 @@ PYBIND11_MODULE(_C, m) {
             const int64_t n = as_int64(n_obj, "allocate()", "n");
             // Size the output only for a request that can be valid; allocate() raises on the others
             // before writing anything.
-            const bool plausible = n >= 0 && n <= a.num_blocks();
+            const bool plausible = n >= 0 && n <= a.max_num_blocks();  // constant: a concurrent grow() cannot outdate it
             py::array_t<int32_t> out(static_cast<py::ssize_t>(plausible ? n : 0));
             int32_t* dst = out.mutable_data();
             {
@@ -606,7 +657,7 @@ PYBIND11_MODULE(_C, m) {
             std::vector<uint64_t> hashes = owned_hashes(hashes_obj, fn);
             std::vector<int32_t> tokens = owned_tokens(tokens_obj, fn);
             const uint64_t context = as_uint64(context_obj, fn, "context");
-            const bool plausible = n >= 0 && n <= a.num_blocks();
+            const bool plausible = n >= 0 && n <= a.max_num_blocks();  // constant: a concurrent grow() cannot outdate it
             py::array_t<int32_t> out(static_cast<py::ssize_t>(plausible ? n : 0));
             int32_t* dst = out.mutable_data();
             int64_t hits;
@@ -695,7 +746,7 @@ PYBIND11_MODULE(_C, m) {
             const int64_t n = as_int64(n_obj, fn, "n");
             const int64_t query_blocks = as_int64(query_obj, fn, "query_blocks");
             const int64_t collisions = as_int64(collisions_obj, fn, "collisions");
-            const bool plausible = n >= 0 && n <= a.num_blocks();
+            const bool plausible = n >= 0 && n <= a.max_num_blocks();  // constant: a concurrent grow() cannot outdate it
             py::array_t<int32_t> out(static_cast<py::ssize_t>(plausible ? n : 0));
             int32_t* dst = out.mutable_data();
             bool taken;
@@ -824,6 +875,15 @@ PYBIND11_MODULE(_C, m) {
         py::array_t<int64_t> src(n), dst(n);
         t.pop_copies(src.mutable_data(), dst.mutable_data());
         return std::make_tuple(src, dst);
+      })
+      .def("relocate_top", [](SeqTable& t, int64_t n) {
+        // sized by the capacity bound only when n is plausible; the core validates n first
+        std::vector<int32_t> src(static_cast<size_t>(n > 0 && n <= t.max_pool_blocks() ? n : 0)), dst(src.size());
+        const int64_t m = t.relocate_top(n, src.data(), dst.data());
+        py::array_t<int64_t> s(static_cast<py::ssize_t>(m)), d(static_cast<py::ssize_t>(m));
+        std::copy(src.begin(), src.begin() + m, s.mutable_data());
+        std::copy(dst.begin(), dst.begin() + m, d.mutable_data());
+        return std::make_tuple(s, d);
       })
       .def("batch", [](SeqTable& t, py::handle ids_obj, py::handle new_obj, int64_t pad_slots_to, bool decode,
                        bool check) {

@@ -45,18 +45,30 @@ int32_t checked_geometry(int64_t num_blocks, int64_t block_size) {
   return blocks;
 }
 
+// The capacity: max_num_blocks (-1: num_blocks), at least num_blocks, within the same slot-id bound.
+int32_t checked_capacity(int64_t num_blocks, int64_t block_size, int64_t max_num_blocks) {
+  if (max_num_blocks == -1) return checked_geometry(num_blocks, block_size);
+  if (max_num_blocks < num_blocks) {
+    throw InvalidArgument("BlockAllocator: max_num_blocks=" + to_string(max_num_blocks) + " must be >= num_blocks=" +
+                          to_string(num_blocks) + " (the capacity grow() may reach; -1 or None: num_blocks)");
+  }
+  return checked_geometry(max_num_blocks, block_size);
+}
+
 }  // namespace
 
-BlockAllocator::BlockAllocator(int64_t num_blocks, int64_t block_size, bool enable_prefix_caching, HashKey hash_key)
+BlockAllocator::BlockAllocator(int64_t num_blocks, int64_t block_size, bool enable_prefix_caching, HashKey hash_key,
+                               int64_t max_num_blocks)
     : num_blocks_(checked_geometry(num_blocks, block_size)),
+      max_num_blocks_(checked_capacity(num_blocks, block_size, max_num_blocks)),
       block_size_(checked_block_size(block_size)),
       prefix_caching_(enable_prefix_caching),
       hash_key_(hash_key),
-      slots_(num_blocks_),
-      entries_(num_blocks_, block_size_, enable_prefix_caching),
-      seen_(make_zeroed_array<uint32_t>(num_blocks_)),
-      count_(make_zeroed_array<int64_t>(num_blocks_)),
-      index_(enable_prefix_caching ? num_blocks_ : 0) {
+      slots_(max_num_blocks_),
+      entries_(max_num_blocks_, block_size_, enable_prefix_caching),
+      seen_(make_zeroed_array<uint32_t>(max_num_blocks_)),
+      count_(make_zeroed_array<int64_t>(max_num_blocks_)),
+      index_(enable_prefix_caching ? max_num_blocks_ : 0) {
   // Every block starts free, in id order: allocate(3) on a fresh allocator returns 0, 1, 2. Zeroed
   // slots already link each block to its neighbours by id (block_slot.h); only the last needs an end.
   slots_.set_next(num_blocks_ - 1, -1);
@@ -64,6 +76,11 @@ BlockAllocator::BlockAllocator(int64_t num_blocks, int64_t block_size, bool enab
   head_ = 0;
   tail_ = num_blocks_ - 1;
   num_free_ = num_blocks_;
+}
+
+int32_t BlockAllocator::num_blocks() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return num_blocks_;
 }
 
 int64_t BlockAllocator::num_free_blocks() const {
@@ -81,6 +98,7 @@ int64_t BlockAllocator::entry_bytes() const { return entries_.bytes(); }
 AllocatorStats BlockAllocator::stats() const {
   std::lock_guard<std::mutex> lock(mu_);
   AllocatorStats s = stats_;
+  s.num_blocks = num_blocks_;
   s.free_blocks = num_free_;
   s.cached_blocks = num_cached_;
   return s;
@@ -195,7 +213,7 @@ void BlockAllocator::check_ids(const char* fn, const int32_t* ids, int64_t k) co
 
 uint32_t BlockAllocator::next_epoch() {
   if (++epoch_ == 0) {  // wrapped after 2^32 calls: old marks could collide, clear them once
-    std::memset(seen_.get(), 0, sizeof(uint32_t) * static_cast<size_t>(num_blocks_));
+    std::memset(seen_.get(), 0, sizeof(uint32_t) * static_cast<size_t>(max_num_blocks_));
     epoch_ = 1;
   }
   return epoch_;
@@ -486,6 +504,7 @@ void BlockAllocator::check_invariants() const {
   if (zero != num_free_) fail(to_string(zero) + " blocks have refcount 0 but num_free_ is " + to_string(num_free_));
   if (index_.size() != num_cached_) fail("the hash index holds " + to_string(index_.size()) + " entries, num_cached_ is " + to_string(num_cached_));
   if (cached != num_cached_) fail("num_cached_ is " + to_string(num_cached_) + " but " + to_string(cached) + " blocks have a hash");
+  check_invariants_above_top();
 }
 
 }  // namespace kvpool

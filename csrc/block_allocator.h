@@ -47,6 +47,7 @@ struct AllocatorStats {
   int64_t evictions = 0;            // cached free blocks re-allocated (their hash forgotten)
   int64_t hash_collisions = 0;      // verified lookups whose hash matched a block holding other tokens
   int64_t high_water_mark = 0;      // most blocks in use (refcount > 0) at any one time
+  int64_t num_blocks = 0;           // snapshot at the time of stats()
   int64_t free_blocks = 0;          // snapshot at the time of stats()
   int64_t cached_blocks = 0;        // snapshot at the time of stats()
 };
@@ -55,9 +56,13 @@ class BlockAllocator {
  public:
   // Refused: num_blocks outside [1, 2^31 - 2], block_size < 1, or num_blocks * block_size > 2^31
   // (slot ids block * block_size + offset are int32 in every kernel).
-  BlockAllocator(int64_t num_blocks, int64_t block_size, bool enable_prefix_caching, HashKey hash_key);
+  // max_num_blocks (-1: num_blocks) is the capacity grow() may reach: every array is sized for it
+  // once (zeroed pages, touched only when used), so growing never reallocates.
+  BlockAllocator(int64_t num_blocks, int64_t block_size, bool enable_prefix_caching, HashKey hash_key,
+                 int64_t max_num_blocks = -1);
 
-  int32_t num_blocks() const { return num_blocks_; }
+  int32_t num_blocks() const;
+  int32_t max_num_blocks() const { return max_num_blocks_; }
   int32_t block_size() const { return block_size_; }
   bool prefix_caching() const { return prefix_caching_; }
   HashKey hash_key() const { return hash_key_; }
@@ -135,6 +140,26 @@ class BlockAllocator {
                              const int32_t* tokens, int64_t num_tokens, uint64_t context, const uint64_t* parents,
                              int64_t num_parents);
 
+  // ---- elastic pools (allocator_elastic.cpp; docs/elastic.md) -------------------------------------
+  // The live ids are always [0, num_blocks): grow() appends ids at the top, shrink() removes the top.
+  // Adds ids [num_blocks, num_blocks + n) to the free list TAIL: the free ids already there (the low
+  // ones) are handed out first, so the top stays free and a later shrink() is cheap.
+  void grow(int64_t n);
+  // Removes the top n ids, which must all be free (OutOfBlocks naming how many are held otherwise,
+  // nothing changed); their cached hashes and verified entries are evicted.
+  void shrink(int64_t n);
+  // How many of the top n ids are held (refcount > 0).
+  int64_t held_in_top(int64_t n) const;
+  // Length of the run of free ids at the top: the most shrink() can release now.
+  int64_t free_top_blocks() const;
+  // Moves every held block of the top n ids to a free id below num_blocks - n (taken in free-list
+  // order, least recently freed first; a cached one is evicted): refcount, hash and verified entry
+  // (same stamp) go along; the vacated top ids join the free list tail in id order. Writes the moved
+  // pairs, ascending by src, to src[0, m) / dst[0, m) (capacity n) and returns m. OutOfBlocks, nothing
+  // changed, when fewer than m free ids lie below. The caller copies the blocks' contents and fixes
+  // every table that names a src id (SeqTable::relocate_top does both halves for its tables).
+  int64_t relocate_top(int64_t n, int32_t* src, int32_t* dst);
+
   // Throws InvariantBroken naming the first broken invariant. O(num_blocks); for tests.
   void check_invariants() const;
 
@@ -159,8 +184,11 @@ class BlockAllocator {
   bool drop_references(const int32_t* ids, int64_t k);
   void forget_hash(int32_t b);
   void note_used();
+  void check_top(const char* fn, int64_t n) const;
+  void check_invariants_above_top() const;
 
   int32_t num_blocks_;
+  int32_t max_num_blocks_;
   int32_t block_size_;
   bool prefix_caching_;
   HashKey hash_key_;

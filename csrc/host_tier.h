@@ -22,6 +22,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -81,6 +82,10 @@ class HostTier {
   // True when host block b holds readable content (cached, its offload complete).
   bool readable(int32_t b) const { return in_flight_[static_cast<size_t>(b)] == 0; }
   HostTierStats stats() const;
+  // Elastic pools (defined in seq_table_elastic.cpp): GPU ids >= low that in-flight copies read or write
+  // (they cannot be renamed under a running copy), and renaming GPU ids in the queued, unpopped transfers.
+  int64_t in_flight_gpu_at_or_above(int32_t low) const;
+  void rename_queued_gpu(const std::function<bool(int32_t&)>& rename);
 
  private:
   struct Batch {

@@ -59,6 +59,15 @@ class PrefixEntries {
   // Block b's cached content is gone (evicted): its stamp is retired for ever.
   void forget(int32_t b) { meta_[b].stamp = 0; }
 
+  // Block `from`'s entry now describes block `to` (its KV was copied there), stamp and all, so the
+  // entries cached after it still find their parent; `from` has none after.
+  void move(int32_t from, int32_t to) {
+    if (num_blocks_ == 0) return;
+    std::memcpy(block_tokens(to), block_tokens(from), sizeof(int32_t) * static_cast<size_t>(block_size_));
+    meta_[to] = meta_[from];
+    meta_[from].stamp = 0;
+  }
+
   int64_t bytes() const { return int64_t{num_blocks_} * (int64_t{block_size_} * 4 + int64_t{sizeof(Meta)}); }
 
  private:

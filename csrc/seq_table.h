@@ -93,6 +93,16 @@ class SeqTable {
   // Empties the queue into src/dst (capacity pending_copies().size()) and drops its references.
   void pop_copies(int64_t* src, int64_t* dst);
 
+  // ---- elastic pools (seq_table_elastic.cpp) -------------------------------------------------
+  // BlockAllocator::relocate_top(n), then every name of a moved block rewritten: each sequence's
+  // lists in every group, the copy-on-write queue; rows of the decode-step table holding a moved
+  // block are written in full at their next decode_step (deltas included), a host tier's queued
+  // transfers (its in-flight copies must not touch the top: refused). Writes the pairs to
+  // src[0, m) / dst[0, m) (capacity n) and returns m; OutOfBlocks with nothing changed as the allocator's.
+  int64_t relocate_top(int64_t n, int32_t* src, int32_t* dst);
+  int32_t max_pool_blocks() const { return allocator_->max_num_blocks(); }
+  void check_no_copy_in_flight(int64_t n) const;
+
   // ---- batches -------------------------------------------------------------------------------
   // Validates a mixed batch (new[i] new tokens per sequence, all uncomputed ones when new == nullptr;
   // decode: exactly one each) and returns its shape; fill_batch() then writes it to out[shape.offset[7]].

@@ -26,10 +26,13 @@ def plain(out):
 
 
 class AllocatorVsReference(RuleBasedStateMachine):
-    @initialize(num_blocks=st.integers(1, 12), caching=st.booleans())
-    def build(self, num_blocks, caching):
-        self.cpp = BlockAllocator(num_blocks, block_size=4, enable_prefix_caching=caching, hash_key=KEY)
-        self.ref = ReferenceBlockAllocator(num_blocks, block_size=4, enable_prefix_caching=caching, hash_key=KEY)
+    @initialize(num_blocks=st.integers(1, 12), caching=st.booleans(), room=st.sampled_from([0, 0, 3, 8]))
+    def build(self, num_blocks, caching, room):
+        cap = num_blocks + room  # an elastic pool's capacity (room 0: a fixed pool)
+        self.cpp = BlockAllocator(num_blocks, block_size=4, enable_prefix_caching=caching, hash_key=KEY,
+                                  max_num_blocks=cap)
+        self.ref = ReferenceBlockAllocator(num_blocks, block_size=4, enable_prefix_caching=caching, hash_key=KEY,
+                                           max_num_blocks=cap)
         self.held = []  # one entry per reference the test owns
         self.chains = [0]  # chain values returned so far (parents for cache_blocks_verified)
 
@@ -117,6 +120,33 @@ class AllocatorVsReference(RuleBasedStateMachine):
         if status == "ok":
             self.chains.append(chain)
 
+    # ---- elastic pools: the live ids grow and shrink at the top ------------------------------------
+
+    @rule(n=st.integers(-1, 9))
+    def grow(self, n):
+        self.both("grow", n)
+
+    @rule(n=st.integers(-1, 14))
+    def shrink(self, n):
+        self.both("shrink", n)  # refused (same class) while a top block is held or n is out of range
+
+    @rule(n=st.integers(-1, 14))
+    def held_in_top(self, n):
+        self.both("held_in_top", n)
+
+    @rule(n=st.integers(-1, 14), then_shrink=st.booleans())
+    def relocate_top(self, n, then_shrink):
+        status, out = self.both("relocate_top", n)
+        if status != "ok":
+            return
+        src, dst = out
+        assert sorted(src) == src and all(d < self.cpp.num_blocks - n for d in dst)
+        moved = dict(zip(src, dst))
+        self.held = [moved.get(b, b) for b in self.held]
+        assert self.cpp.held_in_top(n) == 0
+        if then_shrink:
+            assert self.both("shrink", n)[0] == "ok"
+
     @invariant()
     def agree_and_consistent(self):
         if not hasattr(self, "cpp"):
@@ -130,6 +160,7 @@ class AllocatorVsReference(RuleBasedStateMachine):
         assert cpp.num_cached_blocks == ref.num_cached_blocks
         stats = cpp.stats()
         assert stats == ref.stats()
+        assert cpp.num_blocks == ref.num_blocks and cpp.free_top_blocks == ref.free_top_blocks
         assert stats["free_blocks"] + stats["used_blocks"] == cpp.num_blocks
         # What the test holds is exactly what the allocator counts: no id both free and held.
         assert Counter(self.held) == Counter({b: rc for b, rc in enumerate(refcounts.tolist()) if rc})

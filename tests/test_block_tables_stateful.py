@@ -1,7 +1,7 @@
 """Hypothesis drives the C++-backed BlockTables and its pure-Python twin with the same random calls.
 
-add / append / append_batch / decode_step / batch / mark_computed / fork / free / pop_copies, valid
-and invalid, on a small pool (so blocks run out, prefixes repeat and copy-on-write happens), with one
+add / append / append_batch / decode_step / batch / mark_computed / fork / free / pop_copies, and
+the elastic pool's grow / relocate_top / shrink under the tables (issue 16), valid and invalid, on a small pool (so blocks run out, prefixes repeat and copy-on-write happens), with one
 group of layers and with KV-cache groups (full attention beside sliding windows, issue 13). After
 every step both must agree on everything observable: every returned batch tensor, every slot, every
 error class, every sequence's blocks and counts, and the allocators' refcounts and statistics. The
@@ -53,13 +53,15 @@ def _shared_state_agrees(fast, twin, live) -> None:
 class TablesVsTwin(RuleBasedStateMachine):
     @initialize(num_blocks=st.integers(4, 24), block_size=st.sampled_from([1, 2, 4]),
                 max_seqs=st.integers(1, 5), width=st.sampled_from([None, 3, 6]), caching=st.booleans(),
-                mirror=st.booleans())
-    def build(self, num_blocks, block_size, max_seqs, width, caching, mirror):
+                mirror=st.booleans(), room=st.sampled_from([0, 4, 12]))
+    def build(self, num_blocks, block_size, max_seqs, width, caching, mirror, room):
         kw = dict(max_seqs=max_seqs, max_blocks_per_seq=width)
-        self.fast = BlockTables(BlockAllocator(num_blocks, block_size, caching, hash_key=KEY), block_size,
-                                _mirror=mirror, **kw)
-        self.twin = ReferenceBlockTables(ReferenceBlockAllocator(num_blocks, block_size, caching, hash_key=KEY),
-                                         block_size, **kw)
+        cap = num_blocks + room  # room > 0: an elastic pool that grows and shrinks under the tables
+        self.fast = BlockTables(BlockAllocator(num_blocks, block_size, caching, hash_key=KEY, max_num_blocks=cap),
+                                block_size, _mirror=mirror, **kw)
+        self.twin = ReferenceBlockTables(
+            ReferenceBlockAllocator(num_blocks, block_size, caching, hash_key=KEY, max_num_blocks=cap), block_size,
+            **kw)
         self.bs = block_size
         self.live = []
         self.next_id = 0
@@ -188,6 +190,42 @@ class TablesVsTwin(RuleBasedStateMachine):
             self.both("append", seq)
             self.both("free", seq)
 
+    # ---- an elastic pool under the tables (issue 16) ---------------------------------------------
+    def pools(self, method, *args):
+        """`method` on both allocators: same result or same error class."""
+        results = []
+        for allocator in (self.fast.allocator, self.twin.allocator):
+            try:
+                results.append(("ok", plain(getattr(allocator, method)(*args))))
+            except KVPoolError as err:
+                results.append(("error", type(err)))
+        assert results[0] == results[1], (method, args, results)
+        return results[0]
+
+    @rule(n=st.integers(-1, 8))
+    def grow_pool(self, n):
+        self.pools("grow", n)
+
+    @rule(data=st.data(), how=st.sampled_from(["all free", "all free", "some", "wrong"]), relocate=st.booleans())
+    def shrink_pool(self, data, how, relocate):
+        """Shrink by n, moving held top blocks down first (or not: then held ones refuse it). With n = all free
+        blocks, exactly as many held blocks lie in the top n as free ids below it: every one must move."""
+        if self.live and data.draw(st.booleans()):  # the oldest sequence holds low ids: free them below the top
+            self.both("free", self.live.pop(0))
+            if hasattr(self, "prompts"):
+                self.prompts = {s: p for s, p in self.prompts.items() if s in self.live}
+        pool = self.fast.allocator
+        n = {"all free": pool.num_free_blocks, "some": data.draw(st.integers(0, pool.num_blocks)),
+             "wrong": data.draw(st.sampled_from([-1, pool.num_blocks + 1]))}[how]
+        if relocate:
+            status, out = self.both("relocate_top", n)
+            if status == "ok":
+                src, dst = out
+                top = self.fast.allocator.num_blocks - n
+                assert sorted(src) == src and all(d < top <= s for s, d in zip(src, dst))
+                assert self.fast.allocator.held_in_top(n) == 0
+        self.pools("shrink", n)
+
     @invariant()
     def agree(self):
         if not hasattr(self, "fast"):
@@ -213,13 +251,16 @@ class GroupTablesVsTwin(TablesVsTwin):
 
     @initialize(num_blocks=st.integers(6, 64), block_size=st.sampled_from([1, 2, 4]), max_seqs=st.integers(1, 5),
                 width=st.sampled_from([None, None, 4, 8]), caching=st.sampled_from([True, True, False]),
-                mirror=st.booleans(), windows=st.sampled_from(LAYOUTS), bits=st.sampled_from([64, 64, 2, 0]))
-    def build(self, num_blocks, block_size, max_seqs, width, caching, mirror, windows, bits):
+                mirror=st.booleans(), windows=st.sampled_from(LAYOUTS), bits=st.sampled_from([64, 64, 2, 0]),
+                room=st.sampled_from([0, 8, 32]))
+    def build(self, num_blocks, block_size, max_seqs, width, caching, mirror, windows, bits, room):
         kw = dict(max_seqs=max_seqs, max_blocks_per_seq=width, group_windows=windows, _hash_bits=bits)
-        self.fast = BlockTables(BlockAllocator(num_blocks, block_size, caching, hash_key=KEY), block_size,
-                                _mirror=mirror, **kw)
-        self.twin = ReferenceBlockTables(ReferenceBlockAllocator(num_blocks, block_size, caching, hash_key=KEY),
-                                         block_size, **kw)
+        cap = num_blocks + room
+        self.fast = BlockTables(BlockAllocator(num_blocks, block_size, caching, hash_key=KEY, max_num_blocks=cap),
+                                block_size, _mirror=mirror, **kw)
+        self.twin = ReferenceBlockTables(
+            ReferenceBlockAllocator(num_blocks, block_size, caching, hash_key=KEY, max_num_blocks=cap), block_size,
+            **kw)
         self.bs = block_size
         self.live = []
         self.next_id = 0

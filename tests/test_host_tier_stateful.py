@@ -26,15 +26,16 @@ COMMON = [2, 0, 1, 1, 0, 2, 2, 1, 0, 0, 1, 2, 1, 1, 2, 0, 0, 2, 1, 0]
 class TieredTablesVsTwin(TablesVsTwin):
     @initialize(num_blocks=st.integers(4, 24), num_host=st.integers(1, 16), block_size=st.sampled_from([1, 2, 4]),
                 max_seqs=st.integers(1, 5), width=st.sampled_from([None, 3, 6]), mirror=st.booleans(),
-                bits=st.sampled_from([64, 64, 2, 0]))
-    def build(self, num_blocks, num_host, block_size, max_seqs, width, mirror, bits):
+                bits=st.sampled_from([64, 64, 2, 0]), room=st.sampled_from([0, 0, 8]))
+    def build(self, num_blocks, num_host, block_size, max_seqs, width, mirror, bits, room):
         kw = dict(max_seqs=max_seqs, max_blocks_per_seq=width, _hash_bits=bits)
+        cap = num_blocks + room  # room > 0: an elastic GPU pool (grow / relocate_top / shrink rules, issue 16)
         tier = HostKVTier(_Geometry(block_size), num_host, copier=InstantCopier(None, None))
-        self.fast = BlockTables(BlockAllocator(num_blocks, block_size, True, hash_key=KEY), block_size,
-                                _mirror=mirror, host_tier=tier, **kw)
-        self.twin = ReferenceTieredTables(ReferenceBlockAllocator(num_blocks, block_size, True, hash_key=KEY),
-                                          block_size, ReferenceBlockAllocator(num_host, block_size, True, hash_key=KEY),
-                                          **kw)
+        self.fast = BlockTables(BlockAllocator(num_blocks, block_size, True, hash_key=KEY, max_num_blocks=cap),
+                                block_size, _mirror=mirror, host_tier=tier, **kw)
+        self.twin = ReferenceTieredTables(
+            ReferenceBlockAllocator(num_blocks, block_size, True, hash_key=KEY, max_num_blocks=cap), block_size,
+            ReferenceBlockAllocator(num_host, block_size, True, hash_key=KEY), **kw)
         self.bs = block_size
         self.live = []
         self.next_id = 0

@@ -31,7 +31,22 @@ def group_context(context: int, group: int, k0: int = 0, k1: int = 0) -> int:
     """KV-cache group ``group``'s salt digest of a sequence whose salt digest is ``context`` (group 0: itself)."""
 
 class BlockAllocator:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, k0: int, k1: int) -> None: ...
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, k0: int, k1: int,
+                 max_num_blocks: int = -1) -> None: ...
+    @property
+    def max_num_blocks(self) -> int:
+        """The capacity grow() may reach (-1 at construction: num_blocks)."""
+    @property
+    def free_top_blocks(self) -> int:
+        """Free ids in a run at the top of the pool: the most shrink() can release now."""
+    def grow(self, n: int) -> None:
+        """Add ids ``[num_blocks, num_blocks + n)``, free, at the free list's tail."""
+    def shrink(self, n: int) -> None:
+        """Remove the top ``n`` ids (all free; cached ones evicted); OutOfBlocksError if one is held."""
+    def held_in_top(self, n: int) -> int:
+        """How many of the top ``n`` ids are held."""
+    def relocate_top(self, n: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Move the held blocks among the top ``n`` ids to free lower ids: ``(src [m], dst [m])`` int64."""
     @property
     def hash_key(self) -> int:
         """The 128-bit prefix-cache hash key."""
@@ -123,6 +138,8 @@ class SeqTable:
     def free(self, seq_id: int) -> None: ...
     def pending_copies(self) -> list[tuple[int, int]]: ...
     def pop_copies(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+    def relocate_top(self, n: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """The allocator's relocate_top(n), then every table naming a moved block renamed."""
     def batch(self, seq_ids: _Ids, num_new_tokens: _Ids | None, pad_slots_to: int, decode: bool,
               check: bool) -> tuple[npt.NDArray[np.int32], int, int, tuple[int, ...]]:
         """``(buffer, max_blocks, new_tokens, offsets)``: table [G, b, w] | lens [b] | indptr [G, b + 1] | indices

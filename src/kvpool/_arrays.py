@@ -53,6 +53,17 @@ def check_geometry(num_blocks, block_size, where: str = "BlockAllocator") -> tup
     return num_blocks, block_size
 
 
+def check_capacity(num_blocks: int, block_size: int, max_num_blocks, where: str = "BlockAllocator") -> int:
+    """Validated capacity of an elastic pool: ``max_num_blocks`` (None: ``num_blocks``), at least ``num_blocks``."""
+    if max_num_blocks is None:
+        return num_blocks
+    capacity = as_int(max_num_blocks, "max_num_blocks")
+    if capacity < num_blocks:
+        raise InvalidArgumentError(f"{where}: max_num_blocks={capacity} must be >= num_blocks={num_blocks} (the "
+                                   "capacity grow() may reach; None: num_blocks)")
+    return check_geometry(capacity, block_size, where)[0]
+
+
 def as_hash_key(hash_key) -> int:
     """A 128-bit hash key as an int: None draws a random one; an int in [0, 2**128) or 16 bytes."""
     if hash_key is None:

@@ -12,7 +12,8 @@ from itertools import count
 
 import numpy as np
 
-from ._arrays import as_bool, as_exact_array, as_hash_key, as_int, check_geometry, encode_extra, split_key
+from ._arrays import as_bool, as_exact_array, as_hash_key, as_int, check_capacity, check_geometry, encode_extra, split_key
+from ._reference_elastic import ElasticMixin
 from ._reference_probes import CHAIN_BROKEN, CHAIN_ROOT, GroupProbesMixin
 from .errors import BlockIndexError, InvalidArgumentError, OutOfBlocksError
 
@@ -84,14 +85,15 @@ def hash_block_tokens(token_ids, block_size, parent_hash=None, extra=None, key=N
 # ---- allocator ----------------------------------------------------------------------------
 
 
-class ReferenceBlockAllocator(GroupProbesMixin):
+class ReferenceBlockAllocator(GroupProbesMixin, ElasticMixin):
     """The allocator as plain Python containers (see :class:`kvpool.allocator.BlockAllocator`)."""
 
-    def __init__(self, num_blocks, block_size=16, enable_prefix_caching=True, hash_key=None):
+    def __init__(self, num_blocks, block_size=16, enable_prefix_caching=True, hash_key=None, max_num_blocks=None):
         self.num_blocks, self.block_size = check_geometry(num_blocks, block_size)
+        self.max_num_blocks = check_capacity(self.num_blocks, self.block_size, max_num_blocks)
         self.enable_prefix_caching = as_bool(enable_prefix_caching, "enable_prefix_caching")
         self.hash_key = as_hash_key(hash_key)
-        self._refcount = [0] * self.num_blocks
+        self._refcount = [0] * self.max_num_blocks
         self._free = OrderedDict.fromkeys(range(self.num_blocks))  # LRU order: first = next handed out
         self._hash_of = {}  # block -> hash
         self._block_of = {}  # hash -> block
@@ -363,7 +365,7 @@ class ReferenceBlockAllocator(GroupProbesMixin):
 
     def stats(self):
         free = len(self._free)
-        entry_bytes = self.num_blocks * (4 * self.block_size + 24) if self.enable_prefix_caching else 0
+        entry_bytes = self.max_num_blocks * (4 * self.block_size + 24) if self.enable_prefix_caching else 0
         return {**self._stats, "num_blocks": self.num_blocks, "free_blocks": free,
                 "used_blocks": self.num_blocks - free, "cached_blocks": len(self._hash_of),
                 "prefix_entry_bytes": entry_bytes}
@@ -371,6 +373,7 @@ class ReferenceBlockAllocator(GroupProbesMixin):
     def check_invariants(self):
         """Raises AssertionError when the containers disagree (for tests)."""
         assert all(rc >= 0 for rc in self._refcount)
-        assert set(self._free) == {b for b, rc in enumerate(self._refcount) if rc == 0}
+        assert set(self._free) == {b for b, rc in enumerate(self._refcount[:self.num_blocks]) if rc == 0}
+        assert not any(self._refcount[self.num_blocks:]) and all(b < self.num_blocks for b in self._hash_of)
         assert {h: b for b, h in self._hash_of.items()} == self._block_of
         assert set(self._entry) <= set(self._hash_of)

@@ -47,6 +47,30 @@ class SharingMixin:
         self.allocator.free(np.array(seq.held(), dtype=np.int32))
         del self._seqs[norm_id(seq_id)]
 
+    def relocate_top(self, n: int):
+        """`BlockTables.relocate_top`: the allocator moves the held top blocks, every name of them is rewritten."""
+        tier = getattr(self, "tier", None)  # a host tier (ReferenceTieredTables): its copies name GPU blocks
+        if tier is not None and isinstance(n, int) and 0 <= n <= self.allocator.num_blocks:
+            low = self.allocator.num_blocks - n
+            busy = sum(g >= low for e in tier.batches.values() if not e["done"][True] for _, g in e["reloads"])
+            busy += sum(g >= low for e in tier.batches.values() if not e["done"][False] for g, _ in e["offloads"])
+            if busy:
+                raise InvalidArgumentError(f"relocate_top(): {busy} host-tier copies in flight read or write blocks "
+                                           f"among the top {n} ids; complete them first")
+        src, dst = self.allocator.relocate_top(n)
+        moved = dict(zip(src.tolist(), dst.tolist()))
+        if tier is not None:  # queued transfers are renamed; none in flight touches a moved block
+            tier.reloads = [(h, moved.get(g, g)) for h, g in tier.reloads]
+            tier.offloads = [(moved.get(g, g), h) for g, h in tier.offloads]
+        for seq in self._seqs.values():
+            seq.tables = [[moved.get(b, b) for b in blocks] for blocks in seq.tables]
+        self._copies = [(moved.get(a, a), moved.get(b, b)) for a, b in self._copies]
+        queued = {}
+        for b, refs in self._queued.items():
+            queued[moved.get(b, b)] = queued.get(moved.get(b, b), 0) + refs
+        self._queued = queued
+        return torch.from_numpy(src).to(self.device), torch.from_numpy(dst).to(self.device)
+
     @property
     def pending_copies(self) -> list:
         """Queued copy-on-write ``(src, dst)`` pairs; the queue holds one reference on each block."""

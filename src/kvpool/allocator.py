@@ -10,7 +10,7 @@ several threads. See ``docs/allocator.md`` for the design, the invariants and th
 import numpy as np
 
 from . import _C
-from ._arrays import as_bool, as_hash_key, as_int, check_geometry, encode_extra, split_key
+from ._arrays import as_bool, as_hash_key, as_int, check_capacity, check_geometry, encode_extra, split_key
 from .errors import InvalidArgumentError
 
 __all__ = ["BlockAllocator", "hash_block_tokens", "ROOT_HASH", "CHAIN_ROOT"]
@@ -30,7 +30,8 @@ class BlockAllocator(_C.BlockAllocator):
     ``match_prefix(hashes)``, ``allocate_with_prefix(n, hashes, token_ids, context)``,
     ``cache_blocks_verified(ids, hashes, token_ids, context, parent)``, ``stats()``,
     ``check_invariants()``; properties ``num_blocks``, ``block_size``, ``enable_prefix_caching``,
-    ``hash_key``, ``num_free_blocks``, ``num_cached_blocks``.
+    ``hash_key``, ``num_free_blocks``, ``num_cached_blocks``; elastic pools: ``grow(n)``, ``shrink(n)``,
+    ``held_in_top(n)``, ``relocate_top(n)``, ``max_num_blocks``, ``free_top_blocks``.
     ``help(BlockAllocator.free)`` etc. show each one's docstring.
 
     Parameters
@@ -48,6 +49,12 @@ class BlockAllocator(_C.BlockAllocator):
         Every TP rank must use the same key: pass ``PoolSize.hash_key`` from ``size_kv_pool`` (or
         one key your server broadcasts). Hash prompts with ``hash_tokens`` (or
         ``hash_block_tokens(..., key=allocator.hash_key)``).
+    max_num_blocks : int, optional
+        The capacity of an elastic pool (default: ``num_blocks``): ``grow(n)`` adds ids up to it,
+        ``shrink(n)`` removes the top ids again (free ones only; ``relocate_top(n)`` moves held ones
+        down first), ``held_in_top(n)`` and ``free_top_blocks`` tell what a shrink would meet. Every
+        array is sized for the capacity once (zeroed pages, touched only when used). See
+        docs/elastic.md.
 
     Notes
     -----
@@ -67,10 +74,12 @@ class BlockAllocator(_C.BlockAllocator):
 
     __slots__ = ()
 
-    def __init__(self, num_blocks, block_size=16, enable_prefix_caching=True, hash_key=None):
+    def __init__(self, num_blocks, block_size=16, enable_prefix_caching=True, hash_key=None, max_num_blocks=None):
         num_blocks, block_size = check_geometry(num_blocks, block_size)
+        capacity = check_capacity(num_blocks, block_size, max_num_blocks)
         k0, k1 = split_key(as_hash_key(hash_key))
-        super().__init__(num_blocks, block_size, as_bool(enable_prefix_caching, "enable_prefix_caching"), k0, k1)
+        super().__init__(num_blocks, block_size, as_bool(enable_prefix_caching, "enable_prefix_caching"), k0, k1,
+                         capacity)
 
     def extra_key(self, extra=None) -> int:
         """The keyed 64-bit digest of a salt (``context`` of the verified calls); 0 for None."""
@@ -85,7 +94,8 @@ class BlockAllocator(_C.BlockAllocator):
 
     def __repr__(self):
         return (f"BlockAllocator(num_blocks={self.num_blocks}, block_size={self.block_size}, "
-                f"enable_prefix_caching={self.enable_prefix_caching}, free={self.num_free_blocks}, "
+                f"enable_prefix_caching={self.enable_prefix_caching}, max_num_blocks={self.max_num_blocks}, "
+                f"free={self.num_free_blocks}, "
                 f"cached={self.num_cached_blocks})")
 
 

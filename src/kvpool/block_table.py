@@ -371,6 +371,30 @@ class BlockTables:
         src, dst = self._core.pop_copies()
         return torch.from_numpy(src).to(self.device), torch.from_numpy(dst).to(self.device)
 
+    def relocate_top(self, n: int):
+        """Move every held block among the pool's top ``n`` ids to free lower ids, so ``shrink(n)`` can follow.
+
+        The allocator hands each held top block's references, hash and verified cache entry to a free
+        id below ``num_blocks - n`` (least recently freed first); every sequence's block lists (all
+        KV-cache groups) and the copy-on-write queue are renamed; decode-step rows naming a moved block
+        are re-sent in full at the next `decode_step`. Nothing else may run between this call and the
+        copy: run ``copy_blocks(caches, src, dst)`` before any kernel reads the new ids, then
+        ``allocator.shrink(n)``.
+
+        Returns
+        -------
+        (torch.Tensor, torch.Tensor)
+            ``src [m] int64`` (ascending) and ``dst [m] int64`` block ids on the device.
+
+        Raises
+        ------
+        OutOfBlocksError
+            Fewer free ids below ``num_blocks - n`` than held blocks above (``.available``: how many
+            could move); nothing changed.
+        """
+        src, dst = self._call("relocate_top", as_int(n, "n"))
+        return torch.from_numpy(src).to(self.device), torch.from_numpy(dst).to(self.device)
+
     # ----------------------------------------------------------------- batch tensors
     def decode_step(self, seq_ids, token_ids=None, pad_batch_to: int | None = None) -> BatchTables:
         """One decode step in one call: append one token to each sequence and build the step's tensors.
