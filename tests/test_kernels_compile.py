@@ -83,6 +83,43 @@ def test_compiled_gather_copy_and_prefill_match_eager():
     torch.testing.assert_close(k2, k)
 
 
+class TinyPrefillLayer(torch.nn.Module):
+    """One chunked-prefill step: project the chunk, write its K/V to the pages, attend over prefix + chunk."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = torch.nn.Linear(32, (HEADS + 2 * KV_HEADS) * HEAD_DIM)
+
+    def forward(self, x, k_cache, v_cache, table, qsl, seq_lens, slots):
+        q, k, v = self.qkv(x).split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], dim=-1)
+        q = q.reshape(-1, HEADS, HEAD_DIM)
+        K.write_kv(k.reshape(-1, KV_HEADS, HEAD_DIM), v.reshape(-1, KV_HEADS, HEAD_DIM), k_cache, v_cache, slots)
+        windowed = K.paged_prefill(q, k_cache, v_cache, table, qsl, seq_lens, HEAD_DIM ** -0.5, sliding_window=3)
+        out = torch.empty_like(q)
+        K.paged_prefill(q, k_cache, v_cache, table, qsl, seq_lens, HEAD_DIM ** -0.5, logit_soft_cap=20.0, out=out)
+        return windowed + out
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_prefill_layer_matches_eager_in_one_graph(backend):
+    k, v, table, lens, _ = _state()
+    qsl = torch.tensor([0, 2, 7], dtype=torch.int32)  # the last 2 of 3 and the last 5 of 6 positions are new
+    slots = torch.tensor([int(table[b, p // BLOCK]) * BLOCK + p % BLOCK for b, n, new in ((0, 3, 2), (1, 6, 5))
+                          for p in range(n - new, n)], dtype=torch.int64)
+    layer, x = TinyPrefillLayer(), torch.randn(7, 32)
+    k2, v2 = k.clone(), v.clone()
+    with torch.no_grad():
+        expected = layer(x, k, v, table, qsl, lens, slots)
+        explained = torch._dynamo.explain(layer)(x, k2.clone(), v2.clone(), table, qsl, lens, slots)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+        ops_called = {getattr(node.target, "_qualified_op_name", None) for node in explained.graphs[0].graph.nodes}
+        assert {"kvpool::write_kv", "kvpool::paged_prefill", "kvpool::paged_prefill_out"} <= ops_called, ops_called
+        got = torch.compile(layer, backend=backend, fullgraph=True)(x, k2, v2, table, qsl, lens, slots)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(k2, k)
+
+
 def _op_samples():
     k, v, table, lens, slots = _state()
     new = torch.randn(2, KV_HEADS, HEAD_DIM)
@@ -98,11 +135,17 @@ def _op_samples():
         (ops.paged_decode_op, (q, k, v, table, lens, 0.25, 4, 30.0, None, None, torch.zeros(HEADS))),
         (ops.paged_decode_out_op, (q, k, v, table, lens, 0.25, None, None, None, None, None, torch.empty_like(q))),
         (ops.prefill_attention_op, (packed_q, packed_k, packed_k.clone(), cu, cu, 0.25, None, None, None)),
+        (ops.paged_prefill_op, (packed_q, k, v, table, cu, lens, 0.25, True, 4, 30.0, None, None, torch.zeros(HEADS))),
+        (ops.paged_prefill_out_op, (packed_q, k, v, table, cu, lens, 0.25, False, None, None, None, None, None,
+                                    torch.empty_like(packed_q))),
     ]
 
 
-@pytest.mark.parametrize("index", range(7), ids=["write_kv", "gather_kv", "gather_kv_out", "copy_blocks",
-                                                 "paged_decode", "paged_decode_out", "prefill_attention"])
+OP_NAMES = ["write_kv", "gather_kv", "gather_kv_out", "copy_blocks", "paged_decode", "paged_decode_out",
+            "prefill_attention", "paged_prefill", "paged_prefill_out"]
+
+
+@pytest.mark.parametrize("index", range(len(OP_NAMES)), ids=OP_NAMES)
 def test_opcheck(index):
     op, args = _op_samples()[index]
     torch.library.opcheck(op, args)

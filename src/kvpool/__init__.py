@@ -42,6 +42,7 @@ _LAZY = {
     "gather_kv": "kvpool.kernels",
     "copy_blocks": "kvpool.kernels",
     "paged_decode": "kvpool.kernels",
+    "paged_prefill": "kvpool.kernels",
     "prefill_attention": "kvpool.kernels",
     # host-memory tier of the prefix cache
     "HostKVTier": "kvpool.tier",

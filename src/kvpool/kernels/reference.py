@@ -219,3 +219,69 @@ def unstage_blocks_reference(staging, tensors, block_ids) -> None:
     for t, lo, hi in _staged_columns(tensors):
         rows = staging[:ids.numel(), lo:hi].contiguous().view(t.dtype)
         t[ids] = rows.view(ids.numel(), *t.shape[1:])
+
+
+def _sequence_pages(cache, scale, table_row, first: int, end: int, block_size: int, dtype):
+    """Positions ``first .. end - 1`` of one sequence read from its pages: ``[end - first, kv_heads, head_dim]``."""
+    pos = torch.arange(first, end, device=cache.device)
+    blocks = table_row.to(torch.int64)[pos // block_size]
+    rows = cache[blocks, pos % block_size].to(dtype)
+    if scale is not None:
+        rows = rows * (scale.to(dtype)[None, :, None] if scale.dim() == 1
+                       else scale[blocks, pos % block_size].to(dtype)[..., None])
+    return rows
+
+
+def paged_prefill_reference(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale, causal=True,
+                            sliding_window=None, logit_soft_cap=None, k_scale=None, v_scale=None, sinks=None,
+                            compute_dtype=torch.float32):
+    """Attention of each sequence's new tokens over its pages (cached prefix + the new tokens themselves).
+
+    Sequence ``b``'s ``n_q = query_start_loc[b+1] - query_start_loc[b]`` queries are its LAST ``n_q``
+    positions of ``seq_lens[b]``: rows ``query_start_loc[b]:query_start_loc[b+1]`` of ``q``, at positions
+    ``seq_lens[b] - n_q .. seq_lens[b] - 1``. The query at position ``p`` reads keys ``t <= p`` (every key
+    ``t < seq_lens[b]`` when not ``causal``) and, with a window ``W``, only ``t >= p - W + 1``. Only the
+    positions some query reads are looked up in the table (a windowed group's released blocks never are).
+
+    >>> # 45 = 40 cached + 5 new: the query rows sit at positions 40..44; W = 8: the one at 44 reads 37..44
+
+    Parameters
+    ----------
+    q : ``[num_new_tokens, q_heads, head_dim]`` float
+    k_cache, v_cache : ``[num_blocks, block_size, kv_heads, head_dim]``
+    block_table : ``[batch, max_blocks]`` int32/int64
+    query_start_loc : ``[batch + 1]`` int32/int64, cumulative new-token counts from 0
+    seq_lens : ``[batch]`` int32/int64, tokens per sequence after this step (``>= n_q``)
+    scale, sliding_window, logit_soft_cap, k_scale, v_scale, sinks : as `paged_decode_reference`
+    causal : bool, ``False``: every query reads all ``seq_lens[b]`` keys (no window then)
+
+    Returns
+    -------
+    ``[num_new_tokens, q_heads, head_dim]`` in ``q.dtype``
+    """
+    q_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = q_heads // kv_heads
+    out = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
+    head_sinks = None if sinks is None else sinks.to(compute_dtype).reshape(kv_heads, group, 1, 1)
+    starts, lens = query_start_loc.to(torch.int64).tolist(), seq_lens.to(torch.int64).tolist()
+    for b, n_k in enumerate(lens):
+        q0, q1 = starts[b], starts[b + 1]
+        if q1 == q0:
+            continue
+        first_q = n_k - (q1 - q0)
+        first = max(0, first_q - sliding_window + 1) if sliding_window else 0
+        keys = _sequence_pages(k_cache, k_scale, block_table[b], first, n_k, block_size, compute_dtype)
+        values = _sequence_pages(v_cache, v_scale, block_table[b], first, n_k, block_size, compute_dtype)
+        qs = q[q0:q1].to(compute_dtype).reshape(q1 - q0, kv_heads, group, head_dim)
+        scores = torch.einsum("qhgd,khd->hgqk", qs, keys) * scale
+        if logit_soft_cap:
+            scores = logit_soft_cap * torch.tanh(scores / logit_soft_cap)
+        q_pos = torch.arange(first_q, n_k, device=q.device)[:, None]
+        k_pos = torch.arange(first, n_k, device=q.device)[None, :]
+        keep = (k_pos <= q_pos) if causal else torch.ones_like(k_pos <= q_pos)
+        if sliding_window:
+            keep &= k_pos > q_pos - sliding_window
+        probs = softmax_with_sinks(scores.masked_fill(~keep, float("-inf")), head_sinks)
+        out[q0:q1] = torch.einsum("hgqk,khd->qhgd", probs, values).reshape(q1 - q0, q_heads, head_dim)
+    return out.to(q.dtype)
