@@ -64,33 +64,43 @@ def test_continuous_batching_with_prefix_hits_matches_transformers(config, hf):
     assert report.num_free_blocks == report.num_blocks  # finished requests freed everything
 
 
-def test_prefix_hit_prefill_gathers_the_cached_prefix(config, hf, monkeypatch):
+def test_prefix_hit_prefill_reads_the_cached_prefix_from_the_pages(config, hf, monkeypatch):
+    """Prompts go through paged_attention's tiled paged_prefill path (never gather_kv): the second prompt's 10
+    new tokens attend over its 32 cached + 10 new positions straight from the pages."""
     import kvpool.kernels as kernels
+    from kvpool.kernels import mixed_batch, prefill_api
 
-    calls = []
-    real = kernels.gather_kv
+    def no_gather(*a, **kw):
+        raise AssertionError("the demo's prompt path must not gather_kv")
 
-    def counting_gather(k_cache, v_cache, block_table, seq_lens, *a, **kw):
-        calls.append(seq_lens.tolist())
-        return real(k_cache, v_cache, block_table, seq_lens, *a, **kw)
+    prefills, decodes, calls = [], [], []
+    real_attention, real_prefill, real_decode = kernels.paged_attention, prefill_api.paged_prefill, \
+        mixed_batch.paged_decode
 
-    decodes = []
-    real_decode = kernels.paged_decode
+    def counting_attention(q, k_cache, v_cache, table, qsl, seq_lens, *a, **kw):
+        calls.append(1)
+        return real_attention(q, k_cache, v_cache, table, qsl, seq_lens, *a, **kw)
+
+    def counting_prefill(q, k_cache, v_cache, table, qsl, seq_lens, *a, **kw):
+        prefills.append(list(zip(torch.diff(qsl).tolist(), seq_lens.tolist())))
+        return real_prefill(q, k_cache, v_cache, table, qsl, seq_lens, *a, **kw)
 
     def counting_decode(q, *a, **kw):
         decodes.append(q.shape[0])
         return real_decode(q, *a, **kw)
 
-    monkeypatch.setattr(kernels, "gather_kv", counting_gather)
-    monkeypatch.setattr(kernels, "paged_decode", counting_decode)
+    monkeypatch.setattr(kernels, "gather_kv", no_gather)
+    monkeypatch.setattr(kernels, "paged_attention", counting_attention)
+    monkeypatch.setattr(prefill_api, "paged_prefill", counting_prefill)
+    monkeypatch.setattr(mixed_batch, "paged_decode", counting_decode)
     rng = random.Random(5)
     prefix = [rng.randrange(512) for _ in range(40)]
     requests = [Request(0, prefix + [7, 8, 9], 6, 0), Request(1, prefix + [1, 2], 6, 10)]
     report = serve(requests)
     assert report.summary.results[1].num_cached_prompt_tokens == 32  # two full 16-token blocks reused
-    # the second prompt's prefill attends over all 42 tokens: 32 gathered from the cache + 10 new
-    assert [42] in calls
-    assert len(decodes) == 4 * 10  # 4 layers x (5 + 5 decode steps): every decode reads the pages
+    assert [(10, 42)] in prefills  # 10 new tokens over 42 positions: 32 read from the cached pages + 10 new
+    assert len(prefills) == 4 * 2  # 4 layers x 2 prompt steps; the 10 decode-only steps take split-K decode
+    assert len(decodes) == 4 * 10 and len(calls) == 4 * 12  # one attention call per layer and step
     assert_matches_hf(hf, requests, report)
 
 

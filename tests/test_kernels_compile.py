@@ -98,7 +98,9 @@ class TinyPrefillLayer(torch.nn.Module):
         windowed = K.paged_prefill(q, k_cache, v_cache, table, qsl, seq_lens, HEAD_DIM ** -0.5, sliding_window=3)
         out = torch.empty_like(q)
         K.paged_prefill(q, k_cache, v_cache, table, qsl, seq_lens, HEAD_DIM ** -0.5, logit_soft_cap=20.0, out=out)
-        return windowed + out
+        mixed = K.paged_attention(q, k_cache, v_cache, table, qsl, seq_lens, HEAD_DIM ** -0.5)
+        K.paged_attention(q, k_cache, v_cache, table, qsl, seq_lens, HEAD_DIM ** -0.5, out=out)
+        return windowed + out + mixed
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
@@ -114,7 +116,8 @@ def test_compiled_prefill_layer_matches_eager_in_one_graph(backend):
         explained = torch._dynamo.explain(layer)(x, k2.clone(), v2.clone(), table, qsl, lens, slots)
         assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
         ops_called = {getattr(node.target, "_qualified_op_name", None) for node in explained.graphs[0].graph.nodes}
-        assert {"kvpool::write_kv", "kvpool::paged_prefill", "kvpool::paged_prefill_out"} <= ops_called, ops_called
+        assert {"kvpool::write_kv", "kvpool::paged_prefill", "kvpool::paged_prefill_out", "kvpool::paged_attention",
+                "kvpool::paged_attention_out"} <= ops_called, ops_called
         got = torch.compile(layer, backend=backend, fullgraph=True)(x, k2, v2, table, qsl, lens, slots)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(k2, k)
@@ -138,11 +141,14 @@ def _op_samples():
         (ops.paged_prefill_op, (packed_q, k, v, table, cu, lens, 0.25, True, 4, 30.0, None, None, torch.zeros(HEADS))),
         (ops.paged_prefill_out_op, (packed_q, k, v, table, cu, lens, 0.25, False, None, None, None, None, None,
                                     torch.empty_like(packed_q))),
+        (ops.paged_attention_op, (packed_q, k, v, table, cu, lens, 0.25, True, None, None, None, None, None)),
+        (ops.paged_attention_out_op, (q, k, v, table, torch.tensor([0, 1, 2]), lens, 0.25, True, 2, None, None, None,
+                                      None, torch.empty_like(q))),  # a decode step: the split-K path
     ]
 
 
 OP_NAMES = ["write_kv", "gather_kv", "gather_kv_out", "copy_blocks", "paged_decode", "paged_decode_out",
-            "prefill_attention", "paged_prefill", "paged_prefill_out"]
+            "prefill_attention", "paged_prefill", "paged_prefill_out", "paged_attention", "paged_attention_out"]
 
 
 @pytest.mark.parametrize("index", range(len(OP_NAMES)), ids=OP_NAMES)

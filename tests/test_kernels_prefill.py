@@ -140,3 +140,36 @@ def test_reference_one_token_rows_match_decode():
                                                   compute_dtype=torch.float64)
         decode = reference.paged_decode_reference(q, k, v, table, lens, 0.2, window, compute_dtype=torch.float64)
         torch.testing.assert_close(paged, decode)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,scale_kind,window", [(torch.bfloat16, None, None), (FP8, "token_head", 24)])
+def test_paged_attention_mixed_batch_is_one_tiled_launch(triton_backend, monkeypatch, device, dtype, scale_kind,
+                                                         window):
+    """Prefill chunks (one mid-block) and decode rows, in any order, in ONE launch of the tiled kernel."""
+    from kvpool.kernels import mixed_batch, paged_attention, paged_prefill_kernel
+    launches = []
+    real_launch = paged_prefill_kernel.launch_prefill
+    monkeypatch.setattr(paged_prefill_kernel, "launch_prefill", lambda *a: launches.append(1) or real_launch(*a))
+    monkeypatch.setattr(mixed_batch, "paged_decode", None)  # the decode path must not run
+    shapes = [(70, 1), (37, 9), (300, 1), (5, 5), (64, 1)]
+    if device == "cuda":
+        shapes = [(4000, 512)] * 4 + [(2000 + 7 * i, 1) for i in range(60)]
+    q, k, v, table, qsl, lens, ks, vs = batch(shapes, 16, 2, 4, 64, dtype, scale_kind, device, seed=7)
+    out = torch.full_like(q, float("nan"))
+    paged_attention(q, k, v, table, qsl, lens, 0.125, sliding_window=window, k_scale=ks, v_scale=vs, out=out)
+    assert launches == [1]
+    check(out, q, k, v, table, qsl, lens, 0.125, window=window, ks=ks, vs=vs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_attention_decode_step_takes_split_k_decode(triton_backend, monkeypatch, device):
+    """As many new tokens as sequences: the split-K decode kernel, the same result as paged_decode's."""
+    from kvpool.kernels import paged_attention, paged_decode, paged_prefill_kernel
+    monkeypatch.setattr(paged_prefill_kernel, "launch_prefill", None)  # the tiled path must not run
+    q, k, v, table, qsl, lens, _, _ = batch([(70, 1), (1, 1), (300, 1)], 16, 2, 4, 64, torch.float16, None, device)
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0] * 2, device=device)
+    out = paged_attention(q, k, v, table, qsl, lens, 0.125, sliding_window=50, sinks=sinks)
+    expected = paged_decode(q, k, v, table, lens, 0.125, 50, sinks=sinks)
+    assert torch.equal(out, expected)
+    check(out, q, k, v, table, qsl, lens, 0.125, window=50, sinks=sinks)

@@ -91,3 +91,13 @@ def test_positions_outside_the_window_may_be_padding(monkeypatch):
     paged_prefill(**args, sliding_window=8)
     with pytest.raises(BlockIndexError, match=r"block_table\[1, 0\]=-1"):
         paged_prefill(**args)
+
+
+def test_paged_attention_decode_step_needs_one_token_each(monkeypatch):
+    """2 new tokens for 2 sequences split 0 + 2 is no decode step: KernelError pointing at paged_prefill."""
+    from kvpool.kernels import paged_attention
+    monkeypatch.setenv("KVPOOL_KERNELS", "torch")
+    args = _args(lens=(6, 9), qlens=(0, 2))
+    with pytest.raises(KernelError, match=r"query_start_loc=\[0, 0, 2\].*call paged_prefill"):
+        paged_attention(**args)
+    paged_prefill(**args)  # the same batch is fine there

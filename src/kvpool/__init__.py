@@ -43,6 +43,7 @@ _LAZY = {
     "copy_blocks": "kvpool.kernels",
     "paged_decode": "kvpool.kernels",
     "paged_prefill": "kvpool.kernels",
+    "paged_attention": "kvpool.kernels",
     "prefill_attention": "kvpool.kernels",
     # host-memory tier of the prefix cache
     "HostKVTier": "kvpool.tier",

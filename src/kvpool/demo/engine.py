@@ -12,15 +12,15 @@ mapping and the digests are all-gathered; any difference raises :class:`RankMism
 (Nothing but one small int64 tensor of tokens and one digest per rank crosses processes per step.)
 
 One step: the scheduler's batch (prefills first, then decodes) becomes one ``BlockTables.batch``;
-each layer writes the new tokens' K/V with ``write_kv``; prefills gather their whole context
-(cached prefix + new tokens) with ``gather_kv`` and attend causally over it; decodes run
-``paged_decode`` straight over the pages. The KV cache is read only through those kernels.
+each layer writes the new tokens' K/V with ``write_kv`` and attends with ONE ``paged_attention`` call
+straight over the pages: prefill chunks read their cached prefix and themselves (the tiled
+``paged_prefill`` kernel, no gathered copy), decode rows their context (a decode-only step runs the
+split-K ``paged_decode``). The KV cache is read only through those kernels.
 
 Hybrid models (sliding-window layers beside full-attention ones): the pages hold one KV-cache group
 per attention kind (``cache.kv_groups``), the tables one block list per group and sequence, all drawn
 from the one allocator; layer ``i`` reads and writes group ``cache.group_of(i)``'s tables
-(``batch.group(g)``) and attends to its window only (``paged_decode(..., sliding_window=W)``, a windowed
-dense prefill). A windowed group's blocks that leave the window go back to the pool at
+(``batch.group(g)``) and attends to its window only (``paged_attention(..., sliding_window=W)``). A windowed group's blocks that leave the window go back to the pool at
 ``mark_computed``; :mod:`~kvpool.demo.group_usage` counts what each group held.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 
 from ..errors import ConfigError, RankMismatchError
 from .group_usage import GroupUsage, group_usages, observe_tables
-from .model import TinyLlama, dense_causal_attention
+from .model import TinyLlama
 from .requests import Request, RequestResult
 from .scheduler import Scheduler, StepPlan
 
@@ -206,10 +206,8 @@ class Engine:
         if not np.array_equal(qsl, batch.query_start_loc.cpu().numpy()):
             raise RankMismatchError(f"step {step}: BlockTables' new tokens {batch.query_start_loc.tolist()} "
                                     f"differ from the scheduler's {qsl.tolist()}")
-        t_pre = int(qsl[n_pre])
-        views = [_GroupViews.of(batch.group(g), n_pre) for g in range(self.tables.num_groups)]
-        self.computed_prompt_tokens += t_pre
-        attention = self._attention_fn(entries[:n_pre], qsl, t_pre, views)
+        self.computed_prompt_tokens += int(qsl[n_pre])
+        attention = self._attention_fn(batch.query_start_loc, [batch.group(g) for g in range(self.tables.num_groups)])
         logit_rows = torch.as_tensor(qsl[1:] - 1, dtype=torch.int64, device=self.device)
         logits = self.model.forward(tokens, positions, attention, logit_rows)
         next_tokens = logits.argmax(dim=-1)
@@ -223,31 +221,20 @@ class Engine:
         self._observe_pool()
         return plan, finished
 
-    def _attention_fn(self, prefills, qsl, t_pre: int, views):
+    def _attention_fn(self, query_start_loc, group_batches):
         """The model's attention callback for one step: layer ``i`` writes and reads the pages of its slot
-        through its group's tables, within its window."""
-        from ..kernels import gather_kv, paged_decode, write_kv
+        through its group's tables, within its window, in one ``paged_attention`` call for the whole batch."""
+        from ..kernels import paged_attention, write_kv
 
         scale = self.model.scale
 
         def attention(layer: int, q, k, v):
             k_cache, v_cache = self.cache.k_caches[layer], self.cache.v_caches[layer]
-            window, view = self.model.layer_windows[layer], views[self.layer_group[layer]]
-            write_kv(k, v, k_cache, v_cache, view.slot_mapping)
-            out = torch.empty_like(q)
-            if prefills:
-                # [cached prefix + new tokens] of every prefill, read back from the pages (a windowed
-                # group's released blocks read as block 0: dense_causal_attention skips them)
-                keys, values, cu = gather_kv(k_cache, v_cache, view.bt_pre, view.lens_pre)
-                cu = cu.tolist()
-                for j, e in enumerate(prefills):
-                    rows = slice(int(qsl[j]), int(qsl[j + 1]))
-                    out[rows] = dense_causal_attention(q[rows], keys[cu[j]:cu[j + 1]], values[cu[j]:cu[j + 1]],
-                                                       scale, q_start=e.start_pos, window=window)
-            if t_pre < q.shape[0]:
-                out[t_pre:] = paged_decode(q[t_pre:].contiguous(), k_cache, v_cache, view.bt_dec, view.lens_dec,
-                                           scale, sliding_window=window)
-            return out
+            window, group = self.model.layer_windows[layer], group_batches[self.layer_group[layer]]
+            write_kv(k, v, k_cache, v_cache, group.slot_mapping)
+            # a windowed group's released blocks (0 in its table) lie below every query's window: never read
+            return paged_attention(q, k_cache, v_cache, group.block_table, query_start_loc, group.seq_lens, scale,
+                                   sliding_window=window)
 
         return attention
 
@@ -312,22 +299,6 @@ class Engine:
             raise RankMismatchError(
                 f"block tables differ across TP ranks at step {len(self.block_digests) - 1}: digests {values}; "
                 "every rank must run the same scheduler on the same requests and tokens")
-
-
-@dataclass
-class _GroupViews:
-    """One KV-cache group's tensors of a step, split at the prefills/decodes boundary."""
-
-    slot_mapping: torch.Tensor  # [num_new_tokens] int32
-    bt_pre: torch.Tensor  # [n_prefills, max_blocks] int32
-    lens_pre: torch.Tensor  # [n_prefills] int32
-    bt_dec: torch.Tensor  # [n_decodes, max_blocks] int32
-    lens_dec: torch.Tensor  # [n_decodes] int32
-
-    @classmethod
-    def of(cls, batch, n_pre: int) -> _GroupViews:
-        bt, lens = batch.block_table, batch.seq_lens
-        return cls(batch.slot_mapping, bt[:n_pre], lens[:n_pre], bt[n_pre:], lens[n_pre:])
 
 
 def _global_rank(group, rank: int) -> int:

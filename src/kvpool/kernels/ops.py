@@ -151,9 +151,10 @@ def paged_prefill_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: T
                      sinks: Tensor | None) -> Tensor:
     """``kvpool.paged_prefill`` into a new ``[num_new_tokens, q_heads, head_dim]`` tensor."""
     from .prefill_api import paged_prefill
-    return paged_prefill(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale, causal=causal,
-                         sliding_window=sliding_window, logit_soft_cap=logit_soft_cap, k_scale=k_scale,
-                         v_scale=v_scale, sinks=sinks)
+    out = paged_prefill(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale, causal=causal,
+                        sliding_window=sliding_window, logit_soft_cap=logit_soft_cap, k_scale=k_scale,
+                        v_scale=v_scale, sinks=sinks)
+    return out.clone() if out._base is not None else out
 
 
 @paged_prefill_op.register_fake
@@ -180,10 +181,49 @@ def _paged_prefill_out_fake(q, k_cache, v_cache, block_table, query_start_loc, s
     return None
 
 
+@custom_op("kvpool::paged_attention", mutates_args=())
+def paged_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, query_start_loc: Tensor,
+                       seq_lens: Tensor, scale: float, causal: bool, sliding_window: int | None,
+                       logit_soft_cap: float | None, k_scale: Tensor | None, v_scale: Tensor | None,
+                       sinks: Tensor | None) -> Tensor:
+    """``kvpool.paged_attention`` (mixed prefill chunks and decode rows) into a new tensor."""
+    from .mixed_batch import paged_attention
+    out = paged_attention(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale, causal=causal,
+                          sliding_window=sliding_window, logit_soft_cap=logit_soft_cap, k_scale=k_scale,
+                          v_scale=v_scale, sinks=sinks)
+    return out.clone() if out._base is not None else out
+
+
+@paged_attention_op.register_fake
+def _paged_attention_fake(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale, causal,
+                          sliding_window, logit_soft_cap, k_scale, v_scale, sinks):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@custom_op("kvpool::paged_attention_out", mutates_args=("out",))
+def paged_attention_out_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+                           query_start_loc: Tensor, seq_lens: Tensor, scale: float, causal: bool,
+                           sliding_window: int | None, logit_soft_cap: float | None, k_scale: Tensor | None,
+                           v_scale: Tensor | None, sinks: Tensor | None, out: Tensor) -> None:
+    """``kvpool.paged_attention(..., out=out)``."""
+    from .mixed_batch import paged_attention
+    paged_attention(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale, causal=causal,
+                    sliding_window=sliding_window, logit_soft_cap=logit_soft_cap, k_scale=k_scale, v_scale=v_scale,
+                    sinks=sinks, out=out)
+
+
+@paged_attention_out_op.register_fake
+def _paged_attention_out_fake(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale, causal,
+                              sliding_window, logit_soft_cap, k_scale, v_scale, sinks, out) -> None:
+    return None
+
+
 __all__ = [
     "copy_blocks_op",
     "gather_kv_op",
     "gather_kv_out_op",
+    "paged_attention_op",
+    "paged_attention_out_op",
     "paged_decode_op",
     "paged_decode_out_op",
     "paged_prefill_op",
