@@ -349,8 +349,10 @@ twice; other content under the hash: a counted collision, a free block replaced,
 
 constexpr const char* kVirtualRangeDoc = R"doc(A reserved virtual address range, physical memory mapped in chunks.
 
-``VirtualRange(nbytes, backend="host", device=0)`` reserves ``round_up(nbytes, granularity)`` bytes of
-address space and maps nothing. ``backend="cuda"``: CUDA virtual memory on ``device`` (the driver is
+``VirtualRange(nbytes, backend="host", device=0, chunk_bytes=0)`` reserves ``round_up(nbytes, granularity)``
+bytes of address space and maps nothing. ``granularity``, the unit of map/unmap, is ``chunk_bytes`` (a
+multiple of the device's allocation granularity) or, for 0, that granularity itself: one physical
+allocation per chunk, so larger chunks mean fewer driver calls per GiB mapped (faster wake). ``backend="cuda"``: CUDA virtual memory on ``device`` (the driver is
 loaded with dlopen at first use; ElasticUnavailableError without it). ``backend="host"``: mmap,
 same semantics, 2 MiB granularity, for CPU tests. The address never changes while the range lives;
 everything is unmapped and the reservation freed when it is destroyed.)doc";
@@ -388,16 +390,18 @@ void bind_virtual_range(py::module_& m) {
   using kvpool::VirtualRange;
   using release = py::call_guard<py::gil_scoped_release>;
   py::class_<VirtualRange>(m, "VirtualRange", kVirtualRangeDoc)
-      .def(py::init([](int64_t nbytes, const std::string& backend, int device) {
+      .def(py::init([](int64_t nbytes, const std::string& backend, int device, int64_t chunk_bytes) {
              py::gil_scoped_release unlocked;
-             return new VirtualRange(nbytes, backend, device);
+             return new VirtualRange(nbytes, backend, device, chunk_bytes);
            }),
-           py::arg("nbytes"), py::arg("backend") = "host", py::arg("device") = 0)
+           py::arg("nbytes"), py::arg("backend") = "host", py::arg("device") = 0, py::arg("chunk_bytes") = 0)
       .def_property_readonly("ptr", &VirtualRange::ptr, "Base address (int), granularity-aligned, fixed for life.")
       .def_property_readonly("reserved_bytes", &VirtualRange::reserved_bytes,
                              "``round_up(nbytes, granularity)``: the address space reserved.")
       .def_property_readonly("granularity", &VirtualRange::granularity,
-                             "Bytes of one chunk, the unit of map/unmap (2 MiB on the host backend).")
+                             "Bytes of one chunk, the unit of map/unmap: chunk_bytes, or the device's granularity.")
+      .def_property_readonly("device_granularity", &VirtualRange::device_granularity,
+                             "The backend's allocation granularity (2 MiB on the host backend).")
       .def_property_readonly("backend", [](const VirtualRange& r) { return std::string(r.backend()); })
       .def_property_readonly("mapped_bytes", &VirtualRange::mapped_bytes, "Bytes mapped now (0 while asleep).")
       .def_property_readonly("prepared_bytes", &VirtualRange::prepared_bytes,

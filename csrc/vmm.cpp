@@ -30,13 +30,17 @@ void for_each_run(const std::vector<uint8_t>& flags, Fn fn) {
 
 }  // namespace
 
-VirtualRange::VirtualRange(int64_t nbytes, const std::string& backend, int device) {
+VirtualRange::VirtualRange(int64_t nbytes, const std::string& backend, int device, int64_t chunk_bytes) {
   if (nbytes <= 0) {
     throw InvalidArgument("VirtualRange(): nbytes=" + bytes_str(nbytes) +
                           " must be > 0 (the bytes of address space to reserve)");
   }
   if (device < 0) {
     throw InvalidArgument("VirtualRange(): device=" + std::to_string(device) + " must be a device ordinal >= 0");
+  }
+  if (chunk_bytes < 0) {
+    throw InvalidArgument("VirtualRange(): chunk_bytes=" + bytes_str(chunk_bytes) +
+                          " must be >= 0 (0: the device's granularity)");
   }
   if (backend == "host") {
     backend_ = make_host_backend();
@@ -45,7 +49,12 @@ VirtualRange::VirtualRange(int64_t nbytes, const std::string& backend, int devic
   } else {
     throw InvalidArgument("VirtualRange(): backend='" + backend + "' must be 'host' or 'cuda'");
   }
-  granularity_ = backend_->granularity();
+  const size_t device_granularity = backend_->granularity();
+  granularity_ = chunk_bytes == 0 ? device_granularity : static_cast<size_t>(chunk_bytes);
+  if (granularity_ % device_granularity != 0) {
+    throw InvalidArgument("VirtualRange(): chunk_bytes=" + bytes_str(chunk_bytes) + " must be a multiple of the " +
+                          std::string(backend_->name()) + " granularity " + std::to_string(device_granularity));
+  }
   const size_t n = static_cast<size_t>(nbytes);
   const size_t chunks = n / granularity_ + (n % granularity_ != 0);
   reserved_ = chunks * granularity_;
@@ -58,7 +67,7 @@ VirtualRange::~VirtualRange() {
   std::lock_guard<std::mutex> lock(mutex_);
   std::string error;
   for_each_run(mapped_, [&](size_t first, size_t count) {
-    backend_->unmap_run(base_ + first * granularity_, count, &error);
+    backend_->unmap_run(base_ + first * granularity_, count, granularity_, &error);
     for (size_t c = first; c < first + count; ++c) backend_->release_handle(handles_[c]);
   });
   for (uint64_t h : prepared_) backend_->release_handle(h);
@@ -123,8 +132,8 @@ void VirtualRange::map_chunks(size_t first, size_t count) {
   handles.assign(prepared_.end() - static_cast<std::ptrdiff_t>(from_cache), prepared_.end());
   prepared_.resize(prepared_.size() - from_cache);
   try {
-    while (handles.size() < count) handles.push_back(backend_->create_handle());
-    backend_->map_run(base_ + first * granularity_, handles.data(), count);
+    while (handles.size() < count) handles.push_back(backend_->create_handle(granularity_));
+    backend_->map_run(base_ + first * granularity_, handles.data(), count, granularity_);
   } catch (...) {
     // Nothing was mapped: the prepared handles go back to the cache, the new ones are released.
     for (size_t i = 0; i < handles.size(); ++i) {
@@ -146,7 +155,7 @@ void VirtualRange::map_chunks(size_t first, size_t count) {
 // Unmaps chunks [first, first + count), all mapped, and releases their physical memory.
 void VirtualRange::unmap_chunks(size_t first, size_t count) {
   std::string error;
-  const size_t done = backend_->unmap_run(base_ + first * granularity_, count, &error);
+  const size_t done = backend_->unmap_run(base_ + first * granularity_, count, granularity_, &error);
   for (size_t c = first; c < first + done; ++c) {
     backend_->release_handle(handles_[c]);
     handles_[c] = 0;
@@ -196,7 +205,7 @@ void VirtualRange::prepare(int64_t nbytes) {
   }
   std::vector<uint64_t> fresh;
   try {
-    while (prepared_.size() + fresh.size() < chunks) fresh.push_back(backend_->create_handle());
+    while (prepared_.size() + fresh.size() < chunks) fresh.push_back(backend_->create_handle(granularity_));
   } catch (...) {
     for (uint64_t h : fresh) backend_->release_handle(h);
     throw;

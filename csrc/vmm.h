@@ -36,18 +36,18 @@ class VmmBackend {
  public:
   virtual ~VmmBackend() = default;
   virtual const char* name() const = 0;
-  virtual size_t granularity() const = 0;
+  virtual size_t granularity() const = 0;  // the device's: chunks are multiples of it
   // Reserves `bytes` (a multiple of granularity) of address space aligned to granularity.
   virtual uintptr_t reserve(size_t bytes) = 0;
   virtual void free_reservation(uintptr_t base, size_t bytes) noexcept = 0;
-  virtual uint64_t create_handle() = 0;  // one chunk of physical memory
+  virtual uint64_t create_handle(size_t bytes) = 0;  // one chunk of physical memory
   virtual void release_handle(uint64_t handle) noexcept = 0;
   // Maps `count` consecutive chunks at `addr` (read/write for the device); on failure nothing of
   // the run stays mapped and it throws VirtualMemoryFailure.
-  virtual void map_run(uintptr_t addr, const uint64_t* handles, size_t count) = 0;
+  virtual void map_run(uintptr_t addr, const uint64_t* handles, size_t count, size_t chunk) = 0;
   // Unmaps them (after the device finished the work that may use them); returns how many leading
   // chunks were unmapped, with the reason in *error when fewer than `count`.
-  virtual size_t unmap_run(uintptr_t addr, size_t count, std::string* error) = 0;
+  virtual size_t unmap_run(uintptr_t addr, size_t count, size_t chunk, std::string* error) = 0;
 };
 
 std::unique_ptr<VmmBackend> make_host_backend();
@@ -58,8 +58,10 @@ constexpr size_t kHostGranularity = size_t{2} << 20;
 
 class VirtualRange {
  public:
-  // Reserves round_up(nbytes, granularity) bytes; `backend` is "host" or "cuda".
-  VirtualRange(int64_t nbytes, const std::string& backend, int device);
+  // Reserves round_up(nbytes, granularity) bytes; `backend` is "host" or "cuda". The chunk, the unit
+  // of map/unmap called granularity() here, is chunk_bytes (0: the device's granularity, 2 MiB
+  // usually), a multiple of the device's: larger chunks mean fewer driver calls per GiB (wake time).
+  VirtualRange(int64_t nbytes, const std::string& backend, int device, int64_t chunk_bytes = 0);
   ~VirtualRange();
   VirtualRange(const VirtualRange&) = delete;
   VirtualRange& operator=(const VirtualRange&) = delete;
@@ -67,6 +69,7 @@ class VirtualRange {
   uintptr_t ptr() const { return base_; }
   size_t reserved_bytes() const { return reserved_; }
   size_t granularity() const { return granularity_; }
+  size_t device_granularity() const { return backend_->granularity(); }
   const char* backend() const { return backend_->name(); }
   size_t mapped_bytes() const;
   size_t prepared_bytes() const;

@@ -155,11 +155,11 @@ class CudaBackend final : public VmmBackend {
     }
   }
 
-  uint64_t create_handle() override {
+  uint64_t create_handle(size_t bytes) override {
     ContextScope scope(d_, ctx_);
     CUmemGenericAllocationHandle h = 0;
-    check(d_, d_.create(&h, granularity_, &prop_, 0),
-          "cuMemCreate(" + std::to_string(granularity_) + " bytes on device " + std::to_string(device_) + ")");
+    check(d_, d_.create(&h, bytes, &prop_, 0),
+          "cuMemCreate(" + std::to_string(bytes) + " bytes on device " + std::to_string(device_) + ")");
     return h;
   }
 
@@ -171,31 +171,31 @@ class CudaBackend final : public VmmBackend {
     }
   }
 
-  void map_run(uintptr_t addr, const uint64_t* handles, size_t count) override {
+  void map_run(uintptr_t addr, const uint64_t* handles, size_t count, size_t chunk) override {
     ContextScope scope(d_, ctx_);
     size_t done = 0;
     CUresult r = CUDA_SUCCESS;
     const char* call = "cuMemMap";
     for (; done < count && r == CUDA_SUCCESS; ++done) {
-      r = d_.map(addr + done * granularity_, granularity_, 0, handles[done], 0);
+      r = d_.map(addr + done * chunk, chunk, 0, handles[done], 0);
     }
     if (r == CUDA_SUCCESS) {
       // One access call for the whole run: the range may span several allocations.
       const CUmemAccessDesc access{CUmemLocation{CU_MEM_LOCATION_TYPE_DEVICE, device_},
                                    CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
-      r = d_.set_access(addr, count * granularity_, &access, 1);
+      r = d_.set_access(addr, count * chunk, &access, 1);
       call = "cuMemSetAccess";
     } else {
       --done;  // the failed chunk is not mapped
     }
     if (r != CUDA_SUCCESS) {
-      for (size_t i = 0; i < done; ++i) d_.unmap(addr + i * granularity_, granularity_);
-      throw VirtualMemoryFailure(std::string("map(): ") + call + " of " + std::to_string(count * granularity_) +
+      for (size_t i = 0; i < done; ++i) d_.unmap(addr + i * chunk, chunk);
+      throw VirtualMemoryFailure(std::string("map(): ") + call + " of " + std::to_string(count * chunk) +
                                  " bytes failed: " + describe(d_, r));
     }
   }
 
-  size_t unmap_run(uintptr_t addr, size_t count, std::string* error) override {
+  size_t unmap_run(uintptr_t addr, size_t count, size_t chunk, std::string* error) override {
     ContextScope scope(d_, ctx_);
     CUresult r = d_.synchronize();  // kernels in flight may still read these pages
     if (r != CUDA_SUCCESS) {
@@ -203,7 +203,7 @@ class CudaBackend final : public VmmBackend {
       return 0;
     }
     for (size_t i = 0; i < count; ++i) {
-      r = d_.unmap(addr + i * granularity_, granularity_);
+      r = d_.unmap(addr + i * chunk, chunk);
       if (r != CUDA_SUCCESS) {
         *error = "unmap(): cuMemUnmap failed: " + describe(d_, r);
         return i;

@@ -40,11 +40,11 @@ class HostBackend final : public VmmBackend {
     munmap(reinterpret_cast<void*>(base), bytes);
   }
 
-  uint64_t create_handle() override { return ++next_handle_; }
+  uint64_t create_handle(size_t) override { return ++next_handle_; }
   void release_handle(uint64_t) noexcept override {}
 
-  void map_run(uintptr_t addr, const uint64_t*, size_t count) override {
-    const size_t bytes = count * kHostGranularity;
+  void map_run(uintptr_t addr, const uint64_t*, size_t count, size_t chunk) override {
+    const size_t bytes = count * chunk;
     void* p = mmap(reinterpret_cast<void*>(addr), bytes, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
     if (p == MAP_FAILED) {
@@ -54,9 +54,9 @@ class HostBackend final : public VmmBackend {
     }
   }
 
-  size_t unmap_run(uintptr_t addr, size_t count, std::string* error) override {
-    if (drop(addr, count * kHostGranularity)) return count;
-    *error = "unmap(): " + os_error("mmap(MAP_FIXED, PROT_NONE)", count * kHostGranularity);
+  size_t unmap_run(uintptr_t addr, size_t count, size_t chunk, std::string* error) override {
+    if (drop(addr, count * chunk)) return count;
+    *error = "unmap(): " + os_error("mmap(MAP_FIXED, PROT_NONE)", count * chunk);
     return 0;
   }
 

@@ -171,3 +171,24 @@ def test_huge_reservation_reserves_address_space_only():
     view(r, r.reserved_bytes - 1, 1)[0] = 3
     assert r.mapped_bytes == r.granularity
 
+
+
+def test_larger_chunks_are_the_unit_of_map_and_unmap(backend):
+    probe = _C.VirtualRange(1, backend=backend)
+    dg = probe.device_granularity
+    r = _C.VirtualRange(10 * dg, backend=backend, chunk_bytes=4 * dg)  # fewer, larger physical allocations
+    assert r.granularity == 4 * dg and r.device_granularity == dg
+    assert r.reserved_bytes == 12 * dg  # rounded up to whole chunks
+    with pytest.raises(InvalidArgumentError, match="multiples of the granularity"):
+        r.map(0, dg)
+    r.map(4 * dg, 8 * dg)
+    view(r, 4 * dg, 8 * dg)[-1] = 9
+    assert r.mapped_bytes == 8 * dg and r.is_mapped(5 * dg) and not r.is_mapped(3 * dg)
+    r.unmap(8 * dg, 4 * dg)
+    assert r.mapped_bytes == 4 * dg
+    r.release_all()
+    r.remap_all()
+    assert r.mapped_bytes == 4 * dg and r.is_mapped(4 * dg)
+    for bad in (dg + dg // 2, -dg):
+        with pytest.raises(InvalidArgumentError, match="chunk_bytes"):
+            _C.VirtualRange(8 * dg, backend=backend, chunk_bytes=bad)

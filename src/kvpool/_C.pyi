@@ -160,7 +160,7 @@ class VirtualRange:
     without it). ``backend="host"``: mmap with the same semantics and a 2 MiB granularity (CPU tests).
     ``ptr`` never changes; every call releases the GIL.
     """
-    def __init__(self, nbytes: int, backend: str = "host", device: int = 0) -> None: ...
+    def __init__(self, nbytes: int, backend: str = "host", device: int = 0, chunk_bytes: int = 0) -> None: ...
     @property
     def ptr(self) -> int:
         """Base address, granularity-aligned, fixed for the range's life."""
@@ -169,7 +169,10 @@ class VirtualRange:
         """``round_up(nbytes, granularity)``."""
     @property
     def granularity(self) -> int:
-        """Bytes of one chunk: offsets and sizes of map/unmap are multiples of it."""
+        """Bytes of one chunk (``chunk_bytes``, or the device's granularity): map/unmap's unit."""
+    @property
+    def device_granularity(self) -> int:
+        """The backend's allocation granularity (2 MiB on the host backend)."""
     @property
     def backend(self) -> str: ...
     @property
