@@ -13,7 +13,8 @@ from kvpool.errors import ElasticUnavailableError, InvalidArgumentError, KVPoolE
 MiB = 1 << 20
 BACKENDS = [
     "host",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+    pytest.param("cuda", marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]),
 ]
 
 
