@@ -74,10 +74,11 @@ if ! "$PY" -c "import kvpool" 2>/dev/null; then
 fi
 
 # 2. GPU tests. The kernel tests compile a few dozen Triton variants (CPU-bound), so three pytest
-#    processes share them; the other `-m gpu` tests (memory sizing among them) run alone afterwards.
+#    processes share them (a fourth runs the attention kernels of issue 15); the other `-m gpu` tests
+#    (memory sizing among them) run alone afterwards.
 lim=$(limit 80 185)
 if (( lim >= 5 )); then
-  log "tests_kernels_gpu: start (limit ${lim}s, 3 processes)"
+  log "tests_kernels_gpu: start (limit ${lim}s, 3-4 processes)"
   PYT=("$PY" -m pytest -m gpu -q -rfE -p no:cacheprovider)
   timeout --kill-after=5 "$lim" "${PYT[@]}" tests/test_kernels_decode.py tests/test_kernels_sinks.py \
     > "$OUT/tests_kernels_decode_gpu.log" 2>&1 &
@@ -85,6 +86,12 @@ if (( lim >= 5 )); then
     > "$OUT/tests_kernels_write_gather_gpu.log" 2>&1 &
   timeout --kill-after=5 "$lim" "${PYT[@]}" tests/test_kernels_copy.py tests/test_kernels_backend.py \
     > "$OUT/tests_kernels_copy_backend_gpu.log" 2>&1 &
+  # issue 15's attention kernels (paged_prefill, mixed batches): a fourth process, the files that exist
+  ATTN_TESTS=($(shopt -s nullglob; echo tests/test_kernels_prefill*.py tests/test_kernels_attention*.py \
+                tests/test_kernels_mixed*.py))
+  if (( ${#ATTN_TESTS[@]} )); then
+    timeout --kill-after=5 "$lim" "${PYT[@]}" "${ATTN_TESTS[@]}" > "$OUT/tests_kernels_attention_gpu.log" 2>&1 &
+  fi
   wait
   for f in "$OUT"/tests_kernels_*_gpu.log; do log "  $(basename "$f"): $(tail -n 1 "$f")"; done
 fi

@@ -16,6 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # every kernel interpreted, the attention calls too: 10-40 s on 2 shared cores
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU check runs this script under compute-sanitizer")
 def test_sanitize_kernels_runs_on_cpu():
     env = dict(os.environ, KVPOOL_SANITIZE_DEVICE="cpu", TRITON_INTERPRET="1", KVPOOL_KERNELS="triton")
