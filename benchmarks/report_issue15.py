@@ -15,10 +15,10 @@ def _f(x, fmt="{:.3f}"):
 
 
 def verdict(value, bar) -> str:
-    """``"1.23x >= 1.1: met"``; a ratio or percentage against its lower bar."""
+    """``"1.23 (bar 1.1): met"``; a ratio or percentage against its lower bar."""
     if value is None:
         return "not measured"
-    return f"{value:.2f} >= {bar:g}: {'met' if value >= bar else 'NOT met'}"
+    return f"{value:.2f} (bar {bar:g}): {'met' if value >= bar else 'NOT met'}"
 
 
 def _notes(rows, keys=("ours_note", "vllm_note", "sdpa_note", "two_calls_note", "peak_note")) -> list[str]:
