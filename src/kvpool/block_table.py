@@ -157,7 +157,10 @@ class BlockTables:
         if self.host_tier is None:
             raise InvalidArgumentError("pop_transfers(): these BlockTables have no host tier; pass "
                                        "BlockTables(..., host_tier=kvpool.HostKVTier(cache, num_host_blocks))")
-        from .tier import Transfers  # noqa: PLC0415
+        from .tier.host_tier import NO_TRANSFERS, Transfers  # noqa: PLC0415
+        core = self.host_tier._core
+        if core.pending_reloads == 0 and core.pending_offloads == 0:  # most decode steps: no arrays to build
+            return NO_TRANSFERS
         return Transfers(*self._core.pop_transfers())
 
     def _call(self, method, *args):

@@ -60,6 +60,11 @@ class Transfers:
         return len(self.reload_host) + len(self.offload_gpu)
 
 
+_EMPTY_IDS = np.zeros(0, dtype=np.int32)
+_EMPTY_IDS.flags.writeable = False
+NO_TRANSFERS = Transfers(0, _EMPTY_IDS, _EMPTY_IDS, _EMPTY_IDS, _EMPTY_IDS)  # a step with nothing queued
+
+
 class HostKVTier:
     """Pinned host pages of a cache's geometry, the copier between the tiers, and the host block ids.
 
@@ -122,9 +127,11 @@ class HostKVTier:
         if not isinstance(transfers, Transfers):
             raise InvalidArgumentError(f"run() takes BlockTables.pop_transfers()'s Transfers, got "
                                        f"{type(transfers).__name__}")
-        self.poll()
         if transfers.batch == 0:
+            if self._in_flight:
+                self.poll()
             return
+        self.poll()
         if len(transfers.reload_host):
             self._in_flight.append((transfers.batch, True,
                                     self.copier.reload(transfers.reload_host, transfers.reload_gpu)))
