@@ -55,7 +55,7 @@ CASES = [
     (torch.float32, None, 1, 64, 16, 2),
     (torch.float16, None, 4, 80, 1, 2),
     (torch.bfloat16, None, 8, 128, 32, 1),
-    (torch.float16, None, 2, 256, 16, 1),
+    (torch.float16, None, 2, 256, 32, 1),  # 32-key tiles inside 32-token pages: one block id per tile
     (FP8, "head", 4, 64, 16, 2),
     (FP8, "token_head", 3, 80, 32, 1),
     (FP8, "tensor", 2, 64, 1, 2),

@@ -101,3 +101,14 @@ def test_paged_attention_decode_step_needs_one_token_each(monkeypatch):
     with pytest.raises(KernelError, match=r"query_start_loc=\[0, 0, 2\].*call paged_prefill"):
         paged_attention(**args)
     paged_prefill(**args)  # the same batch is fine there
+
+
+def test_index_values_are_checked_on_every_cpu_call(monkeypatch):
+    """The value checks read the tensors, so they are never remembered: the same tensors changed in place
+    between two calls are checked again."""
+    monkeypatch.setenv("KVPOOL_KERNELS", "torch")
+    args = _args()
+    paged_prefill(**args)
+    args["seq_lens"][0] = 5  # now fewer positions than the sequence's 6 new tokens
+    with pytest.raises(BlockIndexError, match=r"6 new tokens, seq_lens\[0\]=5"):
+        paged_prefill(**args)

@@ -20,7 +20,8 @@ split-K ``paged_decode``). The KV cache is read only through those kernels.
 Hybrid models (sliding-window layers beside full-attention ones): the pages hold one KV-cache group
 per attention kind (``cache.kv_groups``), the tables one block list per group and sequence, all drawn
 from the one allocator; layer ``i`` reads and writes group ``cache.group_of(i)``'s tables
-(``batch.group(g)``) and attends to its window only (``paged_attention(..., sliding_window=W)``). A windowed group's blocks that leave the window go back to the pool at
+(``batch.group(g)``) and attends to its window only (``paged_attention(..., sliding_window=W)``). A windowed
+group's blocks that leave the window go back to the pool at
 ``mark_computed``; :mod:`~kvpool.demo.group_usage` counts what each group held.
 """
 from __future__ import annotations
