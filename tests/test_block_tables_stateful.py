@@ -226,6 +226,22 @@ class TablesVsTwin(RuleBasedStateMachine):
                 assert self.fast.allocator.held_in_top(n) == 0
         self.pools("shrink", n)
 
+    @precondition(lambda self: len(self.live) >= 2)
+    @rule(grow_first=st.integers(0, 4))
+    def compact_live_pool(self, grow_first):
+        """With sequences running: (grow,) free the oldest (its low ids), then shrink by every free block,
+        moving each held block above the new top into a free id below it (as many as there are)."""
+        self.pools("grow", min(grow_first, self.fast.allocator.max_num_blocks - self.fast.allocator.num_blocks))
+        self.both("free", self.live.pop(0))
+        if hasattr(self, "prompts"):
+            self.prompts = {s: p for s, p in self.prompts.items() if s in self.live}
+        n = self.fast.allocator.num_free_blocks
+        held = self.fast.allocator.held_in_top(n)
+        status, out = self.both("relocate_top", n)
+        if status == "ok":
+            assert len(out[0]) == held
+            assert self.pools("shrink", n)[0] == "ok"
+
     @invariant()
     def agree(self):
         if not hasattr(self, "fast"):
