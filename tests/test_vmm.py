@@ -3,6 +3,7 @@ wake, on the host backend (mmap) everywhere and on the CUDA backend where a GPU 
 same tests, the same semantics.
 """
 import ctypes
+import os
 
 import pytest
 import torch
@@ -193,3 +194,17 @@ def test_larger_chunks_are_the_unit_of_map_and_unmap(backend):
     for bad in (dg + dg // 2, -dg):
         with pytest.raises(InvalidArgumentError, match="chunk_bytes"):
             _C.VirtualRange(8 * dg, backend=backend, chunk_bytes=bad)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc/self/maps")
+def test_destruction_frees_the_mappings_and_the_reservation():
+    def spans():
+        with open("/proc/self/maps") as f:
+            return [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in f]
+
+    r = _C.VirtualRange(8 * MiB)
+    r.map(2 * MiB, 4 * MiB)
+    base, end = r.ptr, r.ptr + r.reserved_bytes
+    assert any(lo < end and hi > base for lo, hi in spans())  # reserved (PROT_NONE) and mapped pages
+    del r
+    assert not any(lo < end and hi > base for lo, hi in spans())  # nothing of the range is left
