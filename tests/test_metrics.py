@@ -101,3 +101,35 @@ def test_serve_binds_loopback_only_and_serves_the_registry():
 def test_bad_port_is_refused(port):
     with pytest.raises(InvalidArgumentError, match="port"):
         serve(port, CollectorRegistry())
+
+
+def test_host_tier_counters_and_gauges_share_the_pool_registry():
+    from kvpool.metrics import HostTierMetrics
+    pool = PoolMetrics()
+    m = HostTierMetrics(pool.registry)
+    m.record_offload(blocks=4, nbytes=4 * 2097152)
+    m.record_offload(blocks=1, nbytes=2097152)
+    m.record_reload(blocks=2, nbytes=2 * 2097152)
+    m.record_host_hits(2)
+    m.record_offload_skipped(3)
+    m.observe_host_pool(num_blocks=100, num_free_blocks=90, num_cached_blocks=40, evictions=5)
+    m.observe_host_pool(num_blocks=100, num_free_blocks=90, num_cached_blocks=40, evictions=5)
+    s = samples(pool)  # one registry: the pool's metrics and the host tier's, side by side
+    assert s["kvpool_host_offloaded_blocks_total"] == 5 and s["kvpool_host_offloaded_bytes_total"] == 5 * 2097152
+    assert s["kvpool_host_reloaded_blocks_total"] == 2 and s["kvpool_host_reloaded_bytes_total"] == 2 * 2097152
+    assert s["kvpool_host_hit_blocks_total"] == 2 and s["kvpool_host_offload_skipped_blocks_total"] == 3
+    assert (s["kvpool_host_blocks_total"], s["kvpool_host_free_blocks"], s["kvpool_host_cached_blocks"]) == (100, 90, 40)
+    assert s["kvpool_host_evictions_total"] == 5 and s["kvpool_blocks_total"] == 0
+    assert b"kvpool_host_offloaded_bytes_total 1.048576e+07" in m.exposition()
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: m.record_offload(-1, 0), lambda m: m.record_reload(1, 2.5), lambda m: m.record_host_hits(True),
+    lambda m: m.observe_host_pool(4, 5, 0),
+])
+def test_host_tier_metrics_refuse_bad_counts(call):
+    from kvpool.metrics import HostTierMetrics
+    m = HostTierMetrics()
+    with pytest.raises(InvalidArgumentError):
+        call(m)
+    assert samples(m)["kvpool_host_offloaded_blocks_total"] == 0 and samples(m)["kvpool_host_reloaded_blocks_total"] == 0

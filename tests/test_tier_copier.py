@@ -235,3 +235,22 @@ def test_cuda_offload_is_ordered_after_the_writing_step_and_reload_before_the_re
     assert ticket.done()
     for src, dst in zip(gpu, range(40, 60)):
         assert torch.equal(got[dst].cpu(), expect[src])
+
+
+def test_copier_feeds_the_host_tier_metrics():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from kvpool.metrics import HostTierMetrics
+    cache = _cache("fp8-token-scales")
+    metrics = HostTierMetrics()
+    copier = BlockCopier(cache, HostPages(cache, 8), staging_blocks=2, metrics=metrics)
+    copier.offload([1, 2, 3], [0, 1, 2])
+    copier.reload([0, 1], [5, 6])
+    with pytest.raises(BlockIndexError):
+        copier.reload([0], [99])  # refused: not counted
+    text = metrics.exposition().decode()
+    s = {x.name: x.value for fam in text_string_to_metric_families(text) for x in fam.samples}
+    width = copier.bytes_per_block
+    assert (s["kvpool_host_offloaded_blocks_total"], s["kvpool_host_offloaded_bytes_total"]) == (3, 3 * width)
+    assert (s["kvpool_host_reloaded_blocks_total"], s["kvpool_host_reloaded_bytes_total"]) == (2, 2 * width)
+    assert copier.staging_bytes == 2 * 2 * width

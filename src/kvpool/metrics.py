@@ -7,6 +7,9 @@ prefix hash, in use or evictable). Counters: ``kvpool_prefix_hit_blocks_total``,
 cached block holding other tokens: refused, counted), ``kvpool_evictions_total``, ``kvpool_preemptions_total``,
 ``kvpool_requests_finished_total``, ``kvpool_requests_rejected_total``.
 
+The host tier (issue 14) has its own :class:`HostTierMetrics` (``kvpool_host_*``), registered beside
+them in the same registry: ``HostTierMetrics(registry=pool_metrics.registry)``.
+
 Metrics live in a caller-supplied ``CollectorRegistry`` (or a private one), never in the global
 default registry, so two pools (or two tests) in one process do not collide.
 
@@ -95,6 +98,105 @@ class PoolMetrics:
     def serve(self, port: int):
         """Serve ``/metrics`` on ``127.0.0.1:port`` (loopback only) from a daemon thread; see :func:`serve`."""
         return serve(port, self.registry)
+
+
+def _count(value, what: str) -> int:
+    """A non-negative int (Python/numpy; not a bool), else InvalidArgumentError naming ``what``."""
+    if isinstance(value, bool) or not hasattr(value, "__index__") or value.__index__() < 0:
+        raise InvalidArgumentError(f"{what}={value!r} must be a non-negative integer")
+    return value.__index__()
+
+
+class HostTierMetrics:
+    """Counters and gauges of the host-memory tier (``kvpool.tier``), in ``registry`` (a new private one if None).
+
+    Counters (advanced by the tier as it works; each call adds):
+
+    ========================================== ==========================================================
+    ``kvpool_host_hit_blocks_total``            prompt blocks found on the host by ``add()`` (reloaded, not
+                                                recomputed): :meth:`record_host_hits`
+    ``kvpool_host_offloaded_blocks_total``      blocks copied GPU -> host (enqueued): :meth:`record_offload`
+    ``kvpool_host_offloaded_bytes_total``       their bytes
+    ``kvpool_host_reloaded_blocks_total``       blocks copied host -> GPU (enqueued): :meth:`record_reload`
+    ``kvpool_host_reloaded_bytes_total``        their bytes
+    ``kvpool_host_offload_skipped_blocks_total`` blocks not copied because the host held their hash already
+    ========================================== ==========================================================
+
+    Gauges (:meth:`observe_host_pool` / :meth:`observe_host_allocator`): ``kvpool_host_blocks_total``,
+    ``kvpool_host_free_blocks``, ``kvpool_host_cached_blocks``; counter ``kvpool_host_evictions_total``
+    mirrors the host allocator's running total. ``BlockCopier(..., metrics=m)`` calls
+    :meth:`record_offload` / :meth:`record_reload` itself.
+
+    Example
+    -------
+    >>> m = HostTierMetrics()
+    >>> m.record_offload(blocks=4, nbytes=4 * 2097152)
+    >>> m.record_host_hits(3)
+    >>> b"kvpool_host_offloaded_bytes_total 8.388608e+06" in m.exposition()
+    True
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, namespace: str = "kvpool"):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r, ns = self.registry, namespace
+        self.host_hits = Counter("host_hit_blocks", "Prompt blocks found in the host tier (reloaded, not recomputed)",
+                                 namespace=ns, registry=r)
+        self.offloaded_blocks = Counter("host_offloaded_blocks", "Blocks copied GPU to host", namespace=ns, registry=r)
+        self.offloaded_bytes = Counter("host_offloaded_bytes", "Bytes copied GPU to host", namespace=ns, registry=r)
+        self.reloaded_blocks = Counter("host_reloaded_blocks", "Blocks copied host to GPU", namespace=ns, registry=r)
+        self.reloaded_bytes = Counter("host_reloaded_bytes", "Bytes copied host to GPU", namespace=ns, registry=r)
+        self.offload_skipped = Counter("host_offload_skipped_blocks", "Blocks not offloaded: the host held their "
+                                       "hash already", namespace=ns, registry=r)
+        self.host_evictions = Counter("host_evictions", "Host blocks evicted to make room", namespace=ns, registry=r)
+        self.total_blocks = Gauge("host_blocks_total", "Blocks in the host tier", namespace=ns, registry=r)
+        self.free_blocks = Gauge("host_free_blocks", "Host blocks allocatable now (evictable cached ones included)",
+                                 namespace=ns, registry=r)
+        self.cached_blocks = Gauge("host_cached_blocks", "Host blocks holding a prefix hash", namespace=ns,
+                                   registry=r)
+        self._last_evictions = 0
+
+    def record_offload(self, blocks: int, nbytes: int) -> None:
+        """``blocks`` blocks (``nbytes`` bytes) enqueued GPU -> host."""
+        blocks, nbytes = _count(blocks, "blocks"), _count(nbytes, "nbytes")
+        self.offloaded_blocks.inc(blocks)
+        self.offloaded_bytes.inc(nbytes)
+
+    def record_reload(self, blocks: int, nbytes: int) -> None:
+        """``blocks`` blocks (``nbytes`` bytes) enqueued host -> GPU."""
+        blocks, nbytes = _count(blocks, "blocks"), _count(nbytes, "nbytes")
+        self.reloaded_blocks.inc(blocks)
+        self.reloaded_bytes.inc(nbytes)
+
+    def record_host_hits(self, blocks: int) -> None:
+        """``blocks`` prompt blocks matched on the host by one ``add()``."""
+        self.host_hits.inc(_count(blocks, "blocks"))
+
+    def record_offload_skipped(self, blocks: int) -> None:
+        """``blocks`` newly cached GPU blocks whose hash the host already held (no copy)."""
+        self.offload_skipped.inc(_count(blocks, "blocks"))
+
+    def observe_host_pool(self, num_blocks: int, num_free_blocks: int, num_cached_blocks: int,
+                          evictions: int | None = None) -> None:
+        """Set the gauges from a host-allocator snapshot; ``evictions`` is its running total."""
+        if not 0 <= num_free_blocks <= num_blocks or not 0 <= num_cached_blocks <= num_blocks:
+            raise InvalidArgumentError(
+                f"host pool snapshot out of range: num_blocks={num_blocks}, num_free_blocks={num_free_blocks}, "
+                f"num_cached_blocks={num_cached_blocks}; pass the host allocator's own counts")
+        self.total_blocks.set(num_blocks)
+        self.free_blocks.set(num_free_blocks)
+        self.cached_blocks.set(num_cached_blocks)
+        if evictions is not None and evictions > self._last_evictions:
+            self.host_evictions.inc(evictions - self._last_evictions)
+            self._last_evictions = evictions
+
+    def observe_host_allocator(self, allocator) -> None:
+        """Set the gauges from the host tier's :class:`kvpool.allocator.BlockAllocator`."""
+        self.observe_host_pool(allocator.num_blocks, allocator.num_free_blocks, allocator.num_cached_blocks,
+                               evictions=allocator.stats().get("evictions"))
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus text format."""
+        return generate_latest(self.registry)
 
 
 def serve(port: int, registry: CollectorRegistry):
