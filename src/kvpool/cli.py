@@ -39,7 +39,7 @@ def _nccl(args):
 
 _PLAN_FLAGS = ("gpu_mem_gib", "dtype", "kv_dtype", "fp8_scales", "block_size", "max_model_len", "max_batched_tokens",
                "max_seqs", "mem_fraction", "weights_gib", "activation_gib", "comm_gib", "overhead_gib", "headroom_gib",
-               "pp_interconnect", "cuda_context_mib")
+               "pp_interconnect", "cuda_context_mib", "host_kv_gib")
 
 
 def _plan_kwargs(args) -> dict:

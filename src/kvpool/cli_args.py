@@ -122,6 +122,10 @@ def _add_plan(sub) -> None:
     g.add_argument("--batch", type=int, metavar="N", help="target batch: check it fits (with --seq-len)")
     g.add_argument("--seq-len", type=int, metavar="TOKENS", help="target tokens per sequence (with --batch)")
     _add_memory_args(p)
+    p.add_argument_group("host tier").add_argument(
+        "--host-kv-gib", type=float, metavar="GIB",
+        help="pinned host memory per GPU for the host KV tier (evicted prefix blocks kept on the host): report its "
+             "blocks, tokens and bytes (JSON: kv_cache.host_tier)")
     _add_output(p, plot="one stacked bar of memory per GPU")
     p.add_argument_group("compare with vLLM").add_argument(
         "--vllm-log", metavar="FILE",

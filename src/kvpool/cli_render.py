@@ -80,7 +80,21 @@ def _kv_rows(plan, spec) -> list[list[str]]:
                      f"{w.num_blocks:,} blocks of {w.group_size} layer pages ÷ {w.blocks_per_request:,} per request "
                      f"in its {w.num_groups} KV-cache groups; {w.gain:,.2f}× the "
                      f"{w.max_concurrency_full:,.2f}× of one table of every layer"])
-    return rows + _vllm_rows(kv)
+    return rows + _host_rows(kv) + _vllm_rows(kv)
+
+
+def _host_rows(kv) -> list[list[str]]:
+    """The host tier (``--host-kv-gib``): blocks, tokens and pinned bytes per GPU."""
+    h = kv.host_tier
+    if h is None:
+        return []
+    ratio = f", {h.tokens / kv.tokens:,.2f}× the GPU pool's" if kv.tokens else ""
+    return [
+        ["host tier blocks", f"{h.num_blocks:,}", f"{_gib(h.budget_bytes)} GiB pinned host memory per GPU ÷ block "
+         f"bytes (same blocks as the GPU's)"],
+        ["host tier tokens", f"{h.tokens:,}", f"{_gib(h.bytes)} GiB pinned per GPU"
+         + (f", {_gib(h.bytes * h.gpus)} GiB on all {h.gpus} GPUs" if h.gpus > 1 else "") + ratio],
+    ]
 
 
 def _vllm_rows(kv) -> list[list[str]]:

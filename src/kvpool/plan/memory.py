@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..errors import PlanError
+from .host_tier import HostTierCapacity, host_tier_capacity
 from .kv import window_aware_bytes_per_seq
 from .kv_groups import kv_groups
 from .vllm_kv import vllm_kv_figures
@@ -62,7 +63,9 @@ def plan_memory(model, tp: int = 1, pp: int = 1, gpu="h100-sxm", **settings) -> 
         - ``batch``, ``seq_len``: a target workload to check (``recommend=False`` skips re-planning the
           alternatives when it does not fit);
         - ``interconnect``, ``pp_interconnect``, ``nccl`` (`NCCLSettings`), ``cuda_graphs`` (True),
-          ``cuda_context_mib``: the communication and overhead terms' inputs.
+          ``cuda_context_mib``: the communication and overhead terms' inputs;
+        - ``host_kv_gib``: pinned host memory per GPU for the host tier; ``plan.kv_cache.host_tier`` then gives
+          its blocks, tokens and bytes (`kvpool.plan.host_tier`; None without it).
 
     Raises
     ------
@@ -121,7 +124,8 @@ def assemble(req: PlanRequest, stages: tuple[StageMemory, ...], budget: int, hea
         vllm=vllm_kv_figures(
             windows, (layout.bytes_per_token - layout.scale_bytes_per_token) // layout.num_layers * req.block_size,
             tight.kv_bytes, req.block_size, req.max_model_len, req.max_batched_tokens),
-        window=_window_capacity(req, layout, windows, tight.kv_bytes))
+        window=_window_capacity(req, layout, windows, tight.kv_bytes),
+        host_tier=_host_tier(req, stages, layout))
     plan = MemoryPlan(req, stages, tight.index, budget, headroom, model_bytes, kv_cache,
                       before_snapshot=before_snapshot or before_snapshot_term(req))
     if req.batch is not None:
@@ -129,6 +133,15 @@ def assemble(req: PlanRequest, stages: tuple[StageMemory, ...], budget: int, hea
 
         plan = replace(plan, workload=check_workload(plan, replan=plan_request))
     return plan
+
+
+def _host_tier(req: PlanRequest, stages, layout) -> HostTierCapacity | None:
+    """The host tier ``req.host_kv_bytes`` per GPU holds (None without one): blocks of the largest stage's size."""
+    if req.host_kv_bytes is None:
+        return None
+    per_block = max(st.layout.pool_bytes_per_block(req.block_size) for st in stages)
+    groups = len(layout.kv_groups.windows) if layout.kv_groups is not None else 1
+    return host_tier_capacity(req.host_kv_bytes, per_block, req.block_size, groups, req.tp * req.pp)
 
 
 def _window_capacity(req: PlanRequest, layout, windows: list, kv_bytes: int) -> WindowCapacity | None:

@@ -33,6 +33,7 @@ def kv_cache_dict(kv) -> dict:
         "unused_bytes_per_gpu": kv.unused_bytes_per_gpu,
         "vllm": kv.vllm.to_dict() if kv.vllm is not None else None,
         "window_freeing": kv.window.to_dict() if kv.window is not None else None,
+        **({"host_tier": kv.host_tier.to_dict(kv.tokens)} if kv.host_tier is not None else {}),
     }
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import plan_json
+from .host_tier import HostTierCapacity
 from .request import PlanRequest
 from .stage import StageMemory, Term
 from .vllm_kv import VLLMKVFigures
@@ -61,6 +62,7 @@ class KVPool(JSONSection):
     group_windows: tuple = (None,)  # each KV-cache group's window (None: full attention)
     vllm: VLLMKVFigures | None = None  # what vLLM's log prints for the same KV bytes (`plan.vllm_kv`)
     window: WindowCapacity | None = None  # requests held with window freeing (models with sliding windows)
+    host_tier: HostTierCapacity | None = None  # the host tier's blocks (``host_kv_gib`` given), else None
 
     @property
     def num_groups(self) -> int:

@@ -73,6 +73,7 @@ class PlanRequest:
     batch: int | None = None
     seq_len: int | None = None
     recommend: bool = True
+    host_kv_bytes: int | None = None  # pinned host memory per GPU for the host tier (None: no host tier)
 
     def budget(self) -> tuple[int, int]:
         """(budget, headroom) in bytes per GPU: what the process may use, and what it leaves unused."""
@@ -121,7 +122,7 @@ def make_request(model, tp: int = 1, pp: int = 1, gpu="h100-sxm", *, gpu_mem_gib
                  overhead_gib: float | None = None, headroom_gib: float | None = None, batch: int | None = None,
                  seq_len: int | None = None, interconnect: str | None = None, pp_interconnect: str | None = None,
                  nccl: NCCLSettings | None = None, cuda_graphs: bool = True, cuda_context_mib: int | None = None,
-                 recommend: bool = True) -> PlanRequest:
+                 recommend: bool = True, host_kv_gib: float | None = None) -> PlanRequest:
     """The arguments of `kvpool.plan.plan_memory` (see there), checked and resolved into a `PlanRequest`.
 
     Raises
@@ -145,6 +146,7 @@ def make_request(model, tp: int = 1, pp: int = 1, gpu="h100-sxm", *, gpu_mem_gib
     if mem_fraction is not None:
         mem_fraction = check_fraction("mem_fraction", mem_fraction, "it is vLLM's --gpu-memory-utilization")
     gpu_mem_gib = check_gib("gpu_mem_gib", gpu_mem_gib, strictly_positive=True)
+    host_kv_gib = check_gib("host_kv_gib", host_kv_gib, strictly_positive=True)
     reserved = Reservations(*(_bytes(name, value) for name, value in (
         ("weights_gib", weights_gib), ("activation_gib", activation_gib), ("comm_gib", comm_gib),
         ("overhead_gib", overhead_gib), ("headroom_gib", headroom_gib))))
@@ -172,7 +174,8 @@ def make_request(model, tp: int = 1, pp: int = 1, gpu="h100-sxm", *, gpu_mem_gib
         link=get_interconnect(interconnect or gpu_preset.interconnect),
         pp_link=get_interconnect(pp_interconnect) if pp_interconnect else None, nccl=nccl or NCCLSettings(),
         cuda_graphs=bool(cuda_graphs), batch=batch, seq_len=seq_len, recommend=bool(recommend),
-        cuda_context_bytes=(cuda_context_mib or gpu_preset.cuda_context_mib) * MIB)
+        cuda_context_bytes=(cuda_context_mib or gpu_preset.cuda_context_mib) * MIB,
+        host_kv_bytes=None if host_kv_gib is None else int(host_kv_gib * GIB))
 
 
 __all__ = ["PlanRequest", "Reservations", "make_request", "TERMS", "DEFAULT_MEM_FRACTION",
