@@ -254,3 +254,15 @@ def test_copier_feeds_the_host_tier_metrics():
     assert (s["kvpool_host_offloaded_blocks_total"], s["kvpool_host_offloaded_bytes_total"]) == (3, 3 * width)
     assert (s["kvpool_host_reloaded_blocks_total"], s["kvpool_host_reloaded_bytes_total"]) == (2, 2 * width)
     assert copier.staging_bytes == 2 * 2 * width
+
+
+def test_numpy_ids_as_pop_transfers_gives_them():
+    import numpy as np
+    cache = _cache("bf16")
+    host = HostPages(cache, 4)
+    copier = BlockCopier(cache, host)
+    original = _block_bytes(cache, 6)
+    ticket = copier.offload(np.array([6], dtype=np.int32), np.array([3], dtype=np.int32))
+    assert ticket.gpu_ids == (6,) and torch.equal(host.block(3), original)
+    with pytest.raises(InvalidArgumentError, match="1-D integer array"):
+        copier.offload(np.array([6.0]), np.array([3]))

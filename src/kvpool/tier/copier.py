@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .._arrays import as_int
@@ -79,6 +80,10 @@ def _ids(name: str, ids, bound: int, where: str) -> list:
             raise InvalidArgumentError(f"{name} must be a 1-D int32/int64 CPU tensor or a list of ints, got "
                                        f"{tuple(ids.shape)} {ids.dtype} on {ids.device}: ids come from the "
                                        "allocators, on the host")
+        ids = ids.tolist()
+    elif isinstance(ids, np.ndarray):  # pop_transfers()'s int32 arrays
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise InvalidArgumentError(f"{name} must be a 1-D integer array, got {ids.ndim}-D {ids.dtype}")
         ids = ids.tolist()
     if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
         raise InvalidArgumentError(f"{name} must be a sequence of block ids, got {ids!r}")
