@@ -49,7 +49,7 @@ def _block_stage_kernel(
         tl.store(pages + offs, x, mask=mask)
 
 
-def _layout_table(tensors, staging: torch.Tensor):
+def layout_table(tensors, staging: torch.Tensor):
     """``(table, word dtype, VEC)`` of the kernel for these tensors (cached per tensor layout)."""
     ptrs = tuple(t.data_ptr() for t in tensors)
     rows = tuple(row_bytes(t) for t in tensors)
@@ -71,7 +71,7 @@ def _layout_table(tensors, staging: torch.Tensor):
 
 def launch_block_stage(tensors, ids: torch.Tensor, staging: torch.Tensor, to_staging: bool) -> None:
     """One launch moving ``ids.numel()`` blocks between ``tensors`` and ``staging[:n]``."""
-    table, word, vec = _layout_table(tensors, staging)
+    table, word, vec = layout_table(tensors, staging)
     first = tensors[0].reshape(-1).view(torch.uint8).view(word)
     stage = staging.view(word)
     max_row = max(row_bytes(t) for t in tensors) // word.itemsize
@@ -83,4 +83,4 @@ def launch_block_stage(tensors, ids: torch.Tensor, staging: torch.Tensor, to_sta
     )
 
 
-__all__ = ["launch_block_stage"]
+__all__ = ["launch_block_stage", "layout_table"]

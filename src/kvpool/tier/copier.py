@@ -28,6 +28,7 @@ import torch
 
 from .._arrays import as_int
 from ..errors import BlockIndexError, InvalidArgumentError
+from ..kernels.backend import use_triton
 from ..kernels.block_stage import bytes_per_block, stage_blocks, unstage_blocks
 from ..kernels.ids import exact_int
 
@@ -159,6 +160,15 @@ class BlockCopier:
                          for kind in ("offload", "reload")}
         self._side = torch.cuda.Stream(device=self.device) if self._on_cuda else None
         self._pending: list = []  # tickets maybe still in flight (CUDA only)
+        self._tables = self._kernel_tables()
+
+    def _kernel_tables(self) -> list:
+        """Build the staging kernel's layout tables now, on the current stream, and keep them alive: built
+        lazily, the first one would be created (a synchronising copy) inside a copy on the side stream."""
+        if not (self._on_cuda and use_triton(*self._tensors)):
+            return []
+        from ..kernels.block_stage_kernel import layout_table  # noqa: PLC0415 (triton only on CUDA)
+        return [layout_table(self._tensors, staging) for staging in self._staging.values()]
 
     @property
     def staging_bytes(self) -> int:
