@@ -9,6 +9,7 @@
 #   3. benchmarks: copy ceiling, gather_kv / write_kv / copy_blocks, paged_decode sweep (pytest-benchmark)
 #   3b. issue 15: paged_prefill (8 x (4096+1024), 1 x 16K) and the mixed batch vs vLLM's unified attention and
 #       SDPA-flash; the eager decode table is bench_decode's batch 1-8 rows, judged in the report
+#   3c. issue 14: host tier offload/reload of 64 Llama-8B blocks vs the pinned copy ceiling, no cost on a miss
 #   4. compute-sanitizer --tool memcheck on a small case of every kernel
 #   5. benchmarks/gpu_validate.py: plan and start-up sizing vs the live GPU (KVPOOL_SKIP_VALIDATE=1 skips it)
 #   6. benchmarks/gpu_report.py: JSON + Markdown table, printed last
@@ -85,6 +86,7 @@ if (( lim >= 5 )); then
   timeout --kill-after=5 "$lim" "${PYT[@]}" tests/test_kernels_write.py tests/test_kernels_gather.py \
     > "$OUT/tests_kernels_write_gather_gpu.log" 2>&1 &
   timeout --kill-after=5 "$lim" "${PYT[@]}" tests/test_kernels_copy.py tests/test_kernels_backend.py \
+    tests/test_kernels_block_stage.py \
     > "$OUT/tests_kernels_copy_backend_gpu.log" 2>&1 &
   # issue 15's attention kernels (paged_prefill, mixed batches): a fourth process, the files that exist
   ATTN_TESTS=($(shopt -s nullglob; echo tests/test_kernels_prefill*.py tests/test_kernels_attention*.py \
@@ -108,6 +110,10 @@ stage bench_prefill 60 110 "$PY" -m pytest benchmarks/bench_prefill.py -q -rs -p
   --benchmark-json="$OUT/bench_prefill.json" -s
 stage bench_mixed 45 65 "$PY" -m pytest benchmarks/bench_mixed.py -q -rs -p no:cacheprovider \
   --benchmark-json="$OUT/bench_mixed.json" -s
+# 3c. host tier (issue 14): BlockCopier offload/reload of 64 blocks vs one pinned copy_ (target >= 80%), the naive
+# block x layer copies, and a decode step's graph time with the tier on (nothing to reload) vs off (<= 2%)
+stage bench_host_tier 40 62 "$PY" -m pytest benchmarks/bench_host_tier.py -q -p no:cacheprovider \
+  --benchmark-json="$OUT/bench_host_tier.json" -s
 
 # 3c. issue 16: the VMM layer's grow by 1 GiB (target <= 10 ms) and the wake of a 40 GiB pool (<= 200 ms),
 #     2 and 32 MiB chunks, memory given back on sleep (cudaMemGetInfo); figures printed in its log
@@ -131,7 +137,7 @@ stage demo_tp2_one_gpu 40 40 "$PY" -m kvpool.demo --tp 2 --device cuda --backend
 log "report"
 "$PY" benchmarks/gpu_report.py --out-dir "$OUT" --rows "$KVPOOL_BENCH_ROWS" \
   --bench-json "$OUT/bench_memory.json" "$OUT/bench_decode.json" "$OUT/bench_prefill.json" "$OUT/bench_mixed.json" \
-  --sanitizer "$OUT/sanitizer.json" \
+  "$OUT/bench_host_tier.json" --sanitizer "$OUT/sanitizer.json" \
   --tests-log "$OUT"/tests_kernels_*_gpu.log "$OUT/tests_gpu.log" > "$OUT/table.txt" 2>&1
 if [[ -f "$OUT/gpu_validate.log" ]]; then
   echo "---- gpu_validate.py (last 40 lines) ----"; tail -n 40 "$OUT/gpu_validate.log"

@@ -86,11 +86,29 @@ def build_table(rows, sanitizer, tests) -> str:
             notes.update(r[k] for k in ("vllm_note", "sdpa_note") if r.get(k))
         out += [f"- {n}" for n in sorted(notes)]
     out += issue15_tables(rows)
+    out += _host_tier_table(rows)
     if sanitizer:
         out += ["", "compute-sanitizer memcheck: " + sanitizer.get("summary", "?")]
     if not rows:
         out.append("- no benchmark rows (benchmarks not run or failed early)")
     return "\n".join(out)
+
+
+def _host_tier_table(rows) -> list[str]:
+    """The host tier's copy path against the pinned copy ceiling (bench_host_tier.py), and its miss cost."""
+    tier = [r for r in rows if r.get("kind") == "host_tier"]
+    if not tier:
+        return []
+    out = ["", "| host tier | ms | GB/s | % pinned ceiling (target) | naive ms | speedup |", "|---|---|---|---|---|---|"]
+    for r in tier:
+        if "gbps" in r:
+            target = f" (>= {r['target_pct']:.0f})" if r.get("target_pct") else ""
+            out.append(f"| {r['name']} | {_f(r['ms'])} | {r['gbps']:.1f} | {r['pct_ceiling']:.1f}{target} | "
+                       f"{_f(r.get('baseline_ms'))} | {_f(r.get('speedup'), '{:.1f}x')} |")
+        else:
+            out.append(f"| {r['name']} | {_f(r['ms'], '{:.4f}')} | - | on/off {r['ratio']:.4f} (<= 1.02) | "
+                       f"{_f(r.get('baseline_ms'), '{:.4f}')} | host us {r['host_us_on']:.1f} / {r['host_us_off']:.1f} |")
+    return out
 
 
 def main(argv=None) -> int:

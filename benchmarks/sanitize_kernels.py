@@ -94,6 +94,7 @@ def run_kernels() -> None:
         caches = [k, v] + ([ks, vs] if scales == "token_head" else [])
         spare = perm[at:at + 2].to(dev)  # the two blocks no table holds: copy-on-write targets never alias a source
         copy_blocks(caches, table[3, :2], spare)
+        checks.append(("stage_blocks", kv_dtype, _stage_round_trip(caches, num_blocks, dev)))
     # the split + merge path: one long sequence, few programs
     from kvpool.kernels.decode import paged_decode_triton
     out = paged_decode_triton(q, k, v, table, seq_lens, 0.1, k_scale=ks, v_scale=vs, num_splits=5)
@@ -105,6 +106,25 @@ def run_kernels() -> None:
     print(f"sanitize_kernels: {len(checks)} result checks, {len(bad)} wrong {bad}")
     if bad:
         sys.exit(2)
+
+
+def _stage_round_trip(caches, num_blocks: int, dev: str) -> bool:
+    """The host tier's gather/scatter at the pool's edges, plus an id past the end (masked in the kernel)."""
+    import torch
+
+    from kvpool.kernels import reference, stage_blocks, unstage_blocks
+    from kvpool.kernels.block_stage import bytes_per_block
+    from kvpool.kernels.block_stage_kernel import launch_block_stage
+
+    staging = torch.zeros(3, bytes_per_block(caches), dtype=torch.uint8, device=dev)
+    expect = staging.clone()
+    ids = torch.tensor([num_blocks - 1, 0, 1], device=dev)
+    stage_blocks(caches, ids, staging)
+    reference.stage_blocks_reference(caches, ids, expect)
+    unstage_blocks(staging, caches, torch.tensor([2, 3, num_blocks - 2], device=dev))
+    before = staging.clone()
+    launch_block_stage(caches, torch.tensor([0, num_blocks, -1], device=dev), staging, to_staging=True)
+    return bool(torch.equal(before, expect) and torch.equal(staging[1:], before[1:]))
 
 
 def drive(out: Path, timeout: int) -> int:
