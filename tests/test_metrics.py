@@ -133,3 +133,23 @@ def test_host_tier_metrics_refuse_bad_counts(call):
     with pytest.raises(InvalidArgumentError):
         call(m)
     assert samples(m)["kvpool_host_offloaded_blocks_total"] == 0 and samples(m)["kvpool_host_reloaded_blocks_total"] == 0
+
+
+def test_host_tier_metrics_mirror_a_tiers_running_totals():
+    from types import SimpleNamespace
+
+    from kvpool.metrics import HostTierMetrics
+    totals = {"host_hit_blocks": 3, "offloaded_blocks": 10, "skipped_blocks": 2, "host_free_blocks": 50,
+              "host_cached_blocks": 12, "host_evictions": 1}
+    tier = SimpleNamespace(stats=lambda: dict(totals), num_host_blocks=64, copier=SimpleNamespace(bytes_per_block=100))
+    m = HostTierMetrics()
+    m.observe_tier(tier)
+    m.observe_tier(tier)  # the same totals again: counted once
+    totals.update(host_hit_blocks=5, offloaded_blocks=11)
+    m.observe_tier(tier)
+    s = samples(m)
+    assert (s["kvpool_host_hit_blocks_total"], s["kvpool_host_reloaded_blocks_total"]) == (5, 5)
+    assert (s["kvpool_host_reloaded_bytes_total"], s["kvpool_host_offloaded_bytes_total"]) == (500, 1100)
+    assert s["kvpool_host_offloaded_blocks_total"] == 11 and s["kvpool_host_offload_skipped_blocks_total"] == 2
+    assert (s["kvpool_host_blocks_total"], s["kvpool_host_free_blocks"], s["kvpool_host_cached_blocks"]) == (64, 50, 12)
+    assert s["kvpool_host_evictions_total"] == 1

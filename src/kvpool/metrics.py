@@ -124,8 +124,9 @@ class HostTierMetrics:
 
     Gauges (:meth:`observe_host_pool` / :meth:`observe_host_allocator`): ``kvpool_host_blocks_total``,
     ``kvpool_host_free_blocks``, ``kvpool_host_cached_blocks``; counter ``kvpool_host_evictions_total``
-    mirrors the host allocator's running total. ``BlockCopier(..., metrics=m)`` calls
-    :meth:`record_offload` / :meth:`record_reload` itself.
+    mirrors the host allocator's running total. Two ways to feed them: push (``BlockCopier(..., metrics=m)``
+    calls :meth:`record_offload` / :meth:`record_reload` as it enqueues, the tier calls
+    :meth:`record_host_hits`), or mirror a tier's running totals after each step with :meth:`observe_tier`.
 
     Example
     -------
@@ -153,7 +154,13 @@ class HostTierMetrics:
                                  namespace=ns, registry=r)
         self.cached_blocks = Gauge("host_cached_blocks", "Host blocks holding a prefix hash", namespace=ns,
                                    registry=r)
-        self._last_evictions = 0
+        self._last: dict[str, int] = {}
+
+    def _advance(self, counter: Counter, key: str, total) -> None:
+        """Move ``counter`` up to a running ``total`` kept elsewhere (the tier counts, we mirror)."""
+        if total is not None and total > self._last.get(key, 0):
+            counter.inc(total - self._last.get(key, 0))
+            self._last[key] = total
 
     def record_offload(self, blocks: int, nbytes: int) -> None:
         """``blocks`` blocks (``nbytes`` bytes) enqueued GPU -> host."""
@@ -185,14 +192,34 @@ class HostTierMetrics:
         self.total_blocks.set(num_blocks)
         self.free_blocks.set(num_free_blocks)
         self.cached_blocks.set(num_cached_blocks)
-        if evictions is not None and evictions > self._last_evictions:
-            self.host_evictions.inc(evictions - self._last_evictions)
-            self._last_evictions = evictions
+        self._advance(self.host_evictions, "evictions", evictions)
 
     def observe_host_allocator(self, allocator) -> None:
         """Set the gauges from the host tier's :class:`kvpool.allocator.BlockAllocator`."""
         self.observe_host_pool(allocator.num_blocks, allocator.num_free_blocks, allocator.num_cached_blocks,
                                evictions=allocator.stats().get("evictions"))
+
+    def observe_tier(self, tier) -> None:
+        """Mirror a ``kvpool.HostKVTier``'s running totals (``tier.stats()``) and its host pool's gauges.
+
+        Reads ``host_hit_blocks`` (each hit is one reloaded block), ``offloaded_blocks``, ``skipped_blocks``,
+        ``host_free_blocks``, ``host_cached_blocks``, ``host_evictions``; bytes are blocks x the tier's
+        ``bytes_per_block``. Use this OR ``BlockCopier(..., metrics=self)`` for the copy counters, not both.
+        """
+        s = tier.stats()
+        per_block = getattr(getattr(tier, "copier", None), "bytes_per_block", None)  # None: a stand-in copier
+        hits, offloaded = s.get("host_hit_blocks"), s.get("offloaded_blocks")
+        self._advance(self.host_hits, "host_hit_blocks", hits)
+        self._advance(self.reloaded_blocks, "reloaded_blocks", hits)
+        self._advance(self.offloaded_blocks, "offloaded_blocks", offloaded)
+        if per_block is not None:
+            self._advance(self.reloaded_bytes, "reloaded_bytes", None if hits is None else hits * per_block)
+            self._advance(self.offloaded_bytes, "offloaded_bytes",
+                          None if offloaded is None else offloaded * per_block)
+        self._advance(self.offload_skipped, "skipped_blocks", s.get("skipped_blocks"))
+        if "host_free_blocks" in s:
+            self.observe_host_pool(tier.num_host_blocks, s["host_free_blocks"], s.get("host_cached_blocks", 0),
+                                   evictions=s.get("host_evictions"))
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format."""
