@@ -9,7 +9,7 @@
 #   3. benchmarks: copy ceiling, gather_kv / write_kv / copy_blocks, paged_decode sweep (pytest-benchmark)
 #   3b. issue 15: paged_prefill (8 x (4096+1024), 1 x 16K) and the mixed batch vs vLLM's unified attention and
 #       SDPA-flash; the eager decode table is bench_decode's batch 1-8 rows, judged in the report
-#   3c. issue 14: host tier offload/reload of 64 Llama-8B blocks vs the pinned copy ceiling, no cost on a miss
+#   3d. issue 14: host tier offload/reload of 64 Llama-8B blocks vs the pinned copy ceiling, no cost on a miss
 #   4. compute-sanitizer --tool memcheck on a small case of every kernel
 #   5. benchmarks/gpu_validate.py: plan and start-up sizing vs the live GPU (KVPOOL_SKIP_VALIDATE=1 skips it)
 #   6. benchmarks/gpu_report.py: JSON + Markdown table, printed last
@@ -110,7 +110,7 @@ stage bench_prefill 60 110 "$PY" -m pytest benchmarks/bench_prefill.py -q -rs -p
   --benchmark-json="$OUT/bench_prefill.json" -s
 stage bench_mixed 45 65 "$PY" -m pytest benchmarks/bench_mixed.py -q -rs -p no:cacheprovider \
   --benchmark-json="$OUT/bench_mixed.json" -s
-# 3c. host tier (issue 14): BlockCopier offload/reload of 64 blocks vs one pinned copy_ (target >= 80%), the naive
+# 3d. host tier (issue 14): BlockCopier offload/reload of 64 blocks vs one pinned copy_ (target >= 80%), the naive
 # block x layer copies, and a decode step's graph time with the tier on (nothing to reload) vs off (<= 2%)
 stage bench_host_tier 40 62 "$PY" -m pytest benchmarks/bench_host_tier.py -q -p no:cacheprovider \
   --benchmark-json="$OUT/bench_host_tier.json" -s
