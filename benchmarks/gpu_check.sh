@@ -110,14 +110,14 @@ stage bench_prefill 60 110 "$PY" -m pytest benchmarks/bench_prefill.py -q -rs -p
   --benchmark-json="$OUT/bench_prefill.json" -s
 stage bench_mixed 45 65 "$PY" -m pytest benchmarks/bench_mixed.py -q -rs -p no:cacheprovider \
   --benchmark-json="$OUT/bench_mixed.json" -s
+# 3c. issue 16: the VMM layer's grow by 1 GiB (target <= 10 ms) and the wake of a 40 GiB pool (<= 200 ms),
+#     2 and 32 MiB chunks, memory given back on sleep (cudaMemGetInfo); figures printed in its log
+stage bench_vmm 40 60 "$PY" -m pytest benchmarks/bench_vmm.py -q -rs -p no:cacheprovider -s
+
 # 3d. host tier (issue 14): BlockCopier offload/reload of 64 blocks vs one pinned copy_ (target >= 80%), the naive
 # block x layer copies, and a decode step's graph time with the tier on (nothing to reload) vs off (<= 2%)
 stage bench_host_tier 40 62 "$PY" -m pytest benchmarks/bench_host_tier.py -q -p no:cacheprovider \
   --benchmark-json="$OUT/bench_host_tier.json" -s
-
-# 3c. issue 16: the VMM layer's grow by 1 GiB (target <= 10 ms) and the wake of a 40 GiB pool (<= 200 ms),
-#     2 and 32 MiB chunks, memory given back on sleep (cudaMemGetInfo); figures printed in its log
-stage bench_vmm 40 60 "$PY" -m pytest benchmarks/bench_vmm.py -q -rs -p no:cacheprovider -s
 
 # 4. memcheck on a small case of every kernel
 # (the driver gets the stage's limit minus 3 s, so it writes its JSON even when memcheck runs long)
