@@ -50,7 +50,8 @@ _summary: dict = {}
 
 def _emit(row: dict, benchmark=None) -> None:
     """Store a result row (pytest-benchmark's extra_info, the JSON-lines file) and print it."""
-    row = {"kind": "host_tier", "device": torch.cuda.get_device_name() if HAS_CUDA else "cpu (smoke)", **row}
+    row = {"test": row["name"], "kind": "host_tier",  # "test": the report's key, one row per case
+           "device": torch.cuda.get_device_name() if HAS_CUDA else "cpu (smoke)", **row}
     if benchmark is not None:
         benchmark.extra_info.update(row)
     ROWS.parent.mkdir(parents=True, exist_ok=True)
