@@ -425,6 +425,7 @@ void bind_host_tier(py::module_& m) {
       .def_property_readonly("pending_reloads", &HostTier::pending_reloads)
       .def_property_readonly("pending_offloads", &HostTier::pending_offloads)
       .def("complete", &HostTier::complete, py::arg("batch"), py::arg("reloads"))
+      .def("launched", &HostTier::launched, py::arg("batch"))
       .def("readable",
            [](const HostTier& t, int32_t b) {
              if (b < 0 || b >= t.host()->num_blocks()) {

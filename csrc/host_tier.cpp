@@ -152,8 +152,17 @@ int64_t HostTier::pop(int32_t* reload_host, int32_t* reload_gpu, int32_t* offloa
   batch.reloads_done = batch.reloads.empty();
   batch.offloads_done = batch.offloads.empty();
   const int64_t id = next_batch_++;
+  if (!batch.reloads.empty()) unlaunched_.insert(id);
   batches_.emplace(id, std::move(batch));
   return id;
+}
+
+void HostTier::launched(int64_t batch) {
+  if (batch < 1 || batch >= next_batch_) {
+    throw InvalidArgument("launched(): transfer batch " + to_string(batch) + " was never returned by "
+                          "pop_transfers(); pass the batch of the Transfers whose copies you enqueued");
+  }
+  unlaunched_.erase(batch);
 }
 
 void HostTier::complete(int64_t id, bool reloads) {
@@ -181,6 +190,7 @@ void HostTier::complete(int64_t id, bool reloads) {
   host_->free(host.data(), static_cast<int64_t>(host.size()));
   (reloads ? stats_.completed_reloads : stats_.completed_offloads) += static_cast<int64_t>(gpu.size());
   done = true;
+  if (reloads) unlaunched_.erase(id);  // done: certainly enqueued
   if (batch.reloads_done && batch.offloads_done) batches_.erase(it);
 }
 

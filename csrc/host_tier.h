@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <functional>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -75,6 +76,13 @@ class HostTier {
   // Moves the queued transfers into a new in-flight batch (returns its id, >= 1; 0 when nothing was
   // queued): reload_host/reload_gpu [pending_reloads()], offload_gpu/offload_host [pending_offloads()].
   int64_t pop(int32_t* reload_host, int32_t* reload_gpu, int32_t* offload_gpu, int32_t* offload_host);
+  // The id the transfers queued now will get from pop().
+  int64_t next_batch() const { return next_batch_; }
+  // The reloads of popped batch `batch` are enqueued on the compute stream (HostKVTier.run): a forward
+  // enqueued from now on reads them. Refused (InvalidArgument) for a batch never popped.
+  void launched(int64_t batch);
+  // True when the reloads queued into batch `batch` are popped and enqueued (or completed).
+  bool reloads_launched(int64_t batch) const { return batch < next_batch_ && unlaunched_.count(batch) == 0; }
   // The copies of one kind (reloads or offloads) of batch `batch` are done: release their holds and make
   // the offloaded host blocks readable. Refused (InvalidArgument, nothing changed) for an unknown batch
   // or a kind completed already.
@@ -105,6 +113,7 @@ class HostTier {
   std::vector<std::pair<int32_t, int32_t>> reloads_;   // queued (host, gpu)
   std::vector<std::pair<int32_t, int32_t>> offloads_;  // queued (gpu, host)
   std::unordered_map<int64_t, Batch> batches_;
+  std::unordered_set<int64_t> unlaunched_;             // popped batches whose reloads are not enqueued yet
   int64_t next_batch_ = 1;
   HostTierStats stats_;
   // scratch

@@ -132,7 +132,8 @@ class SeqTable {
   // reloads), offered blocks are offloaded. One full-attention group only; attach before any add().
   void attach_host_tier(HostTier* tier);
   HostTier* host_tier() const { return host_; }
-  // HostTier::pop() of the queued transfers; the sequences waiting for a reload may then be batched.
+  // HostTier::pop() of the queued transfers; the sequences waiting for them may be batched once the
+  // tier enqueued their copies (HostTier::launched).
   int64_t pop_transfers(int32_t* reload_host, int32_t* reload_gpu, int32_t* offload_gpu, int32_t* offload_host);
 
  private:
@@ -157,7 +158,8 @@ class SeqTable {
     std::vector<uint64_t> anchors;   // reference group's chain value after each cached block (anchored groups)
     std::vector<uint64_t> chains;    // [G - 1]: the chain values of groups 1.. (chained groups)
     HostCursor host;                 // its place in the host tier's chain (host tier only)
-    bool awaiting_reload = false;    // reloads of its prefix are queued, not yet popped: no batch reads it
+    int64_t reload_batch = 0;        // the host tier's batch of its reloads (0: none): no batch reads it
+                                     // before they are popped and enqueued (HostTier::reloads_launched)
   };
   struct Grow {                      // one sequence's share of an append, planned before any change
     Seq* seq;
@@ -248,7 +250,6 @@ class SeqTable {
   std::vector<std::pair<int32_t, int32_t>> copies_;
   std::unordered_map<int32_t, int32_t> queued_;  // block -> references the copy queue holds
   HostTier* host_ = nullptr;         // the host tier, if any (not owned)
-  std::vector<int64_t> awaiting_reload_;  // ids of the sequences whose reloads are queued
 
   // decode-step buffers, allocated once: their addresses never change
   std::vector<int32_t> step_table_;

@@ -27,9 +27,10 @@ BatchShape SeqTable::plan_batch(const int64_t* ids, int64_t b, const int64_t* ne
   for (int64_t i = 0; i < b; ++i) {
     const Seq& s = *seqs[static_cast<size_t>(i)];
     const int64_t uncomputed = s.num_tokens - s.num_computed;
-    if (s.awaiting_reload) {
+    if (s.reload_batch != 0 && !host_->reloads_launched(s.reload_batch)) {
       throw InvalidArgument(std::string(fn) + ": seq_id " + id_text(s.id) + " has blocks being reloaded from the "
-                            "host tier; call pop_transfers() and run them (HostKVTier.run) before the batch reads them");
+                            "host tier and not yet enqueued; run tier.run(tables.pop_transfers()) before the batch "
+                            "reads them");
     }
     if (decode && uncomputed != 1) {
       throw InvalidArgument(std::string(fn) + ": seq_id " + id_text(s.id) + " has " + to_string(uncomputed) +

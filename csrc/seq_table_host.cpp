@@ -36,10 +36,7 @@ int64_t SeqTable::continue_on_host(Seq& s, const int32_t* tokens, int64_t matcha
   const int64_t before = host_->pending_reloads();
   const int64_t hits = host_->continue_hit(allocator_hashes(s, 0, matchable), matchable, tokens, s.context, gpu_hits,
                                            s.blocks.data(), &s.host);
-  if (host_->pending_reloads() > before) {
-    s.awaiting_reload = true;
-    awaiting_reload_.push_back(s.id);
-  }
+  if (host_->pending_reloads() > before) s.reload_batch = host_->next_batch();
   return hits;
 }
 
@@ -50,11 +47,6 @@ void SeqTable::offload_to_host(Seq& s, int64_t full) {
 
 int64_t SeqTable::pop_transfers(int32_t* reload_host, int32_t* reload_gpu, int32_t* offload_gpu,
                                 int32_t* offload_host) {
-  for (int64_t id : awaiting_reload_) {
-    auto it = index_.find(id);
-    if (it != index_.end()) it->second.awaiting_reload = false;
-  }
-  awaiting_reload_.clear();
   return host_->pop(reload_host, reload_gpu, offload_gpu, offload_host);
 }
 

@@ -93,6 +93,22 @@ def test_a_hit_stops_before_a_host_block_whose_offload_is_in_flight():
     s.forward(["a2"])  # reads blocks 0..2 reloaded: A's KV; never the unwritten host blocks 3..5
 
 
+def test_a_sequence_is_batched_only_once_its_reloads_are_enqueued():
+    s = TierServer(num_blocks=8, num_host_blocks=32, copier=InstantCopier)
+    s.serve("a", A)
+    s.run_transfers()
+    s.serve("b", B)
+    s.run_transfers()
+    assert s.add("a2", A) == 12
+    with pytest.raises(InvalidArgumentError, match="reloaded from the host"):
+        s.tables.batch(["a2"])  # queued
+    transfers = s.tables.pop_transfers()
+    with pytest.raises(InvalidArgumentError, match="reloaded from the host"):
+        s.tables.batch(["a2"])  # popped, but no copy enqueued yet: its blocks still hold garbage
+    s.tier.run(transfers)
+    s.tables.batch(["a2"])  # the reloads run before anything enqueued after them
+
+
 def test_a_reload_holds_both_blocks_until_it_completes_even_when_the_sequence_is_preempted():
     s = TierServer(num_blocks=8, num_host_blocks=32, copier=DeferredCopier)
     s.serve("a", A)

@@ -41,6 +41,7 @@ class TieredTablesVsTwin(TablesVsTwin):
         self.next_id = 0
         self.batches = []
         self.in_flight = []  # (batch, reloads?) not completed yet
+        self.unlaunched = []  # popped batches whose reloads are not enqueued yet (their sequences cannot be batched)
 
     @rule(data=st.data(), salt=SALTS, shared=st.integers(0, 5))
     def add_shared(self, data, salt, shared):
@@ -60,8 +61,18 @@ class TieredTablesVsTwin(TablesVsTwin):
         assert got == tuple(plain(x) for x in twin), (got, twin)
         if len(fast.reload_host):
             self.in_flight.append((fast.batch, True))
+            self.unlaunched.append(fast.batch)
         if len(fast.offload_gpu):
             self.in_flight.append((fast.batch, False))
+
+    @precondition(lambda self: self.unlaunched)
+    @rule(data=st.data())
+    def launch(self, data):
+        """The server enqueues a popped batch's reloads (HostKVTier.run): its sequences may be batched."""
+        batch = data.draw(st.sampled_from(self.unlaunched))
+        self.fast.host_tier._core.launched(batch)
+        self.twin.tier.launched(batch)
+        self.unlaunched.remove(batch)
 
     @precondition(lambda self: self.in_flight)
     @rule(data=st.data())
@@ -71,6 +82,8 @@ class TieredTablesVsTwin(TablesVsTwin):
         self.fast.host_tier._core.complete(batch, reloads)
         self.twin.tier.complete(batch, reloads)
         self.in_flight.remove((batch, reloads))
+        if reloads and batch in self.unlaunched:
+            self.unlaunched.remove(batch)
         for side in (self.fast.host_tier._core, self.twin.tier):
             try:
                 side.complete(batch, reloads)
@@ -103,6 +116,7 @@ class TieredTablesVsTwin(TablesVsTwin):
             self.fast.host_tier._core.complete(batch, reloads)
             self.twin.tier.complete(batch, reloads)
         self.in_flight.clear()
+        self.unlaunched.clear()
 
     @invariant()
     def tiers_agree(self):

@@ -55,6 +55,7 @@ class ReferenceHostTier:
         self.offloads: list = []  # queued (gpu, host)
         self.batches: dict = {}  # id -> {"reloads": [...], "offloads": [...], "done": {True: bool, False: bool}}
         self.next_batch = 1
+        self.unlaunched: set = set()  # popped batches whose reloads are not enqueued yet
         self.counts = dict(host_queries=0, host_hit_blocks=0, offloaded_blocks=0, skipped_blocks=0,
                            dropped_blocks=0, completed_reloads=0, completed_offloads=0)
 
@@ -146,8 +147,18 @@ class ReferenceHostTier:
             self.next_batch += 1
             self.batches[batch] = {"reloads": reloads, "offloads": offloads,
                                    "done": {True: not reloads, False: not offloads}}
+            if reloads:
+                self.unlaunched.add(batch)
         return (batch, _i32(h for h, _ in reloads), _i32(g for _, g in reloads), _i32(g for g, _ in offloads),
                 _i32(h for _, h in offloads))
+
+    def launched(self, batch) -> None:
+        if not 1 <= batch < self.next_batch:
+            raise InvalidArgumentError(f"launched(): transfer batch {batch} was never popped")
+        self.unlaunched.discard(batch)
+
+    def reloads_launched(self, batch) -> bool:
+        return batch < self.next_batch and batch not in self.unlaunched
 
     def complete(self, batch, reloads: bool) -> None:
         entry = self.batches.get(batch)
@@ -161,6 +172,8 @@ class ReferenceHostTier:
         self.host.free(_i32(h for h, _ in pairs))
         self.counts["completed_reloads" if reloads else "completed_offloads"] += len(pairs)
         entry["done"][reloads] = True
+        if reloads:
+            self.unlaunched.discard(batch)
         if all(entry["done"].values()):
             del self.batches[batch]
 
@@ -183,7 +196,7 @@ class ReferenceTieredTables(ReferenceBlockTables):
             raise InvalidArgumentError("host tier: one full-attention group with prefix caching only")
         self.tier = ReferenceHostTier(allocator, host_allocator)
         self._cursors: dict = {}
-        self._awaiting: set = set()
+        self._reload_batch: dict = {}  # sequence -> the tier batch of its reloads
 
     def add(self, seq_id, prompt_tokens, extra=None) -> int:
         hit = super().add(seq_id, prompt_tokens, extra)
@@ -198,7 +211,7 @@ class ReferenceTieredTables(ReferenceBlockTables):
         hits, self._cursors[sid] = self.tier.continue_hit(self._allocator_hashes(seq.hashes[:matchable], 0),
                                                          seq.tokens, seq.context, hit // bs, seq.blocks)
         if len(self.tier.reloads) > before:
-            self._awaiting.add(sid)
+            self._reload_batch[sid] = self.tier.next_batch
         seq.num_computed = hits * bs
         return hits * bs
 
@@ -221,7 +234,7 @@ class ReferenceTieredTables(ReferenceBlockTables):
         given, ids, seqs = super()._lookup_batch(seq_ids, what)
         if what == "batch":
             for sid in ids:
-                if sid in self._awaiting:
+                if sid in self._reload_batch and not self.tier.reloads_launched(self._reload_batch[sid]):
                     raise InvalidArgumentError(f"batch(): seq_id {sid!r} has blocks being reloaded from the host "
                                                "tier; pop_transfers() and run them first")
         return given, ids, seqs
@@ -229,13 +242,14 @@ class ReferenceTieredTables(ReferenceBlockTables):
     def fork(self, parent, child) -> None:
         super().fork(parent, child)
         self._cursors[norm_id(child)] = self._cursors[norm_id(parent)].copy()
+        if norm_id(parent) in self._reload_batch:
+            self._reload_batch[norm_id(child)] = self._reload_batch[norm_id(parent)]
 
     def free(self, seq_id) -> None:
         super().free(seq_id)
         sid = norm_id(seq_id)
         del self._cursors[sid]
-        self._awaiting.discard(sid)
+        self._reload_batch.pop(sid, None)
 
     def pop_transfers(self) -> tuple:
-        self._awaiting.clear()
         return self.tier.pop()

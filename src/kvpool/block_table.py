@@ -231,7 +231,7 @@ class BlockTables:
             hold exactly these tokens after exactly this prefix, under the same salt, whatever the
             hashes say (a collision is a counted miss, ``allocator.stats()["hash_collisions"]``). With a host
             tier the hit goes on over the host's blocks (reloads queued for `pop_transfers`; the sequence
-            cannot be batched before they are popped), after completing the copies that are done.
+            cannot be batched before ``tier.run`` enqueued them), after completing the copies that are done.
 
         Raises
         ------

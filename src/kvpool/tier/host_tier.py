@@ -10,7 +10,8 @@ The protocol (docs/host_tier.md, with a diagram of one block's life):
    (same tokens after the very same prefix, same salt, whatever the hashes say). Host hits get fresh GPU
    blocks and a queued host-to-GPU copy, and count as computed tokens in ``add()``'s result. The host block
    and the GPU block stay held until the copy completes. A sequence waiting for its reloads cannot be put in
-   a batch until they are popped.
+   a batch until ``run`` enqueued them (popping alone is not enough: a copier error leaves them unlaunched, and
+   the sequence is refused by ``batch()`` rather than read before its KV is there; free it to recompute).
 3. **The server's one call per step**, before the forward::
 
        tier.run(tables.pop_transfers())
@@ -135,6 +136,7 @@ class HostKVTier:
         if len(transfers.reload_host):
             self._in_flight.append((transfers.batch, True,
                                     self.copier.reload(transfers.reload_host, transfers.reload_gpu)))
+            self._core.launched(transfers.batch)  # now (not at pop) the waiting sequences may be batched
         if len(transfers.offload_gpu):
             self._in_flight.append((transfers.batch, False,
                                     self.copier.offload(transfers.offload_gpu, transfers.offload_host)))
