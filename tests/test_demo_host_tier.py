@@ -37,6 +37,7 @@ def test_the_host_tier_removes_recompute_and_keeps_tokens_exact(config, hf):
     assert on.num_free_blocks == on.num_blocks  # every copy's hold was released at the end
     assert tier["in_flight_offloads"] == tier["in_flight_reloads"] == 0
     assert "hit on the host and reloaded" in format_summary(on, opts)
+    assert f"kvpool_host_hit_blocks_total {float(tier['host_hit_blocks'])}" in on.metrics_text  # rank 0's /metrics
 
 
 def test_the_host_tier_refuses_a_hybrid_model_and_a_pool_without_prefix_caching(config):

@@ -152,6 +152,11 @@ class Engine:
                                   group_windows=table_windows, host_tier=self.tier)
         self.group_usage = group_usages(groups, self.block_size)
         self.metrics = metrics
+        self.host_metrics = None
+        if metrics is not None and self.tier is not None:
+            from ..metrics import HostTierMetrics
+
+            self.host_metrics = HostTierMetrics(metrics.registry)
         self.scheduler = Scheduler(self.tables, self.model.vocab_size,
                                    int(model_config["max_position_embeddings"]), max_batch_tokens, max_running,
                                    metrics)
@@ -280,6 +285,8 @@ class Engine:
         self.peak_used_blocks = max(self.peak_used_blocks, used)
         if self.metrics is not None:
             self.metrics.observe_allocator(self.allocator)
+            if self.tier is not None:  # kvpool_host_* beside the pool's metrics, on the same /metrics page
+                self.host_metrics.observe_tier(self.tier)
 
     def _check_ranks_agree(self, batch) -> None:
         """All-gather a digest of this step's block table + slot mapping; raise if any rank differs."""
