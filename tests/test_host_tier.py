@@ -260,6 +260,22 @@ def test_the_tier_refuses_what_it_cannot_serve():
     assert len(tables.pop_transfers()) == 0
 
 
+def test_a_batch_is_run_once_in_the_order_popped():
+    s = TierServer(num_blocks=10, num_host_blocks=32, copier=InstantCopier)
+    s.serve("a", A)
+    first = s.tables.pop_transfers()
+    s.serve("b", B[:5])
+    second = s.tables.pop_transfers()
+    s.tier.run(first)
+    with pytest.raises(InvalidArgumentError, match="run already"):
+        s.tier.run(first)  # twice would complete its copies twice
+    s.tier.run(second)
+    with pytest.raises(InvalidArgumentError, match="in the order it was popped"):
+        s.tier.run(first)
+    s.tier.synchronize()
+    assert int(sum(s.refcounts())) == 0 and s.tier.stats()["completed_offloads"] == 8
+
+
 def test_without_a_tier_the_tables_behave_as_before():
     plain = BlockTables(BlockAllocator(8, 2, hash_key=KEY), 2)
     tiered = TierServer(num_blocks=8, num_host_blocks=4, copier=InstantCopier).tables

@@ -107,6 +107,7 @@ class HostKVTier:
         self.allocator: BlockAllocator | None = None
         self._core = None
         self._in_flight: list = []  # (batch, reloads?, ticket), oldest first
+        self._last_batch = 0  # the last batch run: batches run once each, in the order popped
 
     def _bind(self, gpu_allocator):
         """The C++ bookkeeping for `gpu_allocator`'s table (called by `BlockTables`); once per tier."""
@@ -132,6 +133,11 @@ class HostKVTier:
             if self._in_flight:
                 self.poll()
             return
+        if transfers.batch <= self._last_batch:
+            raise InvalidArgumentError(
+                f"run(): transfer batch {transfers.batch} was run already (or a later one was: {self._last_batch}); "
+                "run each pop_transfers() result once, in the order it was popped")
+        self._last_batch = transfers.batch
         self.poll()
         if len(transfers.reload_host):
             self._in_flight.append((transfers.batch, True,
