@@ -68,9 +68,13 @@ def run_group(world: int, tmp_path, scenarios: Scenarios) -> list[dict]:
 
     Fails (never blocks) when a rank is still running after ``JOIN_TIMEOUT_S``, wrote nothing, or crashed.
     """
+    return _spawn_and_collect(world, tmp_path, _worker, scenarios)
+
+
+def _spawn_and_collect(world: int, tmp_path, target, payload) -> list[dict]:
     ctx = mp.get_context("spawn")
     init_file = str(tmp_path / "init")
-    procs = [ctx.Process(target=_worker, args=(r, world, init_file, str(tmp_path), scenarios)) for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, world, init_file, str(tmp_path), payload)) for r in range(world)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + JOIN_TIMEOUT_S
@@ -89,3 +93,25 @@ def run_group(world: int, tmp_path, scenarios: Scenarios) -> list[dict]:
         assert "crash" not in res, f"rank {r} crashed:\n{res['crash']}"
         out.append(res)
     return out
+
+
+def _body_worker(rank: int, world: int, init_file: str, out_dir: str, body: Callable[[int, int], dict]) -> None:
+    import torch.distributed as dist
+
+    results: dict = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        results = body(rank, world)
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - reported to the parent through the file
+        results["crash"] = traceback.format_exc()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+def run_ranks(world: int, tmp_path, body: Callable[[int, int], dict]) -> list[dict]:
+    """Spawn ``world`` gloo ranks each running ``body(rank, world)`` (a module-level function returning a
+    JSON-able dict) and return each rank's dict; fails (never blocks) as `run_group` does."""
+    return _spawn_and_collect(world, tmp_path, _body_worker, body)

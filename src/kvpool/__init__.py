@@ -38,6 +38,7 @@ _LAZY = {
     # pages, tables and kernels (torch)
     "PagedKVCache": "kvpool.cache",
     "BlockTables": "kvpool.block_table",
+    "ElasticKVPool": "kvpool.elastic",
     "write_kv": "kvpool.kernels",
     "gather_kv": "kvpool.kernels",
     "copy_blocks": "kvpool.kernels",

@@ -211,8 +211,7 @@ def _carve_scales(carver: _Carver, shard: _Shard, nbytes: _Bytes,
     lay, heads = shard.shard_layout, shard.shard_layout.kv_heads
     n_scaled = 2 if lay.v_head_dim else 1  # MLA scales its latent only
     per_slot = []
-    if nbytes.scales:
-        carver.buffer.narrow(0, nbytes.pages, nbytes.total - nbytes.pages).view(_SCALE_DTYPE).fill_(1.0)
+    if nbytes.scales:  # left unset here: the caller fills them with 1.0 once their memory is there
         shape = (shard.num_blocks, shard.block_size, heads)
         per_slot = [[carver.take(nbytes.scales, _SCALE_DTYPE, shape) for _ in range(n_scaled)]
                     for _ in range(lay.slots)]
@@ -263,7 +262,15 @@ class PagedKVCache:
     def __init__(self, shard: _Shard, nbytes: _Bytes):
         """Allocate the one buffer and carve every view of it (build a cache with `for_shard`)."""
         self._buffer = torch.zeros(nbytes.total, dtype=torch.uint8, device=shard.device)
-        carver = _Carver(self._buffer)
+        self._carve(_Carver(self._buffer), shard, nbytes)
+        for scales in self._scale_tensors:
+            scales.fill_(1.0)
+
+    def _carve(self, carver, shard: _Shard, nbytes: _Bytes) -> None:
+        """Take every view from ``carver`` (``take(nbytes, dtype, shape)``) and set the attributes.
+
+        The elastic cache (`kvpool.elastic`) passes a carver that puts each tensor in its own region.
+        """
         self.kv_groups = shard.kv_groups
         layer_slots = _layer_slots(self.kv_groups)
         k_slots, v_slots = _carve_pages(carver, shard, nbytes)
@@ -271,6 +278,7 @@ class PagedKVCache:
         assert carver.offset == nbytes.total, (carver.offset, nbytes)  # the views tile the buffer exactly
         self.k_caches = [k_slots[s] for s in layer_slots]
         self.v_caches = [v_slots[s] for s in layer_slots]
+        self._scale_tensors = scale_slots  # per-token fp8 scales in the pool: 1.0 until written
         self._block_tensors = [t for t in k_slots + v_slots if t is not None] + scale_slots
         self._group_of = {layer: g for g, group in enumerate(self.kv_groups.groups) for layer in group.layers}
         self.shard_layout = shard.shard_layout  # the planner's KVShardLayout of the heads this rank holds
