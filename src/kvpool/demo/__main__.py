@@ -10,6 +10,7 @@ python -m kvpool.demo --check-hf           # compare every request with transfor
 python -m kvpool.demo --metrics-port 9400  # Prometheus metrics on 127.0.0.1:9400/metrics during the run
 python -m kvpool.demo --model hybrid       # a Qwen2 with sliding-window layers: blocks held per KV-cache group
 python -m kvpool.demo --host-kv-mib 2      # a host tier: prefixes evicted from the GPU pool come back from host memory
+python -m kvpool.demo --elastic            # the pool starts small, grows under load and shrinks when idle
 """
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="after the run, compare every request's tokens with transformers (LlamaForCausalLM, "
                         "Qwen2ForCausalLM)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank")
+    p.add_argument("--elastic", action="store_true",
+                   help="an elastic pool (kvpool.ElasticKVPool): reserved for the whole pool, a quarter of it mapped "
+                        "at the start; grows under load and shrinks when idle, held blocks moved down")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p.parse_args(argv)
 
@@ -86,6 +90,8 @@ def format_summary(report, opts: DemoOptions) -> str:
                      f"offloaded, {t['skipped_blocks']} already there, {t['host_evictions']} evicted")
     if len(s.group_usage) > 1:  # a hybrid model: what window freeing saved, group by group
         lines += [f"  KV group {g}    {usage.describe()}" for g, usage in enumerate(s.group_usage)]
+    if getattr(s, "elastic", None) is not None:
+        lines.append(f"  elastic pool  {s.elastic.describe()}")
     if opts.tenants > 0:
         hits = [sum(r.num_cached_prompt_tokens for rid, r in s.results.items() if rid % opts.tenants == t)
                 for t in range(opts.tenants)]
@@ -119,7 +125,8 @@ def main(argv=None) -> int:
                        prefix_caching=not args.no_prefix_caching, device=args.device,
                        metrics_port=args.metrics_port, progress=not args.no_progress,
                        bad_requests=args.bad_requests, mean_gap=args.mean_gap, threads=args.threads,
-                       tenants=args.tenants, backend=args.backend, host_kv_mib=args.host_kv_mib)
+                       tenants=args.tenants, backend=args.backend, host_kv_mib=args.host_kv_mib,
+                       elastic=args.elastic)
     if args.threads < 1:
         raise SystemExit(f"--threads {args.threads}: need at least 1")
     if args.host_kv_mib < 0:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import ConfigError, RankMismatchError
+from ..errors import ConfigError, InvalidArgumentError, RankMismatchError
 from .group_usage import GroupUsage, group_usages, observe_tables
 from .model import TinyLlama
 from .requests import Request, RequestResult
@@ -60,6 +60,7 @@ class RunSummary:
     block_digests: list[int] = field(default_factory=list)
     group_usage: list[GroupUsage] = field(default_factory=list)  # one per KV-cache group
     host_tier: dict | None = None  # HostKVTier.stats() plus "blocks", when the host tier is on
+    elastic: object = None  # --elastic: the pool's ElasticStats (kvpool.demo.elastic)
 
     @property
     def finished(self) -> int:
@@ -101,12 +102,16 @@ class Engine:
     window_freeing : bool
         False: the tables give every KV-cache group full attention's block lists (nothing is freed
         when it leaves a window; the layers still attend to their windows only), to compare with.
+    elastic : bool
+        An :class:`~kvpool.ElasticKVPool` of up to the agreed block count, starting at a quarter of it,
+        grown under load and shrunk when idle (:mod:`kvpool.demo.elastic`).
     """
 
     def __init__(self, model_config: dict, weights: dict, *, pool_bytes: int, block_size: int = 16,
                  tp_rank: int = 0, tp_size: int = 1, group=None, device="cpu", max_batch_tokens: int = 256,
                  max_running: int = 16, enable_prefix_caching: bool = True, metrics=None,
-                 window_freeing: bool = True, host_kv_bytes: int = 0):
+                 window_freeing: bool = True, host_kv_bytes: int = 0,
+                 elastic: bool = False):
         from ..allocator import BlockAllocator
         from ..block_table import BlockTables
         from ..cache import PagedKVCache
@@ -129,16 +134,26 @@ class Engine:
                                  kv_dtype="fp32", tp_rank=tp_rank, tp_size=tp_size, device=self.device,
                                  activation_bytes=0, max_batched_tokens=max_batch_tokens, **memory)
         self.num_blocks, self.block_size = int(self.pool.num_blocks), int(self.pool.block_size)
-        self.cache = PagedKVCache.for_shard(spec, self.num_blocks, self.block_size, tp_rank, tp_size, self.device,
-                                            dtype=torch.float32, kv_dtype="fp32")
+        if elastic and host_kv_bytes:
+            raise InvalidArgumentError("--elastic with --host-kv-mib is not supported yet (a shrink cannot move a "
+                                       "block whose host copy is in flight); use one or the other")
+        if elastic:
+            from .elastic import elastic_pages
+
+            self.cache, self.allocator = elastic_pages(spec, self.num_blocks, self.block_size, tp_rank, tp_size,
+                                                       self.device, enable_prefix_caching=enable_prefix_caching,
+                                                       hash_key=self.pool.hash_key)
+        else:
+            self.cache = PagedKVCache.for_shard(spec, self.num_blocks, self.block_size, tp_rank, tp_size,
+                                                self.device, dtype=torch.float32, kv_dtype="fp32")
+            # One hash key on every rank (drawn on rank 0 by size_kv_pool): the ranks' prefix caches
+            # then make the same decisions and hand out the same block ids.
+            self.allocator = BlockAllocator(self.num_blocks, self.block_size,
+                                            enable_prefix_caching=enable_prefix_caching, hash_key=self.pool.hash_key)
         if list(self.cache.kv_head_ids) != self.model.kv_head_ids:
             raise RankMismatchError(
                 f"rank {tp_rank}: the KV cache holds heads {list(self.cache.kv_head_ids)} but the model shard "
                 f"computes heads {self.model.kv_head_ids}; both must split KV heads the same way")
-        # One hash key on every rank (drawn on rank 0 by size_kv_pool): the ranks' prefix caches
-        # then make the same decisions and hand out the same block ids.
-        self.allocator = BlockAllocator(self.num_blocks, self.block_size, enable_prefix_caching=enable_prefix_caching,
-                                        hash_key=self.pool.hash_key)
         groups = self.cache.kv_groups
         self.layer_group = [self.cache.group_of(i) for i in range(self.model.num_layers)]
         for i, g in enumerate(self.layer_group):
@@ -149,7 +164,8 @@ class Engine:
         table_windows = groups.windows if window_freeing else (None,) * len(groups.groups)
         self.tier = self._host_tier(host_kv_bytes, table_windows, enable_prefix_caching)
         self.tables = BlockTables(self.allocator, self.block_size, self.device, max_seqs=max_running,
-                                  group_windows=table_windows, host_tier=self.tier)
+                                  group_windows=table_windows, host_tier=self.tier,
+                                  max_blocks_per_seq=self.num_blocks)
         self.group_usage = group_usages(groups, self.block_size)
         self.metrics = metrics
         self.host_metrics = None
@@ -160,6 +176,14 @@ class Engine:
         self.scheduler = Scheduler(self.tables, self.model.vocab_size,
                                    int(model_config["max_position_embeddings"]), max_batch_tokens, max_running,
                                    metrics)
+        self.elastic = None
+        if elastic:
+            from ..elastic import ElasticKVPool
+            from .elastic import ElasticPolicy
+
+            self.scheduler.num_blocks = self.num_blocks  # a request may use the whole reserved pool
+            self.elastic = ElasticPolicy(ElasticKVPool(self.cache, self.allocator, self.tables, group=group),
+                                         self.scheduler)
         self.peak_used_blocks = 0
         self.mixed_steps = 0  # steps that ran prefills and decodes together
         self.max_batch_seqs = 0
@@ -187,6 +211,8 @@ class Engine:
         """Schedule and run one step; return the plan and the ids of the requests it finished."""
         if self.tier is not None:
             self.tier.poll()  # copies done since the last step give their blocks back before scheduling
+        if self.elastic is not None:  # grow under load, shrink when idle (collective, the same on every rank)
+            self.elastic.before_step()
         plan = self.scheduler.schedule(step)
         if self.tier is not None:  # host hits are copied back (and blocks offloaded) before the forward
             self.tier.run(self.tables.pop_transfers())
@@ -265,6 +291,8 @@ class Engine:
         if self.tier is not None:  # the last step's offloads: enqueue them and wait, so every block is free
             self.tier.run(self.tables.pop_transfers())
             self.tier.synchronize()
+        if self.elastic is not None:
+            self.elastic.finish()
         wall = time.perf_counter() - start
         if bar is not None:
             bar.close()
@@ -277,7 +305,8 @@ class Engine:
             prefix_hit_rate=s.prompt_tokens_cached / s.prompt_tokens_seen if s.prompt_tokens_seen else 0.0,
             preemptions=s.num_preemptions, mixed_steps=self.mixed_steps, max_batch_seqs=self.max_batch_seqs,
             block_digests=list(self.block_digests), group_usage=self.group_usage,
-            host_tier=None if self.tier is None else dict(self.tier.stats(), blocks=self.tier.num_host_blocks))
+            host_tier=None if self.tier is None else dict(self.tier.stats(), blocks=self.tier.num_host_blocks),
+            elastic=self.elastic.stats if self.elastic is not None else None)
 
     # ----------------------------------------------------------------- helpers
     def _observe_pool(self) -> None:

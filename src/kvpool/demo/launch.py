@@ -51,6 +51,7 @@ class DemoOptions:
     host_kv_mib: float = 0.0  # > 0: the host tier of the prefix cache, MiB of host memory per rank
     backend: str | None = None  # torch.distributed backend for --tp > 1; None: see process_group_backend
     threads: int = 1  # torch CPU threads per rank: the tiny model's matmuls only lose from more
+    elastic: bool = False  # an ElasticKVPool: starts at a quarter of the pool, grows under load, shrinks idle
     requests: list[Request] | None = None  # explicit requests instead of the seeded workload
     extra_requests: list[Request] = field(default_factory=list)  # appended to the seeded workload
 
@@ -105,7 +106,8 @@ def run_rank(tp_rank: int, opts: DemoOptions, group=None) -> RankReport:
                         tp_rank=tp_rank, tp_size=opts.tp, group=group, device=opts.device,
                         max_batch_tokens=opts.max_batch_tokens, max_running=opts.max_running,
                         enable_prefix_caching=opts.prefix_caching, metrics=metrics,
-                        window_freeing=opts.window_freeing, host_kv_bytes=int(opts.host_kv_mib * 2**20))
+                        window_freeing=opts.window_freeing, host_kv_bytes=int(opts.host_kv_mib * 2**20),
+                        elastic=opts.elastic)
         summary = engine.run(build_requests(opts, config["vocab_size"]), progress=opts.progress and tp_rank == 0)
         if opts.device.startswith("cuda"):
             torch.cuda.synchronize()
