@@ -12,9 +12,10 @@
 #   3d. issue 14: host tier offload/reload of 64 Llama-8B blocks vs the pinned copy ceiling, no cost on a miss
 #   4. compute-sanitizer --tool memcheck on a small case of every kernel
 #   5. benchmarks/gpu_validate.py: plan and start-up sizing vs the live GPU (KVPOOL_SKIP_VALIDATE=1 skips it)
-#   6. benchmarks/gpu_report.py: JSON + Markdown table, printed last
+#   6. the demo at --tp 2 on one GPU; 7. the elastic pool's benchmark and demo (issue 16)
+#   8. benchmarks/gpu_report.py: JSON + Markdown table, printed last
 # Results are written as they come (benchmark rows as JSON lines), so a stage that times out still
-# leaves its data. Budget: KVPOOL_GPU_BUDGET_S (default 400 s) for the whole script.
+# leaves its data. Budget: KVPOOL_GPU_BUDGET_S (default 475 s: 400 + 75 for the elastic stage) for the whole script.
 #
 # The vLLM peers are fetched beforehand where the registry is reachable (the GPU machine has no network, and
 # ../shared does not travel with the repository), from the repository root, then `.peers` is carried along:
@@ -28,7 +29,7 @@ export KVPOOL_BENCH_ROWS="$OUT/rows.jsonl"
 : > "$KVPOOL_BENCH_ROWS"
 rm -f "$OUT"/bench_*.json "$OUT/sanitizer.json" "$OUT"/tests_*.log  # no stale results from an earlier run
 START=$(date +%s)
-BUDGET="${KVPOOL_GPU_BUDGET_S:-400}"
+BUDGET="${KVPOOL_GPU_BUDGET_S:-475}"
 PY="${PYTHON:-python}"
 
 log() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*"; }
@@ -133,11 +134,18 @@ fi
 #    device), CUDA pages and Triton kernels on both, every request compared with transformers
 stage demo_tp2_one_gpu 40 40 "$PY" -m kvpool.demo --tp 2 --device cuda --backend gloo --check-hf --no-progress
 
-# 7. report: JSON + table, the table printed last
+# 7. the elastic pool (issue 16; its CUDA-backend tests ran in stage 2 with -m gpu, its memcheck case in stage 4):
+#    grow by 1 GiB, wake, decode/write on elastic vs static pages, mem_get_info after shrink/sleep, a graph
+#    captured before a grow; then the demo growing and shrinking its pool on CUDA
+stage bench_elastic 60 15 "$PY" -m pytest benchmarks/bench_elastic.py -q -p no:cacheprovider \
+  --benchmark-json="$OUT/bench_elastic.json" -s
+stage demo_elastic 15 0 "$PY" -m kvpool.demo --elastic --device cuda --check-hf --no-progress
+
+# 8. report: JSON + table, the table printed last
 log "report"
 "$PY" benchmarks/gpu_report.py --out-dir "$OUT" --rows "$KVPOOL_BENCH_ROWS" \
   --bench-json "$OUT/bench_memory.json" "$OUT/bench_decode.json" "$OUT/bench_prefill.json" "$OUT/bench_mixed.json" \
-  "$OUT/bench_host_tier.json" --sanitizer "$OUT/sanitizer.json" \
+  "$OUT/bench_host_tier.json" "$OUT/bench_elastic.json" --sanitizer "$OUT/sanitizer.json" \
   --tests-log "$OUT"/tests_kernels_*_gpu.log "$OUT/tests_gpu.log" > "$OUT/table.txt" 2>&1
 if [[ -f "$OUT/gpu_validate.log" ]]; then
   echo "---- gpu_validate.py (last 40 lines) ----"; tail -n 40 "$OUT/gpu_validate.log"

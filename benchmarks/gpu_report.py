@@ -87,6 +87,11 @@ def build_table(rows, sanitizer, tests) -> str:
         out += [f"- {n}" for n in sorted(notes)]
     out += issue15_tables(rows)
     out += _host_tier_table(rows)
+    elastic = [r for r in rows if r.get("kind") == "elastic"]  # issue 16: one line per figure
+    if elastic:
+        out += ["", "elastic pool (issue 16; bars: grow 1 GiB <= 10 ms, wake 40 GiB <= 200 ms, kernels <= 1.01x):"]
+        out += ["- " + ", ".join(f"{k}={_f(v, '{:.4g}') if isinstance(v, float) else v}" for k, v in r.items()
+                                 if k not in ("kind", "device")) for r in elastic]
     if sanitizer:
         out += ["", "compute-sanitizer memcheck: " + sanitizer.get("summary", "?")]
     if not rows:
