@@ -21,19 +21,19 @@ def config():
 
 def _workload(config):
     # bursts with idle gaps: the pool grows for a burst and shrinks while later requests still run
-    return make_workload(16, config["vocab_size"], seed=4, mean_gap=3.0)
+    return make_workload(12, config["vocab_size"], seed=1, mean_gap=2.0)
 
 
 def test_elastic_pool_grows_under_load_shrinks_when_idle_and_tokens_stay_exact(config, hf):
     requests = _workload(config)
-    opts = DemoOptions(requests=requests, seed=SEED, kv_mib=32 * BYTES_PER_BLOCK_TP1 / 2**20, progress=False,
+    opts = DemoOptions(requests=requests, seed=SEED, kv_mib=16 * BYTES_PER_BLOCK_TP1 / 2**20, progress=False,
                        elastic=True)
     report = run_rank(0, opts)
     stats = report.summary.elastic
-    assert report.num_blocks == stats.max_blocks == 32
-    assert stats.grows > 0 and stats.peak_blocks > 8  # started at 8 blocks, grew under load
+    assert report.summary.num_blocks == stats.max_blocks == 16
+    assert stats.grows > 0 and stats.peak_blocks > 4  # started at 4 blocks, grew under load
     assert stats.shrinks > 0 and stats.blocks_moved > 0  # shrank with sequences running: blocks moved
-    assert stats.final_blocks == 8 and report.num_free_blocks == 8  # back to the start, nothing leaked
+    assert stats.final_blocks == report.num_blocks == report.num_free_blocks == 4  # back to the start, no leak
     assert_matches_hf(hf, requests, report)
     assert "elastic pool  grew" in format_summary(report, opts)
 
@@ -41,7 +41,7 @@ def test_elastic_pool_grows_under_load_shrinks_when_idle_and_tokens_stay_exact(c
 @pytest.mark.slow
 def test_elastic_tp2_ranks_resize_together_and_match_transformers(config, hf):
     requests = _workload(config)
-    opts = DemoOptions(tp=2, requests=requests, seed=SEED, kv_mib=32 * BYTES_PER_BLOCK_TP2 / 2**20,
+    opts = DemoOptions(tp=2, requests=requests, seed=SEED, kv_mib=16 * BYTES_PER_BLOCK_TP2 / 2**20,
                        progress=False, elastic=True)
     r0, r1 = run_demo(opts, timeout_s=180)
     assert r0.summary.elastic == r1.summary.elastic and r0.summary.elastic.blocks_moved > 0

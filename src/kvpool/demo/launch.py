@@ -111,7 +111,7 @@ def run_rank(tp_rank: int, opts: DemoOptions, group=None) -> RankReport:
         summary = engine.run(build_requests(opts, config["vocab_size"]), progress=opts.progress and tp_rank == 0)
         if opts.device.startswith("cuda"):
             torch.cuda.synchronize()
-        return RankReport(tp_rank, summary, engine.allocator.num_free_blocks, engine.num_blocks,
+        return RankReport(tp_rank, summary, engine.allocator.num_free_blocks, engine.allocator.num_blocks,
                           list(engine.cache.kv_head_ids),
                           metrics.exposition().decode() if metrics is not None else "",
                           server.server_port if server is not None else None)
