@@ -54,3 +54,8 @@ def test_elastic_tp2_ranks_resize_together_and_match_transformers(config, hf):
 def test_the_cli_flag(capsys):
     assert main(["--elastic", "--requests", "6", "--no-progress", "--kv-mib", "1"]) == 0
     assert "elastic pool  grew" in capsys.readouterr().out
+
+
+def test_elastic_with_a_host_tier_is_refused_in_one_line(capsys):
+    assert main(["--elastic", "--host-kv-mib", "1", "--requests", "2", "--no-progress"]) == 2
+    assert "--elastic with --host-kv-mib is not supported yet" in capsys.readouterr().err
