@@ -152,6 +152,28 @@ class SeqTable:
         """``[(G + 2) * max_seqs + 1]`` view: seq_lens [rows] | slot_mapping [G, rows] | query_start_loc [rows + 1]."""
     def step_deltas(self) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
         """(flat index into the ``[G, max_seqs, W]`` table, block id) of the entries the last decode_step changed."""
+    def attach_host_tier(self, tier: HostTier) -> None:
+        """Extends the prefix cache to ``tier`` (one full-attention group, prefix caching on, before any add)."""
+    def pop_transfers(self) -> tuple[int, npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.int32],
+                                     npt.NDArray[np.int32]]:
+        """``(batch, reload_host, reload_gpu, offload_gpu, offload_host)``; batch 0 when nothing was queued."""
+
+class HostTier:
+    """The host tier's bookkeeping (csrc/host_tier.h); use it through kvpool.tier.HostKVTier and BlockTables."""
+
+    def __init__(self, gpu_allocator: BlockAllocator, host_allocator: BlockAllocator) -> None: ...
+    @property
+    def pending_reloads(self) -> int: ...
+    @property
+    def pending_offloads(self) -> int: ...
+    def launched(self, batch: int) -> None:
+        """The reloads of popped batch ``batch`` are enqueued: its sequences may be batched."""
+    def complete(self, batch: int, reloads: bool) -> None:
+        """The copies of one kind of ``batch`` are done: release their holds (offloaded host blocks readable)."""
+    def readable(self, host_block: int) -> bool: ...
+    def stats(self) -> dict[str, int]:
+        """host_queries, host_hit_blocks, offloaded/skipped/dropped_blocks, completed_reloads/offloads,
+        pending_reloads/offloads, in_flight_reloads/offloads."""
 
 class VirtualRange:
     """A reserved virtual address range whose physical memory is mapped in ``granularity`` chunks.
