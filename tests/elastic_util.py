@@ -70,3 +70,22 @@ def assert_seq_reads_back(pool, seq: int, expected=None) -> None:
         v = cache.v_caches[layer][index].flatten(0, 1)[:n]
         assert torch.equal(k[:, :, 0], want.expand(n, cache.kv_heads)) and torch.equal(k.amin((1, 2)), k.amax((1, 2))) \
             and torch.equal(v, -k), f"sequence {seq}, layer {layer}"
+
+
+class FailingMaps:
+    """Stands in for a cache's ``_range``: its ``fail_at``-th ``map`` raises ``VirtualMemoryError`` (a device out of
+    memory mid-grow); everything else goes to the real range."""
+
+    def __init__(self, vrange, fail_at: int):
+        self._range, self.fail_at, self.calls = vrange, fail_at, 0
+
+    def map(self, offset, nbytes):
+        from kvpool.errors import VirtualMemoryError
+
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise VirtualMemoryError(f"map({offset}, {nbytes}): out of device memory (injected by the test)")
+        return self._range.map(offset, nbytes)
+
+    def __getattr__(self, name):
+        return getattr(self._range, name)

@@ -106,3 +106,45 @@ def test_the_bytes_of_a_process_that_died_come_back(tmp_path):
     assert out.get(timeout=60) is True
     p.join(30)
     assert budget.used_bytes == 3 * UNIT and budget.try_reserve(7 * UNIT)  # the exited process holds nothing
+
+
+def _pool_in_a_process(path, name, steps, out):
+    """One process's elastic pool on the shared budget file: run ``steps`` ((wait_for, action, then_set) each)."""
+    from elastic_util import make_pool
+
+    import kvpool
+
+    pool = make_pool(num_blocks=32, budget=MemoryBudget(path=path))  # 4 regions x one 2 MiB chunk
+    for wait_for, action, then_set in steps:
+        if wait_for is not None:
+            wait_for.wait(60)
+        try:
+            result = getattr(pool, action[0])(*action[1:])
+        except kvpool.KVPoolError as err:
+            result = type(err).__name__
+        out.put((name, action[0], result, pool.num_blocks, pool.mapped_bytes))
+        if then_set is not None:
+            then_set.set()
+
+
+def test_two_processes_grow_only_into_what_the_other_gave_back(tmp_path):
+    path = tmp_path / "gpu0.json"
+    MemoryBudget(32 * 2**20, path)  # 16 chunks: 4 for each pool's start, 8 left
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    a_grew, b_refused, a_shrank = ctx.Event(), ctx.Event(), ctx.Event()
+    a_steps = [(None, ("grow", 64), a_grew), (b_refused, ("shrink", 64), a_shrank)]
+    b_steps = [(a_grew, ("grow", 32), b_refused), (a_shrank, ("grow", 64), None)]
+    procs = [ctx.Process(target=_pool_in_a_process, args=(path, n, s, out)) for n, s in (("a", a_steps),
+                                                                                           ("b", b_steps))]
+    for p in procs:
+        p.start()
+    seen = [out.get(timeout=120) for _ in range(4)]
+    for p in procs:
+        p.join(30)
+    MiB = 2**20
+    assert seen == [("a", "grow", 64, 96, 24 * MiB),  # a takes the 8 free chunks
+                    ("b", "grow", "OutOfBlocksError", 32, 8 * MiB),  # b is refused and unchanged
+                    ("a", "shrink", 64, 32, 8 * MiB),  # a gives 8 chunks back
+                    ("b", "grow", 64, 96, 24 * MiB)]  # b grows into them
+    assert MemoryBudget(path=path).used_bytes == 0  # both exited: their bytes are back

@@ -37,6 +37,13 @@ def _scenario(rank: int, world: int) -> dict:
     out = {"start": pool.num_blocks}
     out["grow_too_far"] = _outcome(lambda: pool.grow(448))
     out["after_refusal"] = [pool.num_blocks, pool.mapped_bytes, pool.budget.used_bytes]
+    if rank == 1:  # rank 1's device runs out of memory mid-map: rank 0, which mapped, undoes it too
+        from elastic_util import FailingMaps
+
+        pool.cache._range = FailingMaps(pool.cache._range, fail_at=2)
+    out["map_fails_on_one_rank"] = _outcome(lambda: pool.grow(64))
+    out["after_map_failure"] = [pool.num_blocks, pool.mapped_bytes, pool.budget.used_bytes]
+    pool.cache._range = getattr(pool.cache._range, "_range", pool.cache._range)
     out["grow_partial"] = _outcome(lambda: pool.grow(448, partial=True))
     out["mismatch"] = _outcome(lambda: pool.shrink(1 if rank == 0 else 2))
     out["bad_on_one_rank"] = _outcome(lambda: pool.grow(-1 if rank == 1 else 0))
@@ -81,3 +88,10 @@ def test_shrink_moves_the_same_blocks_on_every_rank(results):
         assert r["sleep_held"]["error"] == "InvalidArgumentError"
         assert r["sleep"] == {"ok": None} and r["wake"] == {"ok": 100}
         assert r["end"][0] == 100 and r["end"][1] == r["end"][2] == 4 * 2 * 2 * MiB
+
+
+def test_a_map_failing_on_one_rank_is_undone_on_every_rank(results):
+    for r in results:
+        assert r["map_fails_on_one_rank"]["error"] == "VirtualMemoryError"
+        assert "rank 1: VirtualMemoryError: map(" in r["map_fails_on_one_rank"]["message"]
+        assert r["after_map_failure"] == [64, 4 * 2 * MiB, 4 * 2 * MiB]  # as before the call

@@ -3,10 +3,10 @@ tables and the pages kept in step; every refused call changes nothing. Host back
 import numpy as np
 import pytest
 import torch
-from elastic_util import DEVICES, assert_seq_reads_back, make_pool, write_new_tokens
+from elastic_util import DEVICES, FailingMaps, assert_seq_reads_back, make_pool, write_new_tokens
 
 from kvpool.elastic import MemoryBudget
-from kvpool.errors import InvalidArgumentError, OutOfBlocksError
+from kvpool.errors import InvalidArgumentError, OutOfBlocksError, VirtualMemoryError
 
 MiB = 2**20
 ROW = 64 * 1024  # WIDE_LLAMA fp32: one block's bytes in each of the 4 block tensors
@@ -162,3 +162,18 @@ def test_the_pool_is_exported():
     assert "ElasticKVPool" in dir(kvpool)
     pool = make_pool(num_blocks=np.int64(3))
     assert pool.grow(np.int32(2)) == 2 and "5 of 256 blocks" in repr(pool)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_map_that_fails_mid_grow_leaves_everything_as_it_was(device):
+    budget = MemoryBudget(64 * MiB)
+    pool = make_pool(device, num_blocks=32, budget=budget)
+    pool.tables.add(0, 80)
+    real = pool.cache._range
+    pool.cache._range = FailingMaps(real, fail_at=3)  # the third of the four regions' runs fails
+    before, used = _state(pool), budget.used_bytes
+    with pytest.raises(VirtualMemoryError, match="injected"):
+        pool.grow(64)
+    assert _state(pool) == before and budget.used_bytes == used and real.mapped_bytes == 4 * 2 * MiB
+    pool.cache._range = real
+    assert pool.grow(64) == 64 and budget.used_bytes == pool.mapped_bytes == 4 * 3 * 2 * MiB
