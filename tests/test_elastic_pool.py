@@ -177,3 +177,14 @@ def test_a_map_that_fails_mid_grow_leaves_everything_as_it_was(device):
     assert _state(pool) == before and budget.used_bytes == used and real.mapped_bytes == 4 * 2 * MiB
     pool.cache._range = real
     assert pool.grow(64) == 64 and budget.used_bytes == pool.mapped_bytes == 4 * 3 * 2 * MiB
+
+
+def test_tables_with_a_host_tier_are_refused():
+    from kvpool.elastic import ElasticKVPool
+    from kvpool.tier.host_tier import HostKVTier
+
+    pool = make_pool(num_blocks=8)
+    tier = HostKVTier(pool.cache, 4)
+    tables = type(pool.tables)(pool.allocator, 8, "cpu", max_seqs=2, host_tier=tier)
+    with pytest.raises(InvalidArgumentError, match="with a host tier .* is not supported yet"):
+        ElasticKVPool(pool.cache, pool.allocator, tables)

@@ -58,6 +58,11 @@ class ElasticKVPool:
                 "BlockAllocator(cache.num_blocks, cache.block_size, max_num_blocks=cache.max_num_blocks)")
         if tables is not None and tables.allocator is not allocator:
             raise InvalidArgumentError("tables must draw from this pool's allocator (BlockTables(allocator, ...))")
+        if tables is not None and getattr(tables, "host_tier", None) is not None:
+            # a copy in flight pins its block, and its timing differs between ranks: one rank could refuse a
+            # relocation the others made
+            raise InvalidArgumentError("ElasticKVPool with a host tier (BlockTables(host_tier=)) is not supported "
+                                       "yet: build the tables without host_tier (docs/elastic.md)")
         if budget is not None and not isinstance(budget, MemoryBudget):
             raise InvalidArgumentError(f"budget must be a MemoryBudget, got {type(budget).__name__}")
         alone = group is None and cache.tp_size == 1  # a single-GPU pool decides alone even under torch.distributed
