@@ -104,9 +104,12 @@ void SeqTable::check_width(const char* fn, const Seq& s, int64_t tokens) const {
   // A width of the whole pool or more is no limit when a full-attention group holds a block at every
   // position (more than that is the allocator's OutOfBlocks). Windowed groups alone release what leaves
   // the window, so positions may outgrow the pool: the decode table's width then always binds.
+  // The pool's size (which grow()/shrink() change, read under the allocator's lock) is consulted only
+  // past the width: this runs once per sequence per decode step.
   const int64_t blocks = cdiv(tokens, block_size_);
+  if (blocks <= max_blocks_) return;
   const bool pool_bounds = reference_ >= 0 && max_blocks_ >= allocator_->num_blocks();
-  if (blocks > max_blocks_ && !pool_bounds) {
+  if (!pool_bounds) {
     throw InvalidArgument(std::string(fn) + ": seq_id " + id_text(s.id) + " would hold " + to_string(tokens) +
                           " tokens = " + to_string(cdiv(tokens, block_size_)) + " blocks, more than "
                           "max_blocks_per_seq=" + to_string(max_blocks_) + "; build BlockTables with "
