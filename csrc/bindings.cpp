@@ -426,6 +426,22 @@ void bind_host_tier(py::module_& m) {
       .def_property_readonly("pending_offloads", &HostTier::pending_offloads)
       .def("complete", &HostTier::complete, py::arg("batch"), py::arg("reloads"))
       .def("launched", &HostTier::launched, py::arg("batch"))
+      .def("transfers_of",  // (reload_host, reload_gpu, offload_gpu, offload_host) of a batch in flight, or None
+           [](const HostTier& t, int64_t batch) -> py::object {
+             std::vector<std::pair<int32_t, int32_t>> reloads, offloads;
+             if (!t.transfers_of(batch, &reloads, &offloads)) return py::none();
+             const auto r = static_cast<py::ssize_t>(reloads.size()), o = static_cast<py::ssize_t>(offloads.size());
+             py::array_t<int32_t> rh(r), rg(r), og(o), oh(o);
+             for (py::ssize_t i = 0; i < r; ++i) {
+               rh.mutable_data()[i] = reloads[static_cast<size_t>(i)].first;
+               rg.mutable_data()[i] = reloads[static_cast<size_t>(i)].second;
+             }
+             for (py::ssize_t i = 0; i < o; ++i) {
+               og.mutable_data()[i] = offloads[static_cast<size_t>(i)].first;
+               oh.mutable_data()[i] = offloads[static_cast<size_t>(i)].second;
+             }
+             return py::make_tuple(rh, rg, og, oh);
+           }, py::arg("batch"))
       .def("readable",
            [](const HostTier& t, int32_t b) {
              if (b < 0 || b >= t.host()->num_blocks()) {

@@ -194,6 +194,16 @@ void HostTier::complete(int64_t id, bool reloads) {
   if (batch.reloads_done && batch.offloads_done) batches_.erase(it);
 }
 
+bool HostTier::transfers_of(int64_t batch, std::vector<std::pair<int32_t, int32_t>>* reloads,
+                            std::vector<std::pair<int32_t, int32_t>>* offloads) const {
+  auto it = batches_.find(batch);
+  if (it == batches_.end()) return false;
+  const Batch& b = it->second;
+  *reloads = b.reloads_done ? std::vector<std::pair<int32_t, int32_t>>{} : b.reloads;
+  *offloads = b.offloads_done ? std::vector<std::pair<int32_t, int32_t>>{} : b.offloads;
+  return true;
+}
+
 HostTierStats HostTier::stats() const {
   HostTierStats s = stats_;
   s.pending_reloads = pending_reloads();

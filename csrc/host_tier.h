@@ -87,6 +87,11 @@ class HostTier {
   // the offloaded host blocks readable. Refused (InvalidArgument, nothing changed) for an unknown batch
   // or a kind completed already.
   void complete(int64_t batch, bool reloads);
+  // The copies of batch `batch` not completed yet, in pop() order (a completed kind's stay empty); false
+  // when no such batch is in flight. HostKVTier.run enqueues with it a batch popped but never run, whose
+  // holds would otherwise never be released.
+  bool transfers_of(int64_t batch, std::vector<std::pair<int32_t, int32_t>>* reloads,
+                    std::vector<std::pair<int32_t, int32_t>>* offloads) const;
   // True when host block b holds readable content (cached, its offload complete).
   bool readable(int32_t b) const { return in_flight_[static_cast<size_t>(b)] == 0; }
   HostTierStats stats() const;

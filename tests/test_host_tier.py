@@ -276,6 +276,28 @@ def test_a_batch_is_run_once_in_the_order_popped():
     assert int(sum(s.refcounts())) == 0 and s.tier.stats()["completed_offloads"] == 8
 
 
+def test_a_batch_popped_but_never_run_is_run_by_the_next_run_and_loses_no_block():
+    s = TierServer(num_blocks=8, num_host_blocks=32, copier=InstantCopier)
+    s.serve("a", A)
+    s.run_transfers()
+    s.serve("b", B)  # evicts A's blocks on the GPU; the host keeps them
+    s.run_transfers()
+    assert s.add("a2", A) == 12
+    lost = s.tables.pop_transfers()  # a server that drops the Transfers (or raised before running them)
+    assert len(lost.reload_host) > 0
+    s.free("a2")  # preempted: only the reloads' holds keep its blocks
+    s.serve("c", [70, 71, 72])
+    s.run_transfers()  # a later batch: the dropped one is run first, in order, then completed
+    s.tier.synchronize()
+    assert ("reload", lost.reload_host.tolist(), lost.reload_gpu.tolist()) in s.copier.calls
+    assert int(sum(s.refcounts())) == 0 and int(sum(s.host_refcounts())) == 0
+    assert s.allocator.num_free_blocks == 8 and s.tier.allocator.num_free_blocks == 32
+    with pytest.raises(InvalidArgumentError, match="run already"):
+        s.tier.run(lost)
+    s.tables.allocator.check_invariants()
+    s.tier.allocator.check_invariants()
+
+
 def test_without_a_tier_the_tables_behave_as_before():
     plain = BlockTables(BlockAllocator(8, 2, hash_key=KEY), 2)
     tiered = TierServer(num_blocks=8, num_host_blocks=4, copier=InstantCopier).tables

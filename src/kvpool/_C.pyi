@@ -170,6 +170,9 @@ class HostTier:
         """The reloads of popped batch ``batch`` are enqueued: its sequences may be batched."""
     def complete(self, batch: int, reloads: bool) -> None:
         """The copies of one kind of ``batch`` are done: release their holds (offloaded host blocks readable)."""
+    def transfers_of(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """(reload_host, reload_gpu, offload_gpu, offload_host) ``[n] int32`` of batch ``batch``'s copies not
+        completed yet; None when no such batch is in flight (run() enqueues a batch popped but never run)."""
     def readable(self, host_block: int) -> bool: ...
     def stats(self) -> dict[str, int]:
         """host_queries, host_hit_blocks, offloaded/skipped/dropped_blocks, completed_reloads/offloads,

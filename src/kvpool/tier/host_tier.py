@@ -137,8 +137,18 @@ class HostKVTier:
             raise InvalidArgumentError(
                 f"run(): transfer batch {transfers.batch} was run already (or a later one was: {self._last_batch}); "
                 "run each pop_transfers() result once, in the order it was popped")
-        self._last_batch = transfers.batch
         self.poll()
+        for missed in range(self._last_batch + 1, transfers.batch):  # popped but never run: their blocks are
+            pairs = self._core.transfers_of(missed)                  # held until their copies complete
+            if pairs is not None:
+                self._last_batch = missed
+                self._enqueue(Transfers(missed, *pairs))
+        self._last_batch = transfers.batch
+        self._enqueue(transfers)
+        self.poll()  # copies that finished at once (CPU tensors) release their blocks now, not a step later
+
+    def _enqueue(self, transfers: Transfers) -> None:
+        """Reloads on the current stream (then the waiting sequences may be batched), offloads on the side one."""
         if len(transfers.reload_host):
             self._in_flight.append((transfers.batch, True,
                                     self.copier.reload(transfers.reload_host, transfers.reload_gpu)))
@@ -146,7 +156,6 @@ class HostKVTier:
         if len(transfers.offload_gpu):
             self._in_flight.append((transfers.batch, False,
                                     self.copier.offload(transfers.offload_gpu, transfers.offload_host)))
-        self.poll()  # copies that finished at once (CPU tensors) release their blocks now, not a step later
 
     def poll(self) -> int:
         """Complete every enqueued copy that is done (never waits); returns how many batches it completed."""
