@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from types import SimpleNamespace
 
-from kvpool import BlockAllocator, InvalidArgumentError, OutOfBlocksError
+from kvpool import BlockAllocator, BlockIndexError, InvalidArgumentError, OutOfBlocksError
 from kvpool.block_table import BlockTables
-from kvpool.tier import HostKVTier
+from kvpool.tier import HostKVTier, Transfers
 from tier_util import KEY, DeferredCopier, InstantCopier, TierServer
 
 A = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]  # 6 full blocks of 2 and one token
@@ -296,6 +296,21 @@ def test_a_batch_popped_but_never_run_is_run_by_the_next_run_and_loses_no_block(
         s.tier.run(lost)
     s.tables.allocator.check_invariants()
     s.tier.allocator.check_invariants()
+
+
+def test_run_refuses_a_batch_never_popped_and_readable_names_bad_ids():
+    s = TierServer(num_blocks=8, num_host_blocks=32, copier=InstantCopier)
+    with pytest.raises(InvalidArgumentError, match="serves no BlockTables"):
+        HostKVTier(SimpleNamespace(block_size=2), 4, copier=InstantCopier(None, None)).readable(0)
+    with pytest.raises(BlockIndexError, match="2199023255552"):
+        s.tier.readable(2**41)
+    s.serve("a", A)
+    ids = np.array([0], np.int32)
+    with pytest.raises(InvalidArgumentError, match="batch 5 was never returned by pop_transfers"):
+        s.tier.run(Transfers(5, ids, ids, ids, ids))  # made up: it would copy block 0 over block 0
+    assert s.copier.calls == [] and s.tier.stats()["completed_offloads"] == 0
+    s.run_transfers()  # the real batch 1 still runs
+    assert s.tier.stats()["completed_offloads"] == 6 and int(sum(s.refcounts())) == 0
 
 
 def test_without_a_tier_the_tables_behave_as_before():

@@ -34,7 +34,7 @@ import numpy as np
 from .. import _C
 from .._arrays import as_int
 from ..allocator import BlockAllocator
-from ..errors import InvalidArgumentError
+from ..errors import BlockIndexError, InvalidArgumentError
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,9 @@ class HostKVTier:
             raise InvalidArgumentError(
                 f"run(): transfer batch {transfers.batch} was run already (or a later one was: {self._last_batch}); "
                 "run each pop_transfers() result once, in the order it was popped")
+        if self._core.transfers_of(transfers.batch) is None:  # made up: its copies would move arbitrary blocks
+            raise InvalidArgumentError(f"run(): transfer batch {transfers.batch} was never returned by "
+                                       "pop_transfers(); pass the Transfers that tables.pop_transfers() returned")
         self.poll()
         for missed in range(self._last_batch + 1, transfers.batch):  # popped but never run: their blocks are
             pairs = self._core.transfers_of(missed)                  # held until their copies complete
@@ -178,19 +181,26 @@ class HostKVTier:
     # ----------------------------------------------------------------- introspection
     def readable(self, host_block: int) -> bool:
         """True when host block `host_block` holds no copy in flight (an offload's destination is not)."""
-        return self._core.readable(as_int(host_block, "readable(): host_block"))
+        self._check_bound("readable()")
+        b = as_int(host_block, "readable(): host_block")
+        if not 0 <= b < self.num_host_blocks:  # checked here: the core takes an int32
+            raise BlockIndexError(f"readable(): host block {b} is out of range [0, {self.num_host_blocks})")
+        return self._core.readable(b)
 
     def stats(self) -> dict:
         """Counters of the tier: host queries and hit blocks, offloaded / skipped / dropped blocks, completed
         and in-flight copies, plus the host allocator's ``free_blocks`` / ``cached_blocks`` / ``evictions``."""
-        if self._core is None:
-            raise InvalidArgumentError("HostKVTier.stats(): the tier serves no BlockTables yet; pass it as "
-                                       "BlockTables(..., host_tier=tier)")
+        self._check_bound("HostKVTier.stats()")
         out = self._core.stats()
         host = self.allocator.stats()
         out.update(host_free_blocks=host["free_blocks"], host_cached_blocks=host["cached_blocks"],
                    host_evictions=host["evictions"])
         return out
+
+    def _check_bound(self, fn: str) -> None:
+        if self._core is None:
+            raise InvalidArgumentError(f"{fn}: the tier serves no BlockTables yet; pass it as "
+                                       "BlockTables(..., host_tier=tier)")
 
     def __repr__(self) -> str:
         bound = "unbound" if self._core is None else f"free={self.allocator.num_free_blocks}"
