@@ -154,6 +154,18 @@ def test_two_pools_share_one_budget(device):
     assert budget.used_bytes == 0
 
 
+def test_a_closed_pool_refuses_to_resize_and_changes_nothing():
+    budget = MemoryBudget(64 * MiB)
+    pool = make_pool("cpu", num_blocks=64, budget=budget)
+    pool.close()  # its bytes are back in the budget: a resize would map or unmap outside it
+    pool.close()
+    before = _state(pool)
+    for call in (lambda: pool.shrink(32), lambda: pool.grow(32), pool.sleep):
+        with pytest.raises(InvalidArgumentError, match="closed"):
+            call()
+        assert _state(pool) == before and budget.used_bytes == 0
+
+
 def test_the_pool_is_exported():
     import kvpool
     from kvpool.elastic import ElasticKVPool

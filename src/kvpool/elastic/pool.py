@@ -73,6 +73,7 @@ class ElasticKVPool:
         self.cache, self.allocator, self.tables, self.budget = cache, allocator, tables, budget
         self._charged = cache.mapped_bytes if budget is not None else 0  # bytes this pool holds of the budget
         self._awake_blocks = None  # num_blocks before sleep(); None while awake
+        self._closed = False  # close() gave the bytes back: no resize may map or unmap outside the budget
         self.moved_blocks = 0  # held blocks shrink() moved to lower ids, over the pool's life
 
     @classmethod
@@ -274,6 +275,7 @@ class ElasticKVPool:
         taken, mapped = [], []
 
         def reserve():
+            self._check_open("wake")
             if not self.asleep:
                 raise InvalidArgumentError("wake(): the pool is not asleep")
             if nbytes and not self.budget.try_reserve(nbytes):
@@ -299,7 +301,13 @@ class ElasticKVPool:
         return self.num_blocks
 
     # ----------------------------------------------------------------- helpers
+    def _check_open(self, fn: str) -> None:
+        if self._closed:
+            raise InvalidArgumentError(f"{fn}(): the pool is closed (close() gave its bytes back to the budget); "
+                                       "build a new pool")
+
     def _check_awake(self, fn: str) -> None:
+        self._check_open(fn)
         if self.asleep:
             raise InvalidArgumentError(f"{fn}(): the pool is asleep; call wake() first")
 
@@ -313,8 +321,10 @@ class ElasticKVPool:
             self._charged -= nbytes
 
     def close(self) -> None:
-        """Give this pool's bytes back to the budget (the memory goes when the cache is collected)."""
+        """Give this pool's bytes back to the budget (the memory goes when the cache is collected); grow, shrink,
+        sleep and wake are refused from then on."""
         self._uncharge(self._charged)
+        self._closed = True
 
     def __repr__(self) -> str:
         state = "asleep" if self.asleep else f"{self.num_blocks} of {self.max_num_blocks} blocks"
