@@ -298,6 +298,55 @@ def test_a_batch_popped_but_never_run_is_run_by_the_next_run_and_loses_no_block(
     s.tier.allocator.check_invariants()
 
 
+class FlakyCopier(InstantCopier):
+    """The next copy of kind `fail` raises before enqueueing anything (a pinned-memory or CUDA error)."""
+
+    fail = None
+
+    def reload(self, host_ids, gpu_ids):
+        self._maybe_fail("reload")
+        return super().reload(host_ids, gpu_ids)
+
+    def offload(self, gpu_ids, host_ids):
+        self._maybe_fail("offload")
+        return super().offload(gpu_ids, host_ids)
+
+    def _maybe_fail(self, kind):
+        if self.fail == kind:
+            self.fail = None
+            raise RuntimeError("copy failed")
+
+
+@pytest.mark.parametrize("fail", ["reload", "offload"])  # the offloads fail after the reloads went out
+def test_a_batch_whose_copier_raised_is_retried_by_the_next_run_and_loses_no_block(fail):
+    s = TierServer(num_blocks=10, num_host_blocks=32, copier=FlakyCopier)
+    s.serve("a", A)
+    s.run_transfers()
+    s.serve("b", B)  # evicts A's tail on the GPU; the host keeps it
+    s.run_transfers()
+    assert s.add("a2", A) == 12
+    s.add("c", [70, 71, 72])
+    s.tables.mark_computed(s.tables.batch(["c"]))  # c's full block joins a2's reloads' batch as an offload
+    failed = s.tables.pop_transfers()
+    assert len(failed.reload_host) and len(failed.offload_gpu)
+    s.copier.fail = fail
+    with pytest.raises(RuntimeError, match="copy failed"):
+        s.tier.run(failed)
+    if fail == "reload":
+        with pytest.raises(InvalidArgumentError, match="reloaded from the host"):
+            s.tables.batch(["a2"])  # its blocks were never written
+    s.tier.run(failed)  # retried (a later batch's run would retry it too): only what did not go out
+    s.forward(["a2"])  # a2's reloaded KV is right
+    s.free("a2")
+    s.free("c")
+    s.run_transfers()
+    s.tier.synchronize()
+    assert int(sum(s.refcounts())) == 0 and int(sum(s.host_refcounts())) == 0
+    assert sum(c[0] == "reload" for c in s.copier.calls) == 1  # never copied twice
+    s.tables.allocator.check_invariants()
+    s.tier.allocator.check_invariants()
+
+
 def test_run_refuses_a_batch_never_popped_and_readable_names_bad_ids():
     s = TierServer(num_blocks=8, num_host_blocks=32, copier=InstantCopier)
     with pytest.raises(InvalidArgumentError, match="serves no BlockTables"):

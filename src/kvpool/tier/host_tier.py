@@ -11,7 +11,7 @@ The protocol (docs/host_tier.md, with a diagram of one block's life):
    blocks and a queued host-to-GPU copy, and count as computed tokens in ``add()``'s result. The host block
    and the GPU block stay held until the copy completes. A sequence waiting for its reloads cannot be put in
    a batch until ``run`` enqueued them (popping alone is not enough: a copier error leaves them unlaunched, and
-   the sequence is refused by ``batch()`` rather than read before its KV is there; free it to recompute).
+   the sequence is refused by ``batch()`` rather than read before its KV is there; the next ``run`` retries).
 3. **The server's one call per step**, before the forward::
 
        tier.run(tables.pop_transfers())
@@ -141,24 +141,26 @@ class HostKVTier:
             raise InvalidArgumentError(f"run(): transfer batch {transfers.batch} was never returned by "
                                        "pop_transfers(); pass the Transfers that tables.pop_transfers() returned")
         self.poll()
-        for missed in range(self._last_batch + 1, transfers.batch):  # popped but never run: their blocks are
-            pairs = self._core.transfers_of(missed)                  # held until their copies complete
-            if pairs is not None:
-                self._last_batch = missed
-                self._enqueue(Transfers(missed, *pairs))
-        self._last_batch = transfers.batch
-        self._enqueue(transfers)
+        # Batches popped but never run (dropped, or their copier raised) first: their blocks are held until
+        # their copies complete. A batch counts as run once all of it is enqueued, so a raise retries it.
+        for batch in range(self._last_batch + 1, transfers.batch + 1):
+            self._enqueue(batch)
+            self._last_batch = batch
         self.poll()  # copies that finished at once (CPU tensors) release their blocks now, not a step later
 
-    def _enqueue(self, transfers: Transfers) -> None:
-        """Reloads on the current stream (then the waiting sequences may be batched), offloads on the side one."""
-        if len(transfers.reload_host):
-            self._in_flight.append((transfers.batch, True,
-                                    self.copier.reload(transfers.reload_host, transfers.reload_gpu)))
-            self._core.launched(transfers.batch)  # now (not at pop) the waiting sequences may be batched
-        if len(transfers.offload_gpu):
-            self._in_flight.append((transfers.batch, False,
-                                    self.copier.offload(transfers.offload_gpu, transfers.offload_host)))
+    def _enqueue(self, batch: int) -> None:
+        """The copies of `batch` not enqueued yet (the core's pairs: a kind done or in flight is never copied
+        twice): reloads on the current stream (then its sequences may be batched), offloads on the side one."""
+        pairs = self._core.transfers_of(batch)
+        if pairs is None:
+            return
+        reload_host, reload_gpu, offload_gpu, offload_host = pairs
+        enqueued = {(b, reloads) for b, reloads, _ in self._in_flight}
+        if len(reload_host) and (batch, True) not in enqueued:
+            self._in_flight.append((batch, True, self.copier.reload(reload_host, reload_gpu)))
+            self._core.launched(batch)  # now (not at pop) the waiting sequences may be batched
+        if len(offload_gpu) and (batch, False) not in enqueued:
+            self._in_flight.append((batch, False, self.copier.offload(offload_gpu, offload_host)))
 
     def poll(self) -> int:
         """Complete every enqueued copy that is done (never waits); returns how many batches it completed."""
