@@ -23,7 +23,7 @@ HostTier::HostTier(BlockAllocator* gpu, BlockAllocator* host)
     throw InvalidArgument("HostTier: the host allocator has prefix caching disabled; the host tier IS a prefix "
                           "cache: build it with enable_prefix_caching=True");
   }
-  in_flight_.assign(static_cast<size_t>(host->num_blocks()), 0);
+  in_flight_.assign(static_cast<size_t>(host->max_num_blocks()), 0);  // every id the host pool may grow to
 }
 
 int64_t HostTier::continue_hit(const uint64_t* hashes, int64_t k, const int32_t* tokens, uint64_t context,

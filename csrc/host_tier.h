@@ -114,7 +114,7 @@ class HostTier {
   BlockAllocator* gpu_;
   BlockAllocator* host_;
   int32_t block_size_;
-  std::vector<uint8_t> in_flight_;                     // [num_host_blocks]: 1 while an offload writes it
+  std::vector<uint8_t> in_flight_;                     // [max_num_blocks]: 1 while an offload writes it
   std::vector<std::pair<int32_t, int32_t>> reloads_;   // queued (host, gpu)
   std::vector<std::pair<int32_t, int32_t>> offloads_;  // queued (gpu, host)
   std::unordered_map<int64_t, Batch> batches_;

@@ -260,6 +260,15 @@ def test_the_tier_refuses_what_it_cannot_serve():
     assert len(tables.pop_transfers()) == 0
 
 
+def test_the_core_tracks_every_host_id_of_a_host_allocator_that_grew():
+    from kvpool import _C
+
+    host = BlockAllocator(2, 2, True, hash_key=KEY, max_num_blocks=1 << 16)
+    core = _C.HostTier(BlockAllocator(8, 2, True, hash_key=KEY), host)
+    host.grow((1 << 16) - 2)  # ids past the two the core saw at construction
+    assert all(core.readable(h) for h in range(host.num_blocks))  # no copy in flight: read in bounds
+
+
 def test_a_batch_is_run_once_in_the_order_popped():
     s = TierServer(num_blocks=10, num_host_blocks=32, copier=InstantCopier)
     s.serve("a", A)
