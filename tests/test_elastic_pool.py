@@ -166,6 +166,16 @@ def test_a_closed_pool_refuses_to_resize_and_changes_nothing():
         assert _state(pool) == before and budget.used_bytes == 0
 
 
+def test_grow_refuses_a_partial_that_is_not_a_bool():
+    budget = MemoryBudget(8 * MiB)
+    pool = make_pool("cpu", num_blocks=32, budget=budget)  # 8 MiB: the budget is spent
+    before = _state(pool)
+    for partial in ("no", 1, None):
+        with pytest.raises(InvalidArgumentError, match=f"partial={partial!r} must be True or False"):
+            pool.grow(32, partial=partial)  # "no" would have grown as far as the budget allows
+        assert _state(pool) == before and budget.used_bytes == 8 * MiB
+
+
 def test_the_pool_is_exported():
     import kvpool
     from kvpool.elastic import ElasticKVPool

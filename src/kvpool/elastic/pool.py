@@ -17,6 +17,7 @@ One call's order (each numbered step is one exchange):
 """
 from __future__ import annotations
 
+import numpy as np
 
 from ..errors import InvalidArgumentError, KVPoolError, OutOfBlocksError, RankMismatchError
 from ..runtime import group as _group
@@ -154,6 +155,8 @@ class ElasticKVPool:
         taken, mapped = [], []
 
         def reserve():
+            if not isinstance(partial, (bool, np.bool_)):  # checked on every rank, inside the exchange
+                raise InvalidArgumentError(f"grow(): partial={partial!r} must be True or False")
             target, reachable, nbytes = self._reserve_growth(num_blocks)
             taken.append(nbytes)
             return target, reachable
