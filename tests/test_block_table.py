@@ -404,3 +404,15 @@ def test_cuda_batch_equals_cpu():
         gpu.mark_computed(batch)
         gpu.append("a")
         gpu.append("b")
+
+
+def test_fork_errors_name_the_callers_ids_not_internal_handles():
+    """Regression: fork('p', 'c') of an uncomputed parent said ``fork(4611686018427387904, ...)``."""
+    import re
+
+    tables = BlockTables(BlockAllocator(8, 4), 4, "cpu", max_seqs=4)
+    tables.add("p", np.arange(5, dtype=np.int32))
+    with pytest.raises(InvalidArgumentError) as err:
+        tables.fork("p", "c")
+    assert "fork('p', 'c')" in str(err.value) and not re.search(r"\d{15,}", str(err.value))
+    assert "c" not in tables and tables.num_tokens("p") == 5

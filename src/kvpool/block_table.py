@@ -320,7 +320,10 @@ class BlockTables:
         handle = self._ids.new(child)
         if child in self:
             raise InvalidArgumentError(f"fork target seq_id {child!r} already exists: pick a new id")
-        self._call("fork", source, handle)
+        try:
+            self._core.fork(source, handle)
+        except (InvalidArgumentError, BlockIndexError, OutOfBlocksError) as err:
+            raise self._ids.named(err, {handle: child}) from None
         self._ids.register(child, handle)
 
     def free(self, seq_id) -> None:

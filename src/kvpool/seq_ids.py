@@ -7,6 +7,8 @@ sequences by their handles; `SeqIds.named` puts the caller's ids back into the m
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from .errors import BlockIndexError, InvalidArgumentError, OutOfBlocksError
@@ -77,8 +79,8 @@ class SeqIds:
         message = str(err)
         names = {**{h: s for s, h in self._handles.items()}, **(extra or {})}
         for handle, seq_id in names.items():
-            if handle >= ID_LIMIT:
-                message = message.replace(f"seq_id {handle}", f"seq_id {seq_id!r}")
+            if handle >= ID_LIMIT:  # handles are >= 2**62: no other number in a message has their digits
+                message = re.sub(rf"\b{handle}\b", repr(seq_id), message)
         if message == str(err):
             return err
         return type(err)(message, *((err.requested, err.available) if isinstance(err, OutOfBlocksError) else ()))
