@@ -7,6 +7,7 @@ collective stuck on a dead peer gives up after ``COLLECTIVE_TIMEOUT_S`` (gloo's 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import time
@@ -46,14 +47,19 @@ def _run_scenarios(rank: int, world: int, scenarios: Scenarios) -> tuple[dict, b
     return results, True
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, scenarios: Scenarios) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str,
+            body: Callable[[int, int], tuple[dict, bool]]) -> None:
+    """Join the gloo group, run ``body(rank, world) -> (results, in_step)``, write ``rank<r>.json``.
+
+    ``in_step`` False: the group may be left mid-collective, so no final barrier.
+    """
     import torch.distributed as dist
 
     results: dict = {}
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        results, in_step = _run_scenarios(rank, world, scenarios)
+        results, in_step = body(rank, world)
         if in_step:
             dist.barrier()
         dist.destroy_process_group()
@@ -63,12 +69,20 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, scenarios: Scen
         json.dump(results, f)
 
 
+def _scenarios_body(scenarios: Scenarios, rank: int, world: int) -> tuple[dict, bool]:
+    return _run_scenarios(rank, world, scenarios)
+
+
+def _plain_body(body: Callable[[int, int], dict], rank: int, world: int) -> tuple[dict, bool]:
+    return body(rank, world), True
+
+
 def run_group(world: int, tmp_path, scenarios: Scenarios) -> list[dict]:
     """Spawn ``world`` ranks running ``scenarios`` (a module-level function) and return each rank's results.
 
     Fails (never blocks) when a rank is still running after ``JOIN_TIMEOUT_S``, wrote nothing, or crashed.
     """
-    return _spawn_and_collect(world, tmp_path, _worker, scenarios)
+    return _spawn_and_collect(world, tmp_path, _worker, functools.partial(_scenarios_body, scenarios))
 
 
 def _spawn_and_collect(world: int, tmp_path, target, payload) -> list[dict]:
@@ -95,23 +109,7 @@ def _spawn_and_collect(world: int, tmp_path, target, payload) -> list[dict]:
     return out
 
 
-def _body_worker(rank: int, world: int, init_file: str, out_dir: str, body: Callable[[int, int], dict]) -> None:
-    import torch.distributed as dist
-
-    results: dict = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        results = body(rank, world)
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - reported to the parent through the file
-        results["crash"] = traceback.format_exc()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-
-
 def run_ranks(world: int, tmp_path, body: Callable[[int, int], dict]) -> list[dict]:
     """Spawn ``world`` gloo ranks each running ``body(rank, world)`` (a module-level function returning a
     JSON-able dict) and return each rank's dict; fails (never blocks) as `run_group` does."""
-    return _spawn_and_collect(world, tmp_path, _body_worker, body)
+    return _spawn_and_collect(world, tmp_path, _worker, functools.partial(_plain_body, body))
