@@ -125,15 +125,7 @@ def stage_blocks(tensors, block_ids, staging: torch.Tensor) -> None:
     if torch.compiler.is_compiling():  # the op's real implementation is this function: checks run at run time
         torch.ops.kvpool.stage_blocks(list(tensors), _as_tensor(block_ids), staging)
         return
-    num_blocks = _check_tensors(tensors, staging)
-    ids = _checked_ids(block_ids, num_blocks, staging, distinct=False)
-    if ids.numel() == 0:
-        return
-    if _b.use_triton(*tensors, staging):
-        from .block_stage_kernel import launch_block_stage
-        launch_block_stage(tensors, ids, staging, to_staging=True)
-    else:
-        _ref.stage_blocks_reference(tensors, ids, staging)
+    _move_blocks(tensors, block_ids, staging, to_staging=True)
 
 
 def unstage_blocks(staging: torch.Tensor, tensors, block_ids) -> None:
@@ -146,13 +138,20 @@ def unstage_blocks(staging: torch.Tensor, tensors, block_ids) -> None:
     if torch.compiler.is_compiling():
         torch.ops.kvpool.unstage_blocks(staging, list(tensors), _as_tensor(block_ids))
         return
+    _move_blocks(tensors, block_ids, staging, to_staging=False)
+
+
+def _move_blocks(tensors, block_ids, staging, to_staging: bool) -> None:
+    """Check, then one launch (or the torch reference) each way; a scatter's ids must be distinct."""
     num_blocks = _check_tensors(tensors, staging)
-    ids = _checked_ids(block_ids, num_blocks, staging, distinct=True)
+    ids = _checked_ids(block_ids, num_blocks, staging, distinct=not to_staging)
     if ids.numel() == 0:
         return
     if _b.use_triton(*tensors, staging):
         from .block_stage_kernel import launch_block_stage
-        launch_block_stage(tensors, ids, staging, to_staging=False)
+        launch_block_stage(tensors, ids, staging, to_staging=to_staging)
+    elif to_staging:
+        _ref.stage_blocks_reference(tensors, ids, staging)
     else:
         _ref.unstage_blocks_reference(staging, tensors, ids)
 
